@@ -1,0 +1,433 @@
+"""Reading official RMT checkpoints safely and converting them to and from our layout.
+
+The official training code writes three layouts: a DeiT-style training dict (``model``,
+``model_ema``, ``optimizer``, ..., ``args`` as a pickled ``argparse.Namespace``), a timm
+checkpoint-saver dict (``state_dict``, ``state_dict_ema``, ``arch``, ...) and a bare state dict,
+possibly with DDP's ``module.`` prefix. Files are opened with ``weights_only=True``: nothing in a
+checkpoint can run code, only ``argparse.Namespace`` is allowed besides tensors and containers.
+
+Our layout differs from the official one in names (timm style) and in one fused ``qk``
+projection; :func:`convert_checkpoint` maps official keys to ours and
+:func:`export_official_state_dict` maps back, so weights travel both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from rmt.errors import CheckpointError
+
+PathLike = Union[str, os.PathLike]
+
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_RELPOS = re.compile(r"^layers\.(\d+)\.Relpos\.(angle|decay)$")
+_MAX_LISTED = 3
+
+# official key pattern -> our key pattern; applied after stage/block indices are extracted
+_BLOCK_RENAMES = {
+    "pos.conv": "cpe",
+    "retention_layer_norm": "norm1",
+    "retention.lepe.conv": "attn.lce",
+    "retention.out_proj": "attn.proj",
+    "retention.v_proj": "attn.v",
+    "final_layer_norm": "norm2",
+    "ffn.fc1": "mlp.fc1",
+    "ffn.fc2": "mlp.fc2",
+    "ffn.dwconv.conv": "mlp.dwconv",
+}
+_QK = ("q_proj", "k_proj")
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_checkpoint(path: PathLike) -> Any:
+    """Load a checkpoint file without running any code it may contain."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not complete")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    sniff = head.lstrip().lower()
+    if sniff.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        raise CheckpointError(
+            f"{path} is an HTML page, not a checkpoint: a web page (a share or login page) was saved "
+            "instead of the file; download the file itself"
+        )
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "pickle protocol N" notes on old files
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = _code_globals(path)
+        if code:
+            raise CheckpointError(
+                f"refused to open {path}: it holds Python objects ({', '.join(code[:3])}) that would run code "
+                "when loaded; only tensors, containers and argparse.Namespace are accepted"
+            ) from None
+        raise CheckpointError(
+            f"refused to open {path}: the safe loader cannot read it ({_first_line_of(e)}); "
+            "only torch.save files of tensors, containers and argparse.Namespace are accepted"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({size:,} bytes; truncated or corrupt): {_first_line(e)}"
+        ) from None
+
+
+_SAFE_GLOBALS = {"argparse.Namespace", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                 "torch._utils._rebuild_parameter", "torch.FloatStorage", "torch.HalfStorage",
+                 "torch.BFloat16Storage", "torch.LongStorage", "torch.IntStorage", "torch.DoubleStorage",
+                 "torch.ByteStorage", "torch.BoolStorage", "torch.CharStorage", "torch.ShortStorage"}
+
+
+def _code_globals(path: str) -> list[str]:
+    """Names of the Python callables a pickle would import (read with pickletools, nothing run)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and "UNICODE" in opcode.name:
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a corrupt stream: report what was found up to there
+        pass
+    unsafe = [g for g in dict.fromkeys(found) if g not in _SAFE_GLOBALS and not g.startswith("torch.")]
+    return unsafe
+
+
+def _first_line_of(error: BaseException) -> str:
+    match = re.search(r"(Unsupported [^.\n]*)", str(error))
+    return match.group(1).strip() if match else _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def select_state_dict(checkpoint: Any, ema: Optional[bool] = None) -> tuple[dict[str, Tensor], str]:
+    """The state dict inside a checkpoint and where it came from.
+
+    ``ema=None`` takes the EMA weights when the file has them, ``True`` requires them, ``False``
+    takes the plain model's. Returns the state dict (``module.`` prefixes removed) and the key it
+    was found under (``""`` for a bare state dict).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of tensors")
+    candidates = [("model_ema", "model"), ("state_dict_ema", "state_dict")]
+    for ema_key, plain_key in candidates:
+        if plain_key in checkpoint or ema_key in checkpoint:
+            has_ema = isinstance(checkpoint.get(ema_key), Mapping) and len(checkpoint[ema_key]) > 0
+            if ema is True and not has_ema:
+                raise CheckpointError(
+                    f"checkpoint has no EMA weights ('{ema_key}' missing or empty; it has: {', '.join(map(str, checkpoint))})"
+                )
+            key = ema_key if (has_ema and ema is not False) else plain_key
+            if key not in checkpoint:
+                raise CheckpointError(f"checkpoint has no '{key}' entry (it has: {', '.join(map(str, checkpoint))})")
+            return _strip_prefix(checkpoint[key], key), key
+    if ema:
+        raise CheckpointError("checkpoint is a bare state dict: it has no EMA weights")
+    return _strip_prefix(checkpoint, ""), ""
+
+
+def _strip_prefix(state_dict: Any, where: str) -> dict[str, Tensor]:
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"checkpoint entry '{where}' is a {type(state_dict).__name__}, not a state dict")
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(
+                f"checkpoint entry {(where + ': ') if where else ''}'{key}' is a {type(value).__name__}, not a tensor: not a state dict"
+            )
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _is_official_layout(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(("layers.", "patch_embed.")) for k in state_dict)
+
+
+def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
+    """Our model's weights in the official state-dict layout (``Relpos`` buffers included).
+
+    ``torch.save({"model": export_official_state_dict(model)}, path)`` writes a file the official
+    code's ``load_state_dict`` takes strictly.
+    """
+    ours = model.state_dict()
+    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    for key, value in ours.items():
+        for official, tensor in _to_official(key, value):
+            out[official] = tensor
+    stages = list(getattr(model, "stages", []))
+    for i, stage in enumerate(stages):
+        out[f"layers.{i}.Relpos.angle"] = stage.position.angle.detach().clone()
+        out[f"layers.{i}.Relpos.decay"] = stage.position.decay.detach().clone()
+    return out
+
+
+def _to_official(key: str, value: Tensor) -> list[tuple[str, Tensor]]:
+    if key.startswith("stem."):
+        return [("patch_embed.proj." + key[len("stem."):], value)]
+    if key.startswith("head."):
+        rest = key[len("head."):]
+        if rest.startswith("fc."):
+            return [("head." + rest[len("fc."):], value)]
+        return [(rest, value)]  # head.proj -> proj, head.norm -> norm
+    if key.startswith("aux_head."):
+        return [(key, value)]
+    m = re.match(r"^stages\.(\d+)\.downsample\.(conv|norm)\.(.+)$", key)
+    if m:
+        stage, part, rest = int(m.group(1)), m.group(2), m.group(3)
+        return [(f"layers.{stage - 1}.downsample.{'reduction' if part == 'conv' else 'norm'}.{rest}", value)]
+    m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+    if m:
+        prefix, rest = f"layers.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+        if rest.startswith("attn.qk."):
+            param = rest[len("attn.qk."):]
+            return [(f"{prefix}retention.{name}.{param}", part.clone()) for name, part in zip(_QK, value.chunk(2, 0))]
+        if rest.startswith("attn.v."):
+            return [(f"{prefix}retention.v_proj.{rest[len('attn.v.'):]}", value)]
+        if rest in ("ls1.gamma", "ls2.gamma"):
+            return [(f"{prefix}gamma_{rest[2]}", value.reshape(1, 1, 1, -1))]
+        for official, ours in _BLOCK_RENAMES.items():
+            if rest.startswith(ours + "."):
+                return [(prefix + official + rest[len(ours):], value)]
+    raise CheckpointError(f"no official name for our key '{key}'")
+
+
+def _from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename official keys to ours; q and k projections are concatenated into qk."""
+    out: dict[str, Tensor] = {}
+    qk_parts: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        if _RELPOS.match(key):
+            continue
+        if key.startswith("patch_embed.proj."):
+            out["stem." + key[len("patch_embed.proj."):]] = value
+            continue
+        if key.startswith(("proj.", "norm.")):
+            out["head." + key] = value
+            continue
+        if key.startswith("head."):
+            out["head.fc." + key[len("head."):]] = value
+            continue
+        m = re.match(r"^layers\.(\d+)\.downsample\.(reduction|norm)\.(.+)$", key)
+        if m:
+            part = "conv" if m.group(2) == "reduction" else "norm"
+            out[f"stages.{int(m.group(1)) + 1}.downsample.{part}.{m.group(3)}"] = value
+            continue
+        m = re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+        if m:
+            prefix, rest = f"stages.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+            q = re.match(r"^retention\.(q_proj|k_proj)\.(weight|bias)$", rest)
+            if q:
+                qk_parts.setdefault(f"{prefix}attn.qk.{q.group(2)}", {})[q.group(1)] = value
+                continue
+            if rest in ("gamma_1", "gamma_2"):
+                out[f"{prefix}ls{rest[-1]}.gamma"] = value.reshape(-1)
+                continue
+            for official, ours in _BLOCK_RENAMES.items():
+                if rest.startswith(official + "."):
+                    out[prefix + ours + rest[len(official):]] = value
+                    break
+            else:
+                out[key] = value  # unknown: reported as unexpected under its own name
+            continue
+        out[key] = value
+    for key, parts in qk_parts.items():
+        out[key] = torch.cat([parts[name] for name in _QK])  # completeness checked before
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+def _param_count(shapes: Mapping[str, Any]) -> int:
+    total = 0
+    for key, shape in shapes.items():
+        if key.endswith(_BUFFER_SUFFIXES) or _RELPOS.match(key):
+            continue
+        n = 1
+        for s in shape:
+            n *= int(s)
+        total += n
+    return total
+
+
+def check_fits(
+    state_dict: Mapping[str, Tensor], expected: Mapping[str, torch.Size], model_name: str, optional: tuple = ()
+) -> None:
+    """Raise a one-line CheckpointError unless keys and shapes match ``expected`` exactly."""
+    got = {k: tuple(v.shape) for k, v in state_dict.items() if k not in optional}
+    want = {k: tuple(v) for k, v in expected.items() if k not in optional}
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    mismatched = [k for k in want if k in got and got[k] != want[k]]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} shape mismatch(es): "
+            + _listed([f"{k} {_shape(got[k])} in file vs {_shape(want[k])} in model" for k in mismatched])
+        )
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): " + _listed([f"{k} {_shape(want[k])}" for k in missing]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): " + _listed([f"{k} {_shape(got[k])}" for k in unexpected]))
+    have, need = _param_count(got), _param_count(want)
+    count = f"it holds {have:,} parameters, {model_name} has {need:,}"
+    if have != need:
+        count += f" ({abs(have - need):,} {'more' if have > need else 'fewer'})"
+    guess = _guess_variant(got, model_name)
+    if guess:
+        count += f"; it looks like a {guess} checkpoint"
+    raise CheckpointError(f"checkpoint does not fit {model_name}: {count}; " + "; ".join(problems))
+
+
+def _guess_variant(shapes: Mapping[str, tuple], model_name: str) -> Optional[str]:
+    """The published variant whose official state dict has exactly these keys and shapes."""
+    from rmt.models.config import VARIANTS
+
+    keys = {k for k in shapes if not _RELPOS.match(k)}
+    for name in VARIANTS:
+        ref = official_shapes(name)
+        if name != model_name and keys == {k for k in ref if not _RELPOS.match(k)}:
+            if all(ref[k] == tuple(shapes[k]) for k in keys):
+                return name
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def official_shapes(name: str) -> dict[str, tuple]:
+    """Keys and shapes of a published variant's official state dict (built on the meta device)."""
+    from rmt.models.config import VARIANTS
+    from rmt.models.rmt import RMT
+
+    with torch.device("meta"):
+        model = RMT(VARIANTS[name])
+    return {k: tuple(v.shape) for k, v in export_official_state_dict(model).items()}
+
+
+def convert_checkpoint(checkpoint: Any, model: nn.Module, ema: Optional[bool] = None, model_name: str = "") -> dict[str, Tensor]:
+    """Select, validate and convert a loaded checkpoint (any official layout or ours) for ``model``.
+
+    Raises CheckpointError naming every problem; returns a state dict ``model`` loads strictly.
+    """
+    name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
+    state_dict, _ = select_state_dict(checkpoint, ema)
+    if not _is_official_layout(state_dict):
+        check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items()}, name)
+        return state_dict
+    expected = {k: v.shape for k, v in export_official_state_dict(model).items()}
+    relpos = tuple(k for k in expected if _RELPOS.match(k))
+    check_fits(state_dict, expected, name, optional=relpos)
+    _check_relpos(state_dict, model, name)
+    return _from_official(state_dict)
+
+
+def _check_relpos(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> None:
+    for key, value in state_dict.items():
+        m = _RELPOS.match(key)
+        if not m:
+            continue
+        ours = getattr(model.stages[int(m.group(1))].position, m.group(2))
+        if value.shape != ours.shape or not torch.allclose(value.float(), ours.float().cpu(), rtol=1e-4, atol=1e-6):
+            raise CheckpointError(
+                f"checkpoint does not fit {name}: {key} differs from the value this configuration computes "
+                "(the file was made with other decay or head settings)"
+            )
+
+
+def load_checkpoint(model: nn.Module, path: PathLike, ema: Optional[bool] = None, model_name: str = "") -> str:
+    """Load a checkpoint file into ``model`` strictly. Returns which state dict was used."""
+    checkpoint = read_checkpoint(path)
+    _, source = select_state_dict(checkpoint, ema)
+    state_dict = convert_checkpoint(checkpoint, model, ema=ema, model_name=model_name)
+    model.load_state_dict(state_dict, strict=True)
+    return source or "state dict"
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def convert_checkpoint_file(
+    model_name: str, source: PathLike, destination: PathLike, layout: str = "official", ema: Optional[bool] = None
+) -> dict[str, Any]:
+    """Rewrite a checkpoint of ``model_name`` as a bare state dict in the ``official`` or ``rmt`` layout.
+
+    The source is checked tensor by tensor first; returns a summary (parameters, source entry).
+    """
+    from rmt.models.factory import create_model
+
+    if layout not in ("official", "rmt"):
+        raise CheckpointError(f"unknown layout {layout!r}: choose official or rmt")
+    if os.path.abspath(os.fspath(source)) == os.path.abspath(os.fspath(destination)):
+        raise CheckpointError("destination is the source file: write the converted checkpoint elsewhere")
+    model = create_model(model_name)
+    used = load_checkpoint(model, source, ema=ema, model_name=model_name)
+    state = export_official_state_dict(model) if layout == "official" else model.state_dict()
+    save_atomic(state, destination)
+    return {
+        "model": model_name,
+        "layout": layout,
+        "source_entry": used,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tensors": len(state),
+    }

@@ -1,0 +1,71 @@
+"""``rmt.create_model``: a registered RMT variant, optionally with weights from a checkpoint."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Optional
+
+import timm
+from timm.models._features import FeatureGetterNet
+from timm.models._builder import pretrained_cfg_for_features
+from torch import nn
+
+from rmt.errors import CheckpointError, UnknownModelError
+from rmt.models.checkpoint import PathLike, load_checkpoint
+from rmt.models.config import VARIANTS
+
+
+def list_models() -> list[str]:
+    """The names of the RMT variants (all registered with timm on ``import rmt``)."""
+    return list(VARIANTS)
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it is an RMT variant, else raise UnknownModelError suggesting close names."""
+    if name in VARIANTS:
+        return name
+    close = difflib.get_close_matches(name, list(VARIANTS), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(VARIANTS)}"
+    raise UnknownModelError(f"unknown RMT model '{name}'{hint}")
+
+
+def create_model(
+    name: str,
+    *,
+    checkpoint: Optional[PathLike] = None,
+    pretrained: bool = False,
+    ema: Optional[bool] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build an RMT variant.
+
+    Args:
+        name: ``rmt_t``, ``rmt_s``, ``rmt_b``, ``rmt_l``, ``rmt_s_tl``, ``rmt_b_tl`` or ``rmt_l_tl``.
+        checkpoint: a checkpoint file in any layout the official code writes (or ours); every
+            tensor must fit, else CheckpointError says which keys and shapes do not.
+        pretrained: load the published weights.
+        ema: which weights of a training checkpoint: None = EMA when present, True/False = force.
+        **kwargs: timm model arguments (``num_classes``, ``features_only``, ``out_indices``,
+            ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field).
+    """
+    check_model_name(name)
+    if pretrained and checkpoint is not None:
+        raise CheckpointError("give either pretrained=True or checkpoint=PATH, not both")
+    if pretrained:
+        raise CheckpointError(
+            f"no published weights for {name} are stored locally: the official RMT weights are only on "
+            "Baidu pan; download the file by hand and pass checkpoint=PATH"
+        )
+    if checkpoint is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    # load the whole network strictly, then (for features_only) wrap it as timm would
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    load_checkpoint(model, checkpoint, ema=ema, model_name=name)
+    if not features_only:
+        return model
+    pretrained_cfg = model.pretrained_cfg
+    model = FeatureGetterNet(model, out_indices=out_indices if out_indices is not None else tuple(range(len(model.stages))))
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(pretrained_cfg)
+    return model

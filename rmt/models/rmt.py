@@ -1,0 +1,416 @@
+"""RMT: Retentive Networks Meet Vision Transformers.
+
+Fan, Huang, Zhou, Wang, Ran, He. CVPR 2024. https://arxiv.org/abs/2309.11523
+
+A four-stage hierarchical backbone. Each block adds a conditional position encoding
+(3x3 depthwise conv), then pre-norm Manhattan self-attention (see :mod:`rmt.models.attention`),
+then a pre-norm feed-forward network with a 3x3 depthwise conv inside. Tokens stay in
+(B, H, W, C) layout throughout, so the depthwise convs run on channels-last views without copies.
+
+This implementation computes the official model's numbers (GitHub qhfan/RMT, June 2024) and
+loads its checkpoints through :func:`checkpoint_filter_fn`; the module layout follows timm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
+from rmt.models.config import VARIANTS, RMTConfig
+
+
+class DepthwiseConvNHWC(nn.Conv2d):
+    """Depthwise conv on (B, H, W, C) tokens (a channels-last view, so no copy either way)."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class ConvStem(nn.Sequential):
+    """Four 3x3 convs with batch norm (GELU between), stride 4 overall; NCHW in, (B, H, W, C) out."""
+
+    def __init__(self, in_chans: int, dim: int):
+        half = dim // 2
+        super().__init__(
+            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # channels-last convs make the final permute to (B, H, W, C) free
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv + batch norm between stages, on (B, H, W, C) tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+class ConvFFN(nn.Module):
+    """fc1, GELU, a 3x3 depthwise conv added residually, fc2."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.dwconv = DepthwiseConvNHWC(hidden_dim, 3)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.fc1(x))
+        # in-place adds on fresh outputs save an allocation (autograd-safe: conv backward needs
+        # its input, not its output)
+        x = self.dwconv(x).add_(x)
+        return self.fc2(x)
+
+
+class RMTBlock(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        decomposed: bool,
+        drop_path: float = 0.0,
+        layer_scale_init: Optional[float] = None,
+        attn_kernel: str = "sdpa",
+    ):
+        super().__init__()
+        self.cpe = DepthwiseConvNHWC(dim, 3)  # conditional position encoding
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ManhattanSelfAttention(dim, num_heads, decomposed, attn_kernel)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvFFN(dim, int(mlp_ratio * dim))
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, position: ManhattanPosition) -> Tensor:
+        x = self.cpe(x).add_(x)
+        x = self.drop_path1(self.ls1(self.attn(self.norm1(x), position))).add_(x)
+        x = self.drop_path2(self.ls2(self.mlp(self.norm2(x)))).add_(x)
+        return x
+
+
+class RMTStage(nn.Module):
+    """Optional downsampling from the previous stage, then blocks sharing one position module."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        decomposed: bool,
+        decay_init: float,
+        decay_heads_range: float,
+        drop_path: List[float],
+        layer_scale_init: Optional[float],
+        downsample: bool,
+        attn_kernel: str,
+    ):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.position = ManhattanPosition(dim, num_heads, decay_init, decay_heads_range, decomposed)
+        self.blocks = nn.ModuleList(
+            RMTBlock(dim, num_heads, mlp_ratio, decomposed, drop_path[i], layer_scale_init, attn_kernel)
+            for i in range(depth)
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, self.position, use_reentrant=False)
+            else:
+                x = block(x, self.position)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Linear (C -> hidden) + BatchNorm + Swish on every token, global average pool, Linear."""
+
+    def __init__(self, in_dim: int, hidden_size: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, hidden_size)
+        self.norm = nn.BatchNorm2d(hidden_size)
+        self.act = nn.SiLU()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (B, hidden, H, W), channels-last view
+        x = self.act(x).mean((2, 3))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class RMT(nn.Module):
+    """RMT backbone and classifier (timm conventions: forward_features returns (B, H, W, C)).
+
+    ``RMT.from_official(**kwargs)`` builds from the official constructor's argument names.
+    """
+
+    @classmethod
+    def from_official(cls, attn_kernel: str = "auto", **official_kwargs: Any) -> "RMT":
+        return cls(RMTConfig.from_official(**official_kwargs), attn_kernel=attn_kernel)
+
+    def __init__(
+        self,
+        cfg: Optional[RMTConfig] = None,
+        attn_kernel: str = "auto",
+        drop_rate: float = 0.0,
+        **config_changes: Any,
+    ):
+        """Build from ``cfg`` with ``config_changes`` applied (or from RMTConfig fields alone).
+
+        ``attn_kernel``: ``auto``/``sdpa``, ``reference`` or ``flex`` (see rmt.models.attention).
+        """
+        super().__init__()
+        cfg = cfg.replace(**config_changes) if cfg is not None else RMTConfig(**config_changes)
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.num_features = cfg.embed_dims[-1]
+        self.head_hidden_size = cfg.head_hidden_size
+        self.drop_rate = drop_rate
+        kernel = resolve_attention_kernel(attn_kernel)
+
+        self.stem = ConvStem(cfg.in_chans, cfg.embed_dims[0])
+        total = sum(cfg.depths)
+        dpr = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear stochastic depth
+        stages, self.feature_info = [], []
+        in_dim, first_block = cfg.embed_dims[0], 0
+        for i in range(cfg.num_stages):
+            dim, depth = cfg.embed_dims[i], cfg.depths[i]
+            stages.append(
+                RMTStage(
+                    in_dim, dim, depth, cfg.num_heads[i], cfg.mlp_ratios[i], cfg.decomposed_stages[i],
+                    cfg.decay_init[i], cfg.decay_heads_range[i], dpr[first_block:first_block + depth],
+                    cfg.layer_scale_init if cfg.layer_scale_stages[i] else None,
+                    downsample=i > 0, attn_kernel=kernel,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
+            in_dim, first_block = dim, first_block + depth
+        self.stages = nn.Sequential(*stages)
+        self.head = ClassifierHead(self.num_features, cfg.head_hidden_size, cfg.num_classes, drop_rate)
+        # token labelling: a classifier on every stage-4 token
+        self.aux_head = (
+            (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity())
+            if cfg.token_label else None
+        )
+        self.apply(self._init_weights)
+        # every conv runs on channels-last activations; matching weights skip a reorder per call
+        self.to(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # the official initialisation: its model-wide trunc_normal overrides the per-module xavier
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def attn_kernel(self) -> str:
+        return self.stages[0].blocks[0].attn.kernel
+
+    def set_attn_kernel(self, kernel: str) -> None:
+        """Switch every block between the ``sdpa``, ``reference`` and ``flex`` attention kernels."""
+        kernel = resolve_attention_kernel(kernel)
+        for m in self.modules():
+            if isinstance(m, ManhattanSelfAttention):
+                m.kernel = kernel
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+).downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if self.aux_head is not None:
+            self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Stage outputs (strides 4, 8, 16, 32; before the next stage's downsampling).
+
+        ``output_fmt`` is ``"NCHW"`` (contiguous) or ``"NHWC"``; ``norm`` is accepted for timm's
+        API and does nothing (RMT has no norm on its stage outputs).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head:
+            self.head = nn.Identity()
+            self.aux_head = None
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        logits = self.head(x, pre_logits=pre_logits)
+        if pre_logits or self.aux_head is None:
+            return logits
+        aux = self.aux_head(x.flatten(1, 2))  # (B, H*W, classes)
+        if self.training:  # token-labelling training needs the dense predictions
+            return logits, aux
+        return logits + 0.5 * aux.amax(dim=1)
+
+    def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
+    """Convert a checkpoint in any official layout to this model's state dict (timm's hook)."""
+    from rmt.models.checkpoint import convert_checkpoint
+
+    return convert_checkpoint(state_dict, model)
+
+
+def _cfg(crop_pct: float, **kwargs: Any) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": crop_pct,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head.fc",
+        "paper_ids": "arXiv:2309.11523",
+        "paper_name": "RMT: Retentive Networks Meet Vision Transformers",
+        "origin_url": "https://github.com/qhfan/RMT",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        f"{name}.in1k": _cfg(crop_pct=0.96 if cfg.token_label else 0.875)
+        for name, cfg in VARIANTS.items()
+    }
+)
+
+
+def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
+    cfg = VARIANTS[variant]
+    out_indices = kwargs.pop("out_indices", tuple(range(cfg.num_stages)))
+    return build_model_with_cfg(
+        RMT,
+        variant,
+        pretrained,
+        cfg=cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+@register_model
+def rmt_t(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-T (official ``RMT_T3``): 14.3 M parameters, 2.65 GMACs at 224."""
+    return _create_rmt("rmt_t", pretrained, **kwargs)
+
+
+@register_model
+def rmt_s(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-S (official ``RMT_S``): 27.0 M parameters, 4.80 GMACs at 224."""
+    return _create_rmt("rmt_s", pretrained, **kwargs)
+
+
+@register_model
+def rmt_b(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-B (official ``RMT_M2``): 54.2 M parameters, 10.41 GMACs at 224."""
+    return _create_rmt("rmt_b", pretrained, **kwargs)
+
+
+@register_model
+def rmt_l(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-L (official ``RMT_L6``): 95.5 M parameters, 19.55 GMACs at 224."""
+    return _create_rmt("rmt_l", pretrained, **kwargs)
+
+
+@register_model
+def rmt_s_tl(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-S* trained with token labelling (aux head on the stage-4 tokens)."""
+    return _create_rmt("rmt_s_tl", pretrained, **kwargs)
+
+
+@register_model
+def rmt_b_tl(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-B* trained with token labelling (aux head on the stage-4 tokens)."""
+    return _create_rmt("rmt_b_tl", pretrained, **kwargs)
+
+
+@register_model
+def rmt_l_tl(pretrained: bool = False, **kwargs: Any) -> RMT:
+    """RMT-L* trained with token labelling (aux head on the stage-4 tokens)."""
+    return _create_rmt("rmt_l_tl", pretrained, **kwargs)

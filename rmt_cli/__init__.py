@@ -1,0 +1,1 @@
+"""The ``rmt`` command line: argument parsing and printing only; the work is done in :mod:`rmt`."""

@@ -1,0 +1,70 @@
+"""CPU forward latency of RMT variants as a ratio to timm's Swin-T, measured in one process.
+
+Method: fp32, eval mode, inference_mode, one fixed random batch, warmup, then ROUNDS rounds in
+which every model runs once in turn (interleaved, so drift hits all alike); each model's median
+over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
+
+    python scripts/cpu_latency_vs_swin.py --models rmt_t rmt_s rmt_b --batch 8 --threads 2 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
+
+import rmt  # noqa: F401  (registers the RMT variants with timm)
+
+BASELINE = "swin_tiny_patch4_window7_224"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["rmt_t", "rmt_s", "rmt_b"])
+    parser.add_argument("--kernel", default="sdpa", help="attention kernel of the RMT models")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    names = [BASELINE] + args.models
+    models = {}
+    for name in names:
+        kwargs = {"attn_kernel": args.kernel} if name.startswith("rmt_") else {}
+        models[name] = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            for name in names:
+                models[name](x)
+        for _ in range(args.rounds):
+            for name in names:
+                start = time.perf_counter()
+                models[name](x)
+                times[name].append((time.perf_counter() - start) * 1000)
+    base = statistics.median(times[BASELINE])
+    results = []
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, "
+          f"median of {args.rounds} interleaved rounds, RMT kernel {args.kernel}")
+    for name in names:
+        med = statistics.median(times[name])
+        results.append({"model": name, "median_ms": round(med, 2), "ratio_to_swin_t": round(med / base, 3)})
+        print(f"{name:32s} {med:9.1f} ms   x{med / base:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+                       "torch": torch.__version__, "kernel": args.kernel, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

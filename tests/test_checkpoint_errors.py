@@ -1,0 +1,181 @@
+"""Bad checkpoints: each is refused with one clear line, nothing is loaded partly, nothing runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rmt
+from rmt.errors import CheckpointError
+
+from conftest import official_state_dict
+
+
+@pytest.fixture(scope="module")
+def rmt_t_state(schema):
+    return official_state_dict(schema["rmt_t"])
+
+
+def _save(tmp_path, name, payload):
+    path = tmp_path / name
+    torch.save(payload, path)
+    return path
+
+
+def _single_line(error: CheckpointError) -> str:
+    text = str(error)
+    assert "\n" not in text
+    return text
+
+
+def test_missing_key(tmp_path, rmt_t_state):
+    state = dict(rmt_t_state)
+    del state["layers.2.blocks.3.retention.k_proj.weight"]
+    with pytest.raises(CheckpointError) as e:
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "m.pth", state))
+    text = _single_line(e.value)
+    assert "1 missing key(s): layers.2.blocks.3.retention.k_proj.weight (256, 256)" in text
+
+
+def test_unexpected_key(tmp_path, rmt_t_state):
+    state = dict(rmt_t_state, **{"extra_head.weight": torch.zeros(10, 512)})
+    with pytest.raises(CheckpointError) as e:
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "m.pth", state))
+    assert "1 unexpected key(s): extra_head.weight (10, 512)" in _single_line(e.value)
+    assert "5,120 more" in str(e.value)
+
+
+def test_wrong_shape(tmp_path, rmt_t_state):
+    state = dict(rmt_t_state)
+    state["head.weight"] = torch.zeros(100, 1024)
+    with pytest.raises(CheckpointError) as e:
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "m.pth", state))
+    assert "head.weight (100, 1024) in file vs (1000, 1024) in model" in _single_line(e.value)
+
+
+def test_another_variants_checkpoint(tmp_path, schema):
+    path = _save(tmp_path, "rmt_s.pth", {"model": official_state_dict(schema["rmt_s"])})
+    with pytest.raises(CheckpointError) as e:
+        rmt.create_model("rmt_t", checkpoint=path)
+    text = _single_line(e.value)
+    assert "it holds 26,967,240 parameters, rmt_t has 14,334,216" in text
+    assert "looks like a rmt_s checkpoint" in text
+
+
+def test_token_label_s_star_release_does_not_fit(tmp_path, schema):
+    """The released RMT-S* log reports 27,992,240 parameters, 512,000 more than the released code."""
+    state = official_state_dict(schema["rmt_s_tl"])
+    state["aux_head.weight"] = torch.zeros(1000, 1024)  # a 1024-wide aux head: 512,000 extra weights
+    model = rmt.create_model("rmt_s_tl")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        rmt.load_checkpoint(model, _save(tmp_path, "s_star.pth", {"model": state}), model_name="rmt_s_tl")
+    text = _single_line(e.value)
+    assert "it holds 27,992,240 parameters, rmt_s_tl has 27,480,240 (512,000 more)" in text
+    assert "aux_head.weight (1000, 1024) in file vs (1000, 512) in model" in text
+    # nothing was loaded partly
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _RunsCode(str(marker))}, f)
+    torch_path = tmp_path / "evil_zip.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(str(marker))}, torch_path)
+    for p in (path, torch_path):
+        with pytest.raises(CheckpointError) as e:
+            rmt.create_model("rmt_t", checkpoint=p)
+        text = _single_line(e.value)
+        assert "refused" in text and "would run code" in text
+        assert "system" in text
+    assert not marker.exists()
+
+
+def test_truncated_file(tmp_path, rmt_t_state):
+    good = _save(tmp_path, "good.pth", {"model": rmt_t_state})
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as e:
+        rmt.create_model("rmt_t", checkpoint=cut)
+    assert "truncated or corrupt" in _single_line(e.value)
+
+
+def test_html_page(tmp_path):
+    page = tmp_path / "RMT_S.pth"
+    page.write_text("<!DOCTYPE html>\n<html><head><title>百度网盘</title></head><body>login</body></html>")
+    with pytest.raises(CheckpointError) as e:
+        rmt.create_model("rmt_s", checkpoint=page)
+    assert "HTML page, not a checkpoint" in _single_line(e.value)
+
+
+def test_empty_file(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        rmt.create_model("rmt_t", checkpoint=empty)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        rmt.create_model("rmt_t", checkpoint=tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        rmt.create_model("rmt_t", checkpoint=tmp_path)
+
+
+def test_not_a_state_dict(tmp_path):
+    with pytest.raises(CheckpointError, match="not a dict of tensors"):
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "list.pth", [1, 2, 3]))
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "nested.pth", {"model": {"w": "text"}}))
+
+
+def test_ema_required_but_absent(tmp_path, rmt_t_state):
+    path = _save(tmp_path, "plain.pth", {"model": rmt_t_state, "epoch": 3})
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        rmt.create_model("rmt_t", checkpoint=path, ema=True)
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(rmt.UnknownModelError, match="did you mean rmt_s"):
+        rmt.create_model("rmt_ss")
+
+
+def test_cli_convert_reports_one_line(tmp_path, rmt_t_state):
+    page = tmp_path / "page.pth"
+    page.write_text("<html>nope</html>")
+    result = subprocess.run(
+        [sys.executable, "-m", "rmt_cli.main", "convert", "rmt_t", str(page), str(tmp_path / "out.pth")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_cli_convert_round_trip(tmp_path, rmt_t_state):
+    src = _save(tmp_path, "deit.pth", {"model": rmt_t_state, "epoch": 1})
+    ours, back = tmp_path / "ours.pth", tmp_path / "official.pth"
+    for args in (["rmt_t", str(src), str(ours), "--to", "rmt"], ["rmt_t", str(ours), str(back), "--to", "official"]):
+        result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "convert", *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "14,334,216 parameters" in result.stdout
+    restored = torch.load(back, weights_only=True)
+    assert set(restored) == set(rmt_t_state)
+    assert all(torch.equal(restored[k].to(v.dtype), v) for k, v in rmt_t_state.items())

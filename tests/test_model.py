@@ -1,0 +1,187 @@
+"""Model behaviour: attention kernels agree, any input size, timm conventions, compile, training."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import rmt
+from rmt.models.attention import ManhattanPosition
+from rmt.models.config import RMTConfig
+
+TINY = RMTConfig(
+    embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), mlp_ratios=(3, 3, 3, 3),
+    decomposed_stages=(True, True, False, False), layer_scale_stages=(False, False, True, True),
+    head_hidden_size=64, num_classes=10,
+)
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Non-trivial batch-norm statistics and layer scales, so every branch matters."""
+    g = torch.Generator().manual_seed(0)
+    for name, tensor in model.state_dict().items():
+        if name.endswith("running_var") or name.endswith("gamma"):
+            tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+        elif name.endswith("running_mean"):
+            tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (160, 224), (256, 96)])
+def test_fast_path_equals_reference_path(size):
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t").eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        fast = model(x)
+        model.set_attn_kernel("reference")
+        reference = model(x)
+    assert fast.shape == (2, 1000)
+    assert (fast - reference).abs().max().item() <= 1e-5
+
+
+def test_flex_kernel_matches_on_cpu():
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY, attn_kernel="reference").eval()
+    x = torch.randn(2, 3, 128, 96)
+    with torch.inference_mode():
+        reference = model(x)
+        model.set_attn_kernel("flex")
+        flex = model(x)
+    assert (flex - reference).abs().max().item() <= 1e-5
+
+
+def test_unknown_kernel_is_a_clear_error():
+    with pytest.raises(rmt.ConfigError, match="unknown attention kernel 'fast'"):
+        rmt.create_model("rmt_t", attn_kernel="fast")
+
+
+def test_rotary_real_and_complex_forms_agree():
+    from rmt.models.attention import apply_rotary
+
+    position = ManhattanPosition(64, 4, 2.0, 4.0, decomposed=True)
+    tables = position.tables(6, 5, torch.float32, with_masks=True)
+    x = torch.randn(2, 6, 5, 2, 4, 16)
+    complex_form = apply_rotary(x, tables)
+    real_form = apply_rotary(x.double(), position.tables(6, 5, torch.float64, with_masks=True))
+    assert (complex_form.double() - real_form).abs().max().item() < 1e-5
+
+
+def test_tables_are_built_once_per_size(monkeypatch):
+    model = rmt.RMT(TINY).eval()
+    builds = []
+    original = ManhattanPosition._build
+
+    def counting(self, *args):
+        builds.append(args)
+        return original(self, *args)
+
+    monkeypatch.setattr(ManhattanPosition, "_build", counting)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(torch.randn(1, 3, 64, 64))
+        assert len(builds) == 4  # one per stage, not per block or per call
+        model(torch.randn(1, 3, 96, 64))
+        assert len(builds) == 8  # a new size builds its own
+        model(torch.randn(1, 3, 64, 64))
+        assert len(builds) == 8
+
+
+def test_features_only_for_dense_prediction():
+    model = timm.create_model("rmt_s", features_only=True)
+    assert model.feature_info.channels() == [64, 128, 256, 512]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    feats = model(torch.randn(1, 3, 256, 320))
+    assert [tuple(f.shape) for f in feats] == [(1, 64, 64, 80), (1, 128, 32, 40), (1, 256, 16, 20), (1, 512, 8, 10)]
+    some = timm.create_model("rmt_t", features_only=True, out_indices=(1, 3))
+    assert [f.shape[1] for f in some(torch.randn(1, 3, 64, 64))] == [128, 512]
+
+
+def test_features_from_create_model_with_checkpoint(tmp_path):
+    source = rmt.create_model("rmt_t")
+    torch.save(rmt.export_official_state_dict(source), tmp_path / "t.pth")
+    model = rmt.create_model("rmt_t", features_only=True, checkpoint=tmp_path / "t.pth")
+    assert len(model(torch.randn(1, 3, 64, 64))) == 4
+
+
+def test_timm_registry_and_pretrained_cfg():
+    assert set(rmt.list_models()) <= set(timm.list_models("rmt_*"))
+    plain = timm.create_model("rmt_s", pretrained=False)
+    tl = timm.create_model("rmt_b_tl")
+    for model, crop in ((plain, 0.875), (tl, 0.96)):
+        cfg = model.pretrained_cfg
+        assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+        assert cfg["crop_pct"] == crop
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    data_cfg = timm.data.resolve_data_config({}, model=plain)
+    assert data_cfg["crop_pct"] == 0.875
+
+
+def test_timm_conventions():
+    model = rmt.create_model("rmt_t", num_classes=7).eval()
+    assert model.num_features == 512 and model.head_hidden_size == 1024
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 2, 2, 512)  # (B, H, W, C)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 1024)
+        assert model(x).shape == (2, 7)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3)
+        model.reset_classifier(0)
+        assert model(x).shape == (2, 1024)
+        final, inter = model.forward_intermediates(x)
+        assert [t.shape[1] for t in inter] == [64, 128, 256, 512] and final.shape == (2, 2, 2, 512)
+
+
+def test_token_label_head():
+    model = rmt.RMT(TINY.replace(token_label=True)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        feats = model.forward_features(x)
+        cls = model.head(feats)
+        aux = model.aux_head(feats.flatten(1, 2))
+        assert torch.allclose(model(x), cls + 0.5 * aux.max(1)[0])
+    model.train()
+    logits, dense = model(x)
+    assert logits.shape == (2, 10) and dense.shape == (2, 4, 10)
+
+
+def test_training_step_and_grad_checkpointing():
+    model = rmt.RMT(TINY.replace(drop_path_rate=0.1)).train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model.eval()  # deterministic (no drop path) for the comparison
+    model.set_grad_checkpointing(False)
+    model(x).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, plain[n], atol=1e-6), n
+
+
+def test_moving_the_model_rebuilds_tables():
+    model = rmt.RMT(TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        model.double()
+        assert torch.allclose(model(x.double()).float(), ref, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_same_output():
+    """torch.compile(rmt_t) without graph breaks (fullgraph=True raises on one) gives the same logits."""
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert (compiled - eager).abs().max().item() <= 1e-4
