@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -19,7 +18,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
 err = Console(stderr=True)
 
 
@@ -38,22 +36,10 @@ def root(
     """RMT (Fan et al., CVPR 2024) from the command line."""
 
 
-@app.command()
-def convert(
-    model: str = typer.Argument(..., help="RMT variant the checkpoint belongs to, e.g. rmt_s."),
-    source: Path = typer.Argument(..., help="Checkpoint in any official layout (or ours)."),
-    destination: Path = typer.Argument(..., help="Where to write the converted state dict."),
-    to: str = typer.Option("official", "--to", help="Layout to write: official (for the official code) or rmt."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: EMA when present)."),
-) -> None:
-    """Check a checkpoint tensor by tensor and rewrite it in the official or rmt layout."""
-    from rmt.models.checkpoint import convert_checkpoint_file
+# Command modules: each defines register(app). One import and one call per module.
+from rmt_cli import convert as _convert  # noqa: E402
 
-    summary = convert_checkpoint_file(model, source, destination, layout=to, ema=ema)
-    out.print(
-        f"wrote {destination} ({summary['layout']} layout, {summary['tensors']} tensors, "
-        f"{summary['params']:,} parameters, from '{summary['source_entry']}')"
-    )
+_convert.register(app)
 
 
 def main() -> None:

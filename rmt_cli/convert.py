@@ -1,0 +1,32 @@
+"""``rmt convert``: check a checkpoint and rewrite it in the official or rmt layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+out = Console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(convert)
+
+
+def convert(
+    model: str = typer.Argument(..., help="RMT variant the checkpoint belongs to, e.g. rmt_s."),
+    source: Path = typer.Argument(..., help="Checkpoint in any official layout (or ours)."),
+    destination: Path = typer.Argument(..., help="Where to write the converted state dict."),
+    to: str = typer.Option("official", "--to", help="Layout to write: official (for the official code) or rmt."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: EMA when present)."),
+) -> None:
+    """Check a checkpoint tensor by tensor and rewrite it in the official or rmt layout."""
+    from rmt.models.checkpoint import convert_checkpoint_file
+
+    summary = convert_checkpoint_file(model, source, destination, layout=to, ema=ema)
+    out.print(
+        f"wrote {destination} ({summary['layout']} layout, {summary['tensors']} tensors, "
+        f"{summary['params']:,} parameters, from '{summary['source_entry']}')"
+    )
