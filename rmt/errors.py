@@ -22,3 +22,41 @@ class UnknownModelError(RMTError, KeyError):
 
 class CheckpointError(RMTError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class DatasetError(RMTError):
+    """An evaluation data set that cannot be read: unknown layout, bad labels file, unreadable image."""
+
+
+class EvalError(RMTError):
+    """An evaluation that cannot run as asked (model output, memory, expected accuracy)."""
+
+
+class ZooError(RMTError):
+    """A model-zoo problem: a bad zoo.yaml, a cache that cannot be written, a cached file that changed."""
+
+
+class DownloadError(ZooError):
+    """A transfer that failed: an HTTP error, a dropped connection, an HTML page instead of the file.
+
+    ``resumable`` is True when the bytes received so far were kept and running the same download
+    again continues from them; ``unreachable`` when the host could not be reached at all (offline
+    or no route), so the caller can say what to do instead.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+        self.unreachable = unreachable
+
+
+class WeightsNotCachedError(ZooError):
+    """The weights of a zoo entry are not in the cache and cannot be fetched automatically.
+
+    The message says how to get them; ``instructions`` holds the same facts for programs
+    (``url``, ``code``, ``command`` where they apply).
+    """
+
+    def __init__(self, message: str, instructions: dict) -> None:
+        super().__init__(message)
+        self.instructions = instructions

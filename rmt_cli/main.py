@@ -36,16 +36,20 @@ def root(
     """RMT (Fan et al., CVPR 2024) from the command line."""
 
 
-# Command modules: each defines register(app). One import and one call per module.
+# Command modules: each defines register(app); the order is the order of `rmt --help`.
+from rmt_cli import bench as _bench  # noqa: E402
 from rmt_cli import convert as _convert  # noqa: E402
+from rmt_cli import evaluate as _evaluate  # noqa: E402
+from rmt_cli import zoo as _zoo  # noqa: E402
 
-_convert.register(app)
+for _module in (_zoo, _evaluate, _bench, _convert):
+    _module.register(app)
 
 
 def main() -> None:
     """Run the app; user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app()
+        app(args=_bench.optional_compile_mode(sys.argv[1:]), prog_name="rmt")
     except RMTError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -10,7 +10,7 @@ from rmt.models.checkpoint import convert_checkpoint
 
 
 @pytest.mark.parametrize("config", ["mini_a", "mini_b"])
-@pytest.mark.parametrize("kernel", ["sdpa", "reference"])
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference"])
 def test_official_logits(official_mini, config, kernel):
     entry = official_mini["models"][config]
     model = rmt.RMT.from_official(attn_kernel=kernel, **entry["config"]).eval()

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from rmt.errors import CheckpointError
+from rmt.io import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -393,18 +394,9 @@ def load_checkpoint(model: nn.Module, path: PathLike, ema: Optional[bool] = None
 
 
 def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    """``torch.save`` through a temporary file and a rename: never a half-written checkpoint."""
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def convert_checkpoint_file(

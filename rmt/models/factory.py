@@ -43,7 +43,8 @@ def create_model(
         name: ``rmt_t``, ``rmt_s``, ``rmt_b``, ``rmt_l``, ``rmt_s_tl``, ``rmt_b_tl`` or ``rmt_l_tl``.
         checkpoint: a checkpoint file in any layout the official code writes (or ours); every
             tensor must fit, else CheckpointError says which keys and shapes do not.
-        pretrained: load the published weights.
+        pretrained: load the published weights from the zoo cache (see ``rmt download NAME``); the
+            zoo entry chooses EMA or plain weights unless ``ema`` is given.
         ema: which weights of a training checkpoint: None = EMA when present, True/False = force.
         **kwargs: timm model arguments (``num_classes``, ``features_only``, ``out_indices``,
             ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field).
@@ -52,10 +53,11 @@ def create_model(
     if pretrained and checkpoint is not None:
         raise CheckpointError("give either pretrained=True or checkpoint=PATH, not both")
     if pretrained:
-        raise CheckpointError(
-            f"no published weights for {name} are stored locally: the official RMT weights are only on "
-            "Baidu pan; download the file by hand and pass checkpoint=PATH"
-        )
+        # the zoo cache's verified file; raises, saying how to get it (Baidu link, code, command), when missing
+        from rmt.zoo import pretrained_checkpoint
+
+        checkpoint, zoo_ema = pretrained_checkpoint(name)
+        ema = zoo_ema if ema is None else ema
     if checkpoint is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     # load the whole network strictly, then (for features_only) wrap it as timm would

@@ -1,0 +1,99 @@
+"""``rmt profile``: a torch.profiler trace of a model's forward pass, for TensorBoard and Perfetto."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rmt.bench.env import resolve_device
+from rmt.bench.runner import DTYPES, _precision, quiet_stderr
+from rmt.errors import RMTError
+
+
+def profile_model(
+    name: str,
+    out_dir: os.PathLike | str,
+    batch: int = 8,
+    img_size: tuple[int, int] = (224, 224),
+    device: str = "auto",
+    dtype: str = "fp32",
+    memory: bool = False,
+    wait: int = 1,
+    warmup: int = 1,
+    active: int = 3,
+    top: int = 15,
+    model: Optional[torch.nn.Module] = None,
+) -> dict[str, Any]:
+    """Profile ``wait + warmup + active`` forward passes on a schedule and write the trace to ``out_dir``.
+
+    Returns the trace files, the top operators by self time (device time on CUDA) and, with
+    ``memory``, their memory use.
+    """
+    if dtype not in DTYPES:
+        raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if batch <= 0 or min(wait, warmup) < 0 or active <= 0:
+        raise RMTError("batch and active steps must be positive, wait and warmup >= 0")
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RMTError(f"cannot create {out}: {e.strerror or e}") from None
+    before = set(out.glob("**/*.pt.trace.json*"))
+    if model is None:
+        from rmt import zoo
+
+        model = zoo.create_model(name)
+    model = model.eval().to(dev)
+    x = torch.randn(batch, 3, *img_size, device=dev)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1)
+    with torch.inference_mode(), quiet_stderr(), torch.profiler.profile(
+        activities=activities,
+        schedule=schedule,
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out), worker_name=name),
+        record_shapes=True,
+        profile_memory=memory,
+    ) as prof:
+        for _ in range(wait + warmup + active):
+            with _precision(dev, dtype):
+                model(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            prof.step()
+    traces = sorted(set(out.glob("**/*.pt.trace.json*")) - before)
+    on_cuda = dev.type == "cuda"
+
+    def self_time(e: Any) -> float:  # microseconds
+        return e.self_device_time_total if on_cuda else e.self_cpu_time_total
+
+    events = sorted((e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")), key=lambda e: -self_time(e))
+    total = sum(self_time(e) for e in events) or 1.0
+    top_ops = []
+    for e in events[:top]:
+        entry = {"op": e.key, "self_ms": round(self_time(e) / 1000 / active, 3),
+                 "share": round(self_time(e) / total, 4), "calls_per_step": e.count // active}
+        if memory:
+            used = e.self_device_memory_usage if on_cuda else e.self_cpu_memory_usage
+            entry["self_memory_mb"] = round(used / 2**20, 2)
+        top_ops.append(entry)
+    return {
+        "model": name,
+        "device": str(dev),
+        "dtype": dtype,
+        "batch": batch,
+        "img_size": list(img_size),
+        "steps": {"wait": wait, "warmup": warmup, "active": active},
+        "time": "device (CUDA) self time" if on_cuda else "CPU self time",
+        "trace_files": [str(t) for t in traces],
+        "top_ops": top_ops,
+        "open": {
+            "tensorboard": f"pip install 'rmt[tensorboard]' && tensorboard --logdir {out}",
+            "perfetto": "open https://ui.perfetto.dev and load the .pt.trace.json file (or chrome://tracing)",
+        },
+    }

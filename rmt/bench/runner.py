@@ -1,0 +1,470 @@
+"""Inference benchmarks: throughput, latency spread, peak memory, GMACs and MFU per model.
+
+Method (docs/bench.md):
+- eval mode and ``torch.inference_mode``; one fixed random input per setting;
+- warmup, then ``iters`` rounds in which every model runs once in turn (interleaved, so clock
+  and thermal drift hit all models alike); per-iteration time from CUDA events with a
+  synchronisation on GPU, ``time.perf_counter`` on CPU;
+- peak memory in a pass of its own (CUDA: ``max_memory_allocated`` after a reset, after the
+  timing; CPU: the growth of the process's peak RSS during the first warmup pass);
+- a failure (OOM, error) marks that model's row and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from rmt.bench.devices import peak_tflops
+from rmt.bench.env import environment, resolve_device
+from rmt.bench.flops import count_flops
+from rmt.errors import RMTError
+
+SCHEMA_VERSION = 1
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
+DEFAULT_MODELS = ("rmt_t", "rmt_s", "rmt_b", "rmt_l", "swin_t", "swin_s", "swin_b")
+CPU_TIME_BUDGET_S = 150.0
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+Progress = Callable[[str, int, int], None]  # (what is running, steps done, steps in all)
+
+
+@dataclass
+class BenchSettings:
+    models: Sequence[str] = DEFAULT_MODELS
+    batches: Sequence[int] = (64,)
+    img_sizes: Sequence[tuple[int, int]] = ((224, 224),)
+    device: str = "auto"
+    dtype: Optional[str] = None  # None: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = False
+    compile_mode: Optional[str] = None  # None: eager; else a torch.compile mode ("default", ...)
+    warmup: Optional[int] = None  # None: 10 on CUDA, 1 on CPU
+    iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
+    attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
+    time_budget_s: float = CPU_TIME_BUDGET_S
+    retry_oom: bool = False
+    baseline: Optional[str] = None  # ratios are to this model (default: the first one)
+
+    def validate(self) -> None:
+        if not self.models:
+            raise RMTError("no models to benchmark")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise RMTError(f"unknown compile mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if any(b <= 0 for b in self.batches):
+            raise RMTError(f"batch sizes must be positive, got {list(self.batches)}")
+        for h, w in self.img_sizes:
+            if h < 32 or w < 32:
+                raise RMTError(f"image size {h}x{w} is too small: at least 32x32")
+        for name, value in (("warmup", self.warmup), ("iters", self.iters)):
+            if value is not None and value < (0 if name == "warmup" else 1):
+                raise RMTError(f"--{name} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
+        if self.baseline is not None and self.baseline not in self.models:
+            raise RMTError(f"baseline {self.baseline!r} is not among the benchmarked models")
+
+
+@dataclass
+class _Candidate:
+    name: str
+    model: Optional[nn.Module] = None
+    row: dict[str, Any] = field(default_factory=dict)
+    times_ms: list[float] = field(default_factory=list)
+
+
+def parse_img_size(text: str) -> tuple[int, int]:
+    """``224`` or ``HxW`` (``512x768``)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise RMTError(f"image size {text!r} is not N or HxW") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise RMTError(f"image size {text!r} is not N or HxW")
+
+
+def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
+    """Median, p90, p99, interquartile range, mean and min of per-iteration latencies."""
+    ordered = sorted(times_ms)
+
+    def pct(p: float) -> float:  # linear interpolation between closest ranks
+        if len(ordered) == 1:
+            return ordered[0]
+        k = (len(ordered) - 1) * p / 100
+        lo, hi = math.floor(k), math.ceil(k)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+    return {
+        "median": round(statistics.median(ordered), 4),
+        "p90": round(pct(90), 4),
+        "p99": round(pct(99), 4),
+        "iqr": round(pct(75) - pct(25), 4),
+        "mean": round(statistics.fmean(ordered), 4),
+        "min": round(ordered[0], 4),
+    }
+
+
+@contextlib.contextmanager
+def _precision(device: torch.device, dtype: str) -> Iterator[None]:
+    """fp32 with TF32 off or on, or bf16/fp16 autocast; flags restored afterwards."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    try:
+        if dtype in ("bf16", "fp16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(error, MemoryError)
+    )
+
+
+def _short_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+class _PeakRSS:
+    """Peak resident-memory growth of this process around a block (Linux: VmHWM reset via clear_refs)."""
+
+    def __init__(self) -> None:
+        self.growth_mb: Optional[float] = None
+
+    @staticmethod
+    def _status(field_name: str) -> Optional[int]:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])  # kB
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self) -> "_PeakRSS":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self._reset = True
+        except OSError:
+            self._reset = False
+        self._before = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        peak = self._status("VmHWM")
+        if self._reset and peak is not None and self._before is not None:
+            self.growth_mb = round(max(peak - self._before, 0) / 1024, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Milliseconds for one forward pass of one batch."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    model(x)
+    return (time.perf_counter() - begin) * 1000
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start/stop log lines); Python errors still raise."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def attention_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The attention kernels a forward pass really dispatches to (SDPA backend, FlexAttention...)."""
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x)
+    names = {e.key for e in prof.key_averages()}
+    keep = ("attention", "flex", "bmm", "softmax")
+    return sorted(n for n in names if any(k in n.lower() for k in keep) and n.startswith(("aten::", "flex")))
+
+
+Builder = Callable[[tuple[int, int]], nn.Module]  # image size -> model
+
+
+def _model_builder(name: str, attn_kernel: Optional[str]) -> Builder:
+    from rmt import zoo
+
+    entry = zoo.get_entry(name)
+    default_size = tuple(entry.preprocessing.get("input_size", (3, 224, 224))[1:])
+
+    def build(size: tuple[int, int]) -> nn.Module:
+        if entry.family == "rmt":  # any size works; the kernel choice applies to RMT only
+            return zoo.create_model(name, **({"attn_kernel": attn_kernel} if attn_kernel else {}))
+        # timm models with a fixed input grid (Swin, ViT) are built for the benchmarked size
+        return zoo.create_model(name, **({"img_size": size} if size != default_size else {}))
+
+    return build
+
+
+def run_benchmark(
+    settings: BenchSettings,
+    progress: Optional[Progress] = None,
+    builders: Optional[dict[str, Builder]] = None,
+) -> dict[str, Any]:
+    """Benchmark every model at every (image size, batch) setting; returns the schema-1 report.
+
+    ``builders`` maps model names to constructors taking the image size (default: the zoo).
+    """
+    settings.validate()
+    device = resolve_device(settings.device)
+    if settings.dtype is None:
+        settings = replace(settings, dtype="bf16" if device.type == "cuda" else "fp32")
+    if builders is None:
+        builders = {name: _model_builder(name, settings.attn_kernel) for name in settings.models}
+    on_cuda = device.type == "cuda"
+    warmup = settings.warmup if settings.warmup is not None else (10 if on_cuda else 1)
+    budgeted = settings.iters is None and not on_cuda
+    notes = []
+    if not on_cuda:
+        notes.append("CPU figures are not GPU figures: run on a CUDA machine for GPU throughput")
+    baseline = settings.baseline or settings.models[0]
+    grid = [(size, batch) for size in settings.img_sizes for batch in settings.batches]
+    total_steps = len(grid) * len(settings.models) * 3
+    done = 0
+    started = time.perf_counter()
+    flops_cache: dict[tuple[str, tuple[int, int]], int] = {}  # GMACs do not depend on the batch
+    rows: list[dict[str, Any]] = []
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(what, done, total_steps)
+
+    with torch.inference_mode():
+        for setting_index, (size, batch) in enumerate(grid):
+            torch.manual_seed(0)
+            candidates = [_Candidate(name) for name in settings.models]
+            for c in candidates:
+                c.row = _prepare(c, builders[c.name], settings, device, size, batch, flops_cache)
+                if c.model is not None:
+                    c.row.update(_warm_up(c, settings, device, size, batch, warmup))
+                step(f"{c.name} {size[0]}x{size[1]} b{batch}: warmup")
+            live = [c for c in candidates if c.row["status"] == "ok"]
+            iters = settings.iters or 50
+            if budgeted:
+                round_ms = sum(c.row.pop("_warm_ms", 0.0) for c in live) or 1.0
+                remaining_s = settings.time_budget_s - (time.perf_counter() - started)
+                settings_left = len(grid) - setting_index
+                iters = max(1, min(5, int(remaining_s / settings_left * 1000 / round_ms)))
+            for c in candidates:
+                c.row.pop("_warm_ms", None)
+            x_by_model = {c.name: c.row.pop("_input") for c in live}
+            for i in range(iters):
+                for c in live:
+                    if c.row["status"] != "ok":
+                        continue
+                    try:
+                        with _precision(device, settings.dtype):
+                            c.times_ms.append(_timed_forward(c.model, x_by_model[c.name], device))
+                    except Exception as e:  # keep going with the other models
+                        _fail(c.row, e)
+                if progress:
+                    progress(f"{size[0]}x{size[1]} b{batch}: round {i + 1}/{iters}", done, total_steps)
+            for c in candidates:
+                step(f"{c.name}: timed")
+            for c in candidates:
+                if c.row["status"] == "ok" and c.times_ms:
+                    _finish_row(c, settings, device, iters, warmup, x_by_model[c.name])
+                c.model = None
+                step(f"{c.name}: memory")
+                rows.append(c.row)
+            x_by_model.clear()
+            if on_cuda:
+                torch.cuda.empty_cache()
+    if budgeted:
+        notes.append(
+            f"CPU run: {warmup} warmup and {sorted({r['iters'] for r in rows if r.get('iters')}) or [0]} timed "
+            f"iteration(s) per model, chosen to fit a {settings.time_budget_s:.0f} s budget (--iters overrides)"
+        )
+    _add_ratios(rows, baseline)
+    return {
+        "schema": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            **{k: v for k, v in asdict(settings).items() if k not in ("models", "img_sizes", "batches")},
+            "models": list(settings.models),
+            "batches": list(settings.batches),
+            "img_sizes": [list(s) for s in settings.img_sizes],
+            "warmup": warmup,
+            "baseline": baseline,
+        },
+        "env": {**environment(device), "dtype": settings.dtype},
+        "notes": notes,
+        "results": rows,
+    }
+
+
+def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tuple[int, int], batch: int) -> dict[str, Any]:
+    return {
+        "model": name,
+        "batch": batch,
+        "requested_batch": batch,
+        "img_size": list(size),
+        "device": str(device),
+        "dtype": settings.dtype,
+        "channels_last": settings.channels_last,
+        "compile": settings.compile_mode,
+        "attn_kernel": None,
+        "attention_ops": [],
+        "params": None,
+        "gmacs": None,
+        "throughput": None,
+        "latency_ms": None,
+        "iters": 0,
+        "warmup": 0,
+        "peak_memory_mb": None,
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth",
+        "tflops": None,
+        "mfu": None,
+        "status": "ok",
+        "error": None,
+    }
+
+
+def _fail(row: dict[str, Any], error: BaseException) -> None:
+    row["status"] = "oom" if _is_oom(error) else "error"
+    row["error"] = _short_error(error)
+
+
+def _prepare(
+    c: _Candidate,
+    build: Builder,
+    settings: BenchSettings,
+    device: torch.device,
+    size: tuple[int, int],
+    batch: int,
+    flops_cache: dict[tuple[str, tuple[int, int]], int],
+) -> dict[str, Any]:
+    row = _base_row(c.name, settings, device, size, batch)
+    try:
+        with torch.inference_mode(False):
+            model = build(size).eval()
+        row["params"] = sum(p.numel() for p in model.parameters())
+        key = (c.name, size)
+        if key not in flops_cache:
+            flops_cache[key] = count_flops(model, size, c.name).macs
+        row["gmacs"] = round(flops_cache[key] / 1e9, 4)
+        row["attn_kernel"] = getattr(model, "attn_kernel", None)
+        model = model.to(device)
+        if settings.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        with _precision(device, settings.dtype):
+            row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
+        if settings.compile_mode:
+            model = torch.compile(model, mode=None if settings.compile_mode == "default" else settings.compile_mode)
+        c.model = model
+    except Exception as e:
+        _fail(row, e)
+    return row
+
+
+def _warm_up(
+    c: _Candidate, settings: BenchSettings, device: torch.device, size: tuple[int, int], batch: int, warmup: int
+) -> dict[str, Any]:
+    """Warmup passes (compilation included), retrying with half the batch on OOM if asked."""
+    while True:
+        try:
+            x = torch.randn(batch, 3, *size, device=device)
+            if settings.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            update: dict[str, Any] = {"batch": batch, "warmup": warmup, "_input": x}
+            for i in range(max(warmup, 1) if device.type == "cpu" else warmup):
+                with _precision(device, settings.dtype):
+                    if i == 0 and device.type == "cpu":
+                        with _PeakRSS() as rss:
+                            begin = time.perf_counter()
+                            c.model(x)
+                            update["_warm_ms"] = (time.perf_counter() - begin) * 1000
+                        update["peak_memory_mb"] = rss.growth_mb
+                    else:
+                        begin = time.perf_counter()
+                        c.model(x)
+                        _sync(device)
+                        update["_warm_ms"] = (time.perf_counter() - begin) * 1000
+            _sync(device)
+            return update
+        except Exception as e:
+            if settings.retry_oom and _is_oom(e) and batch > 1:
+                batch //= 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            row: dict[str, Any] = {}
+            _fail(row, e)
+            c.model = None
+            return {**row, "batch": batch}
+
+
+def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device, iters: int, warmup: int, x: torch.Tensor) -> None:
+    row = c.row
+    stats = latency_stats(c.times_ms)
+    row["latency_ms"] = stats
+    row["iters"] = len(c.times_ms)
+    row["throughput"] = round(row["batch"] / (stats["median"] / 1000), 2)
+    if row["gmacs"] is not None:
+        row["tflops"] = round(2 * row["gmacs"] * 1e9 * row["throughput"] / 1e12, 3)
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            with _precision(device, settings.dtype):
+                c.model(x)
+            torch.cuda.synchronize(device)
+            row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        except Exception as e:
+            _fail(row, e)
+        peak = peak_tflops(torch.cuda.get_device_name(device), settings.dtype)
+        if peak and row["tflops"] is not None:
+            row["mfu"] = round(row["tflops"] / peak, 4)
+
+
+def _add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
+    """Throughput of each row relative to the baseline model at the same image size and batch."""
+    base = {
+        (tuple(r["img_size"]), r["requested_batch"]): r["throughput"]
+        for r in rows if r["model"] == baseline and r["throughput"]
+    }
+    for r in rows:
+        ref = base.get((tuple(r["img_size"]), r["requested_batch"]))
+        r["ratio_to_baseline"] = round(r["throughput"] / ref, 3) if ref and r["throughput"] else None

@@ -1,0 +1,207 @@
+"""``rmt eval`` as a function: a zoo model on an ImageNet validation folder, one or many ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import timm
+import torch
+
+import rmt
+from rmt.data.imagenet import EvalImageDataset, scan_imagenet_val
+from rmt.data.labels import PathLike, read_real_labels, real_label_sets
+from rmt.data.transforms import build_eval_transform
+from rmt.errors import ConfigError
+from rmt.io import atomic_write
+from rmt.eval.distributed import context_from_env, process_group, resolve_device
+from rmt.eval.loop import AMP_DTYPES, EvalCounts, Progress, evaluate
+
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+@dataclass
+class EvalReport:
+    """The result of one evaluation, as printed and as written to JSON (percentages are 0-100)."""
+
+    model: str
+    counts: EvalCounts
+    layout: str
+    layout_description: str
+    data: str
+    labels_file: Optional[str]
+    weights: str  # "cache", "checkpoint" or "random"
+    checkpoint: Optional[str]
+    published_top1: Optional[float]
+    batch_size: int
+    amp: str
+    channels_last: bool
+    device: str
+    world_size: int
+    is_main: bool  # rank 0: the process that prints and writes
+    real_labels: bool = False  # whether ReaL top-1 was asked for
+
+    @property
+    def top1_delta(self) -> Optional[float]:
+        """top-1 minus the zoo's published top-1, in percentage points."""
+        return None if self.published_top1 is None else self.counts.top1 - self.published_top1
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "model": self.model,
+            "top1": c.top1,
+            "top5": c.top5,
+            "real_top1": c.real_top1 if self.real_labels else None,
+            "real_images": c.real_images if self.real_labels else None,
+            "images": c.images,
+            "skipped": len(c.skipped),
+            "skipped_files": c.skipped,
+            "seconds": c.seconds,
+            "images_per_second": c.images / c.seconds if c.seconds else None,
+            "layout": self.layout,
+            "layout_description": self.layout_description,
+            "data": self.data,
+            "labels_file": self.labels_file,
+            "weights": self.weights,
+            "checkpoint": self.checkpoint,
+            "published_top1": self.published_top1,
+            "top1_delta": self.top1_delta,
+            "batch_size": self.batch_size,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "env": {
+                "device": self.device,
+                "world_size": self.world_size,
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "rmt": rmt.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+
+def run_imagenet_eval(
+    model: str,
+    data: PathLike,
+    *,
+    labels: Optional[PathLike] = None,
+    checkpoint: Optional[PathLike] = None,
+    random_weights: bool = False,
+    batch_size: int = 128,
+    workers: Optional[int] = None,
+    device: str = "auto",
+    amp: str = "none",
+    channels_last: bool = False,
+    limit: Optional[int] = None,
+    real_labels: Union[bool, PathLike] = False,
+    skip_bad: bool = False,
+    progress: Optional[Callable[[Progress], None]] = None,
+    on_message: Optional[Callable[[str], None]] = None,
+) -> EvalReport:
+    """Evaluate a zoo (or timm) model on an ImageNet validation folder.
+
+    Weights come from the zoo cache, from ``checkpoint``, or, only with ``random_weights=True``, from
+    nowhere. The preprocessing is the zoo entry's. Under torchrun each rank scores its own shard and
+    every rank returns the same totals; ``progress`` and ``on_message`` are called on rank 0 only.
+    ``real_labels``: True for timm's ImageNet-ReaL labels, or the path of a ReaL JSON file.
+    """
+    from rmt.zoo import create_model, get_entry
+
+    entry = get_entry(model)
+    if random_weights and checkpoint is not None:
+        raise ConfigError("give either a checkpoint or --random-weights, not both")
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    context = context_from_env()
+    notify = on_message if (on_message is not None and context.is_main) else (lambda message: None)
+    target_device = resolve_device(device, context)
+
+    val = scan_imagenet_val(data, labels).head(limit)
+    real_sets = None
+    if real_labels is not False:
+        real_sets = real_label_sets(val.stems, read_real_labels(None if real_labels is True else real_labels))
+    preprocessing = entry.preprocessing
+    dataset = EvalImageDataset(val.paths, val.targets, build_eval_transform(preprocessing), tuple(preprocessing["input_size"]))
+
+    if checkpoint is not None:
+        network, weights = create_model(model, checkpoint=checkpoint), "checkpoint"
+    elif random_weights:
+        # the same seed on every rank: one model, and the same numbers on every run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            network, weights = create_model(model), "random"
+        notify("random weights: this accuracy says nothing about the published model")
+    else:
+        network, weights = create_model(model, pretrained=True), "cache"
+    notify(f"{len(val):,} images, layout: {val.description}")
+
+    if workers is None:
+        workers = default_workers(context.local_world_size)
+    with process_group(context, target_device):
+        counts = evaluate(
+            network,
+            dataset,
+            batch_size=batch_size,
+            workers=workers,
+            device=target_device,
+            amp=amp,
+            channels_last=channels_last,
+            real_labels=real_sets,
+            skip_bad=skip_bad,
+            context=context,
+            progress=progress if context.is_main else None,
+            on_message=notify,
+        )
+    return EvalReport(
+        model=model,
+        counts=counts,
+        layout=val.layout,
+        layout_description=val.description,
+        data=str(Path(data).resolve()),
+        labels_file=str(val.labels_file.resolve()) if val.labels_file else None,
+        weights=weights,
+        checkpoint=str(Path(checkpoint).resolve()) if checkpoint is not None else None,
+        published_top1=entry.published_top1,
+        batch_size=batch_size,
+        amp=amp,
+        channels_last=channels_last,
+        device=_device_name(target_device),
+        world_size=context.world_size,
+        is_main=context.is_main,
+        real_labels=real_sets is not None,
+    )
+
+
+def default_workers(processes_per_node: int = 1) -> int:
+    """DataLoader workers per process: this node's CPUs shared by its processes, one left for the
+    process itself, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(processes_per_node, 1) - 1))
+
+
+def top1_gate(top1: float, expected: float, tolerance: float) -> Optional[str]:
+    """None when ``top1`` is within ``tolerance`` points of ``expected``, else the one-line reason it is not."""
+    if tolerance < 0:
+        raise ConfigError(f"tolerance must be at least 0, got {tolerance}")
+    miss = top1 - expected
+    if abs(miss) <= tolerance + 1e-9:  # 82.4 - 82.3 is 0.10000000000000853 in floating point
+        return None
+    return f"top-1 {top1:.3f} misses the expected {expected:.3f} by {miss:+.3f} points (tolerance {tolerance:g})"
+
+
+def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()})"

@@ -1,0 +1,241 @@
+"""The per-user weights cache: verified files, a manifest of their hashes, a lock per file.
+
+Layout (under ``RMT_HOME``, default ``$XDG_CACHE_HOME/rmt``, i.e. ``~/.cache/rmt``)::
+
+    manifest.json                  sha256, size, source and time of every stored file
+    weights/<model>/<filename>     verified files only (the mirror layout too)
+    partial/<model>/<filename>.incomplete[.json]   an interrupted transfer, kept to resume
+    .locks/<model>/<filename>.lock                 one lock per file; .locks/manifest.lock
+
+A file reaches ``weights/`` only by a rename after it was verified, so ``weights/`` never holds
+a half-written or unverified file. The manifest's hash is checked on every use: a file that no
+longer matches is reported, never used. A record stays in the manifest when its file is deleted,
+so a later download of the same model must match the hash trusted on first use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from filelock import FileLock
+
+from rmt.errors import ZooError
+from rmt.zoo.registry import ZooEntry
+
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 8 << 20
+
+
+def cache_dir() -> Path:
+    """The cache root: ``RMT_HOME`` when set, else ``$XDG_CACHE_HOME/rmt`` (``~/.cache/rmt``)."""
+    home = os.environ.get("RMT_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "rmt"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_write_error(root: Path, error: OSError, what: str = "") -> ZooError:
+    """A one-line ZooError for an OSError raised while writing into the cache."""
+    reason = error.strerror or str(error)
+    doing = f" while writing {what}" if what else ""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return ZooError(
+            f"no space left in the weights cache {root}{doing} ({reason}): free some space or set RMT_HOME "
+            "to a directory on a larger disk"
+        )
+    return ZooError(
+        f"cannot write to the weights cache {root}{doing} ({reason}): set RMT_HOME to a writable directory"
+    )
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """The manifest's record of one stored file."""
+
+    model: str
+    path: Path
+    sha256: str
+    size: int
+    source: str  # the URL it was downloaded from, or file://... for an import
+    added: str  # ISO 8601, UTC
+    state_dict: str  # the state dict that was checked: model_ema, model, "" (bare state dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+class WeightsCache:
+    """The weights cache rooted at ``root`` (default: :func:`cache_dir`)."""
+
+    def __init__(self, root: Optional[Path] = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir()
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def file_path(self, entry: ZooEntry) -> Path:
+        return self.weights_dir / self._key(entry)
+
+    def partial_path(self, entry: ZooEntry) -> Path:
+        return self.root / "partial" / (self._key(entry) + ".incomplete")
+
+    def lock(self, entry: ZooEntry) -> FileLock:
+        """The lock serialising every write of this entry's file (across processes)."""
+        return FileLock(str(self._lock_path(self._key(entry))))
+
+    @staticmethod
+    def _key(entry: ZooEntry) -> str:
+        if not entry.weights.get("filename"):
+            raise ZooError(f"{entry.name} has no pretrained weights to cache")
+        return f"{entry.name}/{entry.weights['filename']}"
+
+    def _lock_path(self, key: str) -> Path:
+        path = self.root / ".locks" / f"{key}.lock"
+        self.make_dirs(path.parent)
+        return path
+
+    def make_dirs(self, directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise cache_write_error(self.root, e) from None
+
+    # ------------------------------------------------------------------------- manifest
+
+    def _read_manifest(self) -> dict:
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {"version": MANIFEST_VERSION, "files": {}}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ZooError(f"cannot read the cache manifest {self.manifest_path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            manifest = json.loads(text)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise ValueError("no 'files' mapping")
+            for record in manifest["files"].values():
+                if not isinstance(record, dict) or not {"model", "sha256", "size", "source", "added"} <= set(record):
+                    raise ValueError("a record lacks model, sha256, size, source or added")
+        except ValueError as e:
+            raise ZooError(
+                f"the cache manifest {self.manifest_path} is corrupt ({e}); delete it and fetch the weights again "
+                "(its hashes are what cached files are checked against)"
+            ) from None
+        return manifest
+
+    def _record_from(self, key: str, record: dict) -> CachedFile:
+        return CachedFile(
+            model=record["model"], path=self.weights_dir / key, sha256=record["sha256"], size=int(record["size"]),
+            source=record["source"], added=record["added"], state_dict=record.get("state_dict", ""),
+        )
+
+    def record(self, entry: ZooEntry) -> Optional[CachedFile]:
+        """The manifest's record of this entry's file (kept after the file itself is deleted)."""
+        key = self._key(entry)
+        record = self._read_manifest()["files"].get(key)
+        return self._record_from(key, record) if record else None
+
+    def records(self) -> Iterator[CachedFile]:
+        for key, record in self._read_manifest()["files"].items():
+            yield self._record_from(key, record)
+
+    def _update_manifest(self, key: str, record: dict) -> None:
+        # read-modify-write under its own lock: several models may be stored at once
+        with FileLock(str(self._lock_path("manifest"))):
+            manifest = self._read_manifest()
+            manifest["version"] = MANIFEST_VERSION
+            manifest["files"][key] = record
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(manifest, f, indent=2, sort_keys=True)
+                    f.write("\n")
+                os.replace(tmp, self.manifest_path)
+            except OSError as e:
+                raise cache_write_error(self.root, e, "the manifest") from None
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+
+    # ------------------------------------------------------------------------- files
+
+    def store(self, entry: ZooEntry, verified: Path, *, sha256: str, source: str, state_dict: str) -> CachedFile:
+        """Move a verified file into the cache and record it. The caller holds :meth:`lock`."""
+        final = self.file_path(entry)
+        self.make_dirs(final.parent)
+        size = verified.stat().st_size
+        try:
+            os.replace(verified, final)
+        except OSError as e:
+            raise cache_write_error(self.root, e, entry.weights["filename"]) from None
+        record = {
+            "model": entry.name,
+            "sha256": sha256,
+            "size": size,
+            "source": source,
+            "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "state_dict": state_dict,
+        }
+        try:
+            self._update_manifest(self._key(entry), record)
+        except ZooError:
+            final.unlink(missing_ok=True)  # an unrecorded file would never be trusted: do not keep it
+            raise
+        return self._record_from(self._key(entry), record)
+
+    def verified_path(self, entry: ZooEntry) -> Optional[Path]:
+        """The cached file of ``entry`` after checking its sha256 against the manifest, or None.
+
+        A file whose size or hash differs from its record raises ZooError: it is reported, not used.
+        """
+        record = self.record(entry)
+        path = self.file_path(entry)
+        if record is None or not path.is_file():
+            return None
+        size = path.stat().st_size
+        actual = sha256_file(path) if size == record.size else None
+        if actual != record.sha256:
+            found = f"sha256 {actual[:16]}..." if actual else f"{size:,} bytes"
+            raise ZooError(
+                f"the cached {path} no longer matches its manifest record (sha256 {record.sha256[:16]}..., "
+                f"{record.size:,} bytes; found {found}): it changed after it was stored and was not used; "
+                f"fetch it again with `rmt download {entry.name} --force`"
+            )
+        return path
+
+    def status(self, entry: ZooEntry) -> str:
+        """``cached``, ``missing`` or ``changed``: a cheap check (file present, size as recorded).
+
+        :meth:`verified_path` checks the hash; this only tells people what to expect.
+        """
+        if not entry.weights.get("filename"):
+            return "missing"
+        record = self.record(entry)
+        path = self.file_path(entry)
+        if record is None or not path.is_file():
+            return "missing"
+        return "cached" if path.stat().st_size == record.size else "changed"

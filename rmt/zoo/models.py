@@ -1,0 +1,67 @@
+"""``rmt.zoo.create_model``: any zoo or timm model, with weights from the cache or timm's hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from rmt.errors import CheckpointError, DownloadError, WeightsNotCachedError, ZooError
+from rmt.zoo.fetch import how_to_get, weights_path
+from rmt.zoo.registry import ZooEntry, get_entry
+from rmt.zoo.transfer import offline
+from rmt.zoo.verify import check_weights_file, load_state_dict
+
+
+def create_model(
+    name: str, *, pretrained: bool = False, checkpoint: Optional[os.PathLike] = None, **kwargs: Any
+) -> nn.Module:
+    """Build a zoo model (``rmt_s``, ``swin_t``, ...) or any timm model by its name.
+
+    RMT variants go through :func:`rmt.create_model` (``pretrained=True`` takes the cached
+    official file; a missing file raises an error saying how to get it). Other models go through
+    ``timm.create_model`` with the zoo's pinned pretrained tag; ``pretrained=True`` takes the file
+    in rmt's cache when it is there (verified), else timm's own Hugging Face hub download,
+    unless ``RMT_OFFLINE`` is set. ``checkpoint=PATH`` loads a file after checking it fits.
+    """
+    entry = get_entry(name)
+    if entry.is_rmt:
+        import rmt
+
+        return rmt.create_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    import timm
+
+    if pretrained and checkpoint is not None:
+        raise CheckpointError("give either pretrained=True or checkpoint=PATH, not both")
+    if pretrained:
+        if not entry.weights:
+            raise ZooError(f"timm has no pretrained weights for {name}")
+        path = weights_path(name)  # its hash matches the file that was checked when it was stored
+        if path is None:
+            return _from_timm_hub(entry, kwargs)
+    elif checkpoint is not None:
+        path = Path(checkpoint)
+        check_weights_file(entry, path)
+    else:
+        return timm.create_model(entry.timm_name, pretrained=False, **kwargs)
+    # timm's loader applies the model's checkpoint filter and adapts the classifier / in_chans
+    state_dict = load_state_dict(entry, path)
+    return timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs)
+
+
+def _from_timm_hub(entry: ZooEntry, kwargs: dict) -> nn.Module:
+    import timm
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if offline():
+        how = how_to_get(entry)
+        raise WeightsNotCachedError(f"RMT_OFFLINE is set and {entry.name}'s weights are not in rmt's cache: {how['message']}", how)
+    try:
+        return timm.create_model(entry.timm_name, pretrained=True, **kwargs)
+    except (OSError, HfHubHTTPError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DownloadError(
+            f"timm could not fetch the weights of {entry.name} ({first}); {how_to_get(entry)['message']}"
+        ) from None

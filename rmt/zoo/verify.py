@@ -1,0 +1,151 @@
+"""Is this file really a checkpoint of that model? Keys, shapes and parameter count, read safely.
+
+RMT files are checked against the official state dict of the variant (or our own layout), built
+on the meta device, so no network is built and no weight is copied. Files of timm models are
+checked against the timm model's state dict (also on the meta device); a file in another layout
+(e.g. an original Swin release) is accepted when timm's own checkpoint filter converts it into
+one that loads strictly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from rmt.errors import CheckpointError
+from rmt.models.checkpoint import (
+    _RELPOS,
+    _is_official_layout,
+    _param_count,
+    check_fits,
+    official_shapes,
+    read_checkpoint,
+    select_state_dict,
+)
+from rmt.zoo.registry import ZooEntry
+
+
+@dataclass(frozen=True)
+class CheckedFile:
+    """What the check found: the parameter count and which state dict in the file was used."""
+
+    params: int
+    state_dict: str  # model_ema, model, state_dict_ema, state_dict, or "" for a bare state dict
+    layout: str  # official, rmt, timm, or timm-converted
+
+
+def ema_choice(entry: ZooEntry) -> Optional[bool]:
+    """``ema`` for :func:`select_state_dict`: EMA when present for ``model_ema`` entries, never for ``model``."""
+    return False if entry.weights.get("state_dict") == "model" else None
+
+
+def check_weights_file(entry: ZooEntry, path: Path) -> CheckedFile:
+    """Raise a one-line CheckpointError unless ``path`` holds ``entry``'s architecture exactly."""
+    if entry.is_rmt:
+        return _check_rmt(entry, path)
+    return _check_timm(entry, path)
+
+
+def _check_rmt(entry: ZooEntry, path: Path) -> CheckedFile:
+    state, where = select_state_dict(read_checkpoint(path), ema_choice(entry))
+    if _is_official_layout(state):
+        expected = official_shapes(entry.name)
+        relpos = tuple(k for k in expected if _RELPOS.match(k))  # derived buffers: optional
+        check_fits(state, expected, entry.name, optional=relpos)
+        return CheckedFile(_param_count(expected), where, "official")
+    expected = _rmt_shapes(entry.name)
+    check_fits(state, expected, entry.name)
+    return CheckedFile(_param_count(expected), where, "rmt")
+
+
+@functools.lru_cache(maxsize=None)
+def _rmt_shapes(name: str) -> dict[str, tuple]:
+    from rmt.models.config import VARIANTS
+    from rmt.models.rmt import RMT
+
+    with torch.device("meta"):
+        model = RMT(VARIANTS[name])
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _timm_model_on_meta(timm_name: str) -> tuple[dict[str, tuple], int]:
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes, sum(p.numel() for p in model.parameters())
+
+
+def _check_timm(entry: ZooEntry, path: Path) -> CheckedFile:
+    expected, params = _timm_model_on_meta(entry.timm_name)
+    if is_safetensors(path):
+        shapes, where = safetensors_shapes(path), ""
+        state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    else:
+        state, where = select_state_dict(read_checkpoint(path), None)
+    try:
+        check_fits(state, expected, entry.timm_name)
+        return CheckedFile(params, where, "timm")
+    except CheckpointError as direct:
+        # another layout of the same weights: let timm's own filter (what timm applies to its
+        # pretrained files) convert it; it fits if the result loads strictly
+        if not _loads_through_timm_filter(entry, path, state):
+            raise direct from None
+        return CheckedFile(params, where, "timm-converted")
+
+
+def _loads_through_timm_filter(entry: ZooEntry, path: Path, state: Mapping[str, Tensor]) -> bool:
+    import timm
+
+    if any(t.is_meta for t in state.values()):
+        state = load_state_dict(entry, path)
+    try:
+        timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)})
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AssertionError):
+        # any failure inside timm's conversion or strict load means: not this architecture
+        return False
+    return True
+
+
+def load_state_dict(entry: ZooEntry, path: Path) -> dict[str, Tensor]:
+    """The state dict of a weights file of a timm model, read without running code."""
+    if is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(os.fspath(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    state, _ = select_state_dict(read_checkpoint(path), ema_choice(entry))
+    return state
+
+
+def is_safetensors(path: Path) -> bool:
+    """True for a safetensors file: an 8-byte header length, then a JSON header (``{``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100 << 20
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple]:
+    """Keys and shapes of a safetensors file, from its header alone (checked against the file size)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {e}") from None

@@ -1,0 +1,295 @@
+"""``rmt bench``, ``rmt flops``, ``rmt profile`` and ``rmt compare``: parsing and printing only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rmt.errors import RMTError
+from rmt_cli.console import err, out
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(bench)
+    app.command()(flops)
+    app.command()(profile)
+    app.command()(compare)
+
+
+def optional_compile_mode(argv: list[str]) -> list[str]:
+    """``--compile`` takes an optional mode: a bare ``--compile`` (followed by an option, a model
+    name or nothing) means ``--compile default``. No model is named like a mode, so this is exact."""
+    from rmt.bench.runner import COMPILE_MODES
+
+    out = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        if token == "--compile" and (i + 1 == len(argv) or argv[i + 1] not in COMPILE_MODES):
+            out.append("default")
+    return out
+
+
+def _split(values: Optional[List[str]]) -> list[str]:
+    """Repeated options and comma-separated lists both work: --img-size 224,512 --img-size 768x1024."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def bench(
+    models: Optional[List[str]] = typer.Argument(None, help="Zoo names or timm names (default: rmt_t/s/b/l and swin_t/s/b)."),
+    batch: List[str] = typer.Option(["64"], "--batch", "-b", help="Batch size(s); repeat or comma-separate to sweep."),
+    img_size: List[str] = typer.Option(["224"], "--img-size", help="N or HxW; repeat or comma-separate to sweep."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cuda, cuda:N or cpu."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, tf32, bf16 or fp16 (bf16/fp16: autocast); default bf16 on CUDA, fp32 on CPU."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last model and input."),
+    compile: Optional[str] = typer.Option(
+        None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune.",
+    ),
+    attn_kernel: Optional[str] = typer.Option(None, "--attn-kernel", help="RMT attention kernel: sdpa, reference or flex."),
+    warmup: Optional[int] = typer.Option(None, help="Warmup passes (default 10 on CUDA, 1 on CPU)."),
+    iters: Optional[int] = typer.Option(None, help="Timed iterations (default 50 on CUDA; on CPU 1-5 to fit the time budget)."),
+    time_budget: float = typer.Option(150.0, "--time-budget", help="CPU only: seconds the default iteration count aims at."),
+    retry_oom: bool = typer.Option(False, "--retry-oom", help="On out-of-memory, retry that model with half the batch."),
+    baseline: Optional[str] = typer.Option(None, help="Ratios are to this model (default: the first one)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the schema-1 JSON report here."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per model and setting."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="PNG: published top-1 vs throughput (needs rmt\\[plot])."),
+) -> None:
+    """Throughput, latency spread, peak memory, GMACs and MFU of RMT against its peers."""
+    from rmt.bench.report import plot, to_csv, write_json, write_text_atomic
+    from rmt.bench.runner import DEFAULT_MODELS, BenchSettings, parse_img_size, run_benchmark
+
+    try:
+        batches = [int(b) for b in _split(batch)]
+    except ValueError:
+        raise RMTError(f"--batch takes integers, got {', '.join(batch)}") from None
+    names = list(models) if models else list(DEFAULT_MODELS)
+    settings = BenchSettings(
+        models=names,
+        batches=batches,
+        img_sizes=[parse_img_size(s) for s in _split(img_size)],
+        device=device,
+        dtype=dtype,
+        channels_last=channels_last,
+        compile_mode=compile,
+        warmup=warmup,
+        iters=iters,
+        attn_kernel=attn_kernel,
+        time_budget_s=time_budget,
+        retry_oom=retry_oom,
+        baseline=baseline,
+    )
+    settings.validate()
+    if attn_kernel is not None:
+        from rmt.models.attention import resolve_attention_kernel
+
+        resolve_attention_kernel(attn_kernel)
+    from rmt import zoo
+
+    for name in names:  # unknown names fail before anything runs
+        zoo.get_entry(name)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        report = run_benchmark(settings, progress=progress)
+    _print_bench(report)
+    if json_out:
+        write_json(report, json_out)
+        out.print(f"wrote {json_out}")
+    if csv_out:
+        write_text_atomic(csv_out, to_csv(report))
+        out.print(f"wrote {csv_out}")
+    if plot_out:
+        drawn = plot(report, plot_out, top1=lambda name: zoo.get_entry(name).published_top1)
+        out.print(f"wrote {plot_out} ({drawn} models)")
+
+
+def _print_bench(report: dict[str, Any]) -> None:
+    env, settings = report["env"], report["settings"]
+    title = (
+        f"{env.get('device_name')} | {settings['dtype']}"
+        f"{' | compile=' + settings['compile_mode'] if settings.get('compile_mode') else ''}"
+        f"{' | channels_last' if settings.get('channels_last') else ''} | torch {env['torch']} | "
+        f"ratios to {settings['baseline']}"
+    )
+    table = Table(title=title, title_style="bold")
+    on_cuda = env.get("device_type") == "cuda"
+    memory_label = "peak MB" if on_cuda else "RSS+ MB"
+    for column in ("model", "batch", "size", "img/s", "ratio", "median ms", "p90", "p99", "IQR", memory_label,
+                   "params M", "GMACs") + (("TFLOP/s", "MFU") if on_cuda else ()) + ("status",):
+        table.add_column(column, justify="left" if column in ("model", "status") else "right")
+    for r in report["results"]:
+        latency = r["latency_ms"] or {}
+        status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['error']}"
+        cells = [
+            r["model"], str(r["batch"]), f"{r['img_size'][0]}x{r['img_size'][1]}", _fmt(r["throughput"]),
+            _fmt(r.get("ratio_to_baseline"), 2), _fmt(latency.get("median"), 2), _fmt(latency.get("p90"), 2),
+            _fmt(latency.get("p99"), 2), _fmt(latency.get("iqr"), 2), _fmt(r["peak_memory_mb"]),
+            _fmt(r["params"] / 1e6 if r["params"] else None), _fmt(r["gmacs"], 3),
+        ]
+        if on_cuda:
+            cells += [_fmt(r["tflops"], 1), f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"]
+        table.add_row(*cells, status)
+    out.print(table)
+    sizes = sorted({tuple(r["img_size"]) for r in report["results"]}, key=lambda s: s[0] * s[1])
+    if len(sizes) > 1:
+        _print_sweep(report, sizes, memory_label)
+    for note in report["notes"]:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+def _print_sweep(report: dict[str, Any], sizes: list[tuple[int, int]], memory_label: str) -> None:
+    """How latency and memory grow with resolution, relative to the smallest size."""
+    table = Table(title="resolution sweep: median latency ms / memory MB (growth vs smallest)", title_style="bold")
+    table.add_column("model")
+    table.add_column("batch", justify="right")
+    for h, w in sizes:
+        table.add_column(f"{h}x{w}", justify="right")
+    keys = sorted({(r["model"], r["requested_batch"]) for r in report["results"]},
+                  key=lambda k: (report["settings"]["models"].index(k[0]) if k[0] in report["settings"]["models"] else 0, k[1]))
+    for model, batch in keys:
+        by_size = {tuple(r["img_size"]): r for r in report["results"] if r["model"] == model and r["requested_batch"] == batch}
+        first = by_size.get(sizes[0])
+        cells = []
+        for size in sizes:
+            r = by_size.get(size)
+            if r is None or r["status"] != "ok":
+                cells.append(r["status"] if r else "-")
+                continue
+            ms, mb = r["latency_ms"]["median"], r["peak_memory_mb"]
+            growth = ""
+            if first and first["status"] == "ok" and size != sizes[0]:
+                growth = f" (x{ms / first['latency_ms']['median']:.1f}"
+                if mb and first["peak_memory_mb"]:
+                    growth += f", x{mb / first['peak_memory_mb']:.1f}"
+                growth += ")"
+            cells.append(f"{ms:,.1f} / {_fmt(mb)}{growth}")
+        table.add_row(model, str(batch), *cells)
+    out.print(table)
+
+
+def flops(
+    model: str = typer.Argument(..., help="Zoo name or timm name."),
+    img_size: str = typer.Option("224", "--img-size", help="N or HxW."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {model, img_size, gmacs, params, ...} here."),
+) -> None:
+    """Multiply-adds of one image (the papers' 'FLOPs'), by operator and by module."""
+    from rmt import zoo
+    from rmt.bench.flops import count_flops
+    from rmt.bench.report import write_json
+    from rmt.bench.runner import parse_img_size
+
+    size = parse_img_size(img_size)
+    entry = zoo.get_entry(model)
+    report = count_flops(zoo.create_model(model), size, name=model)
+    out.print(
+        f"[bold]{model}[/] at {size[0]}x{size[1]}: [bold]{report.gmacs:.3f} GMACs[/], {report.params:,} parameters"
+    )
+    published = entry.measured.get("gmacs") if entry.measured else None
+    if published and size == (224, 224):
+        out.print(f"official code measured with fvcore: {published:.3f} GMACs ({(report.gmacs - published) / published:+.2%})")
+    ops = Table(title="by operator", title_style="bold")
+    ops.add_column("operator")
+    ops.add_column("GMACs", justify="right")
+    ops.add_column("share", justify="right")
+    for op, macs in report.by_operator.items():
+        ops.add_row(op, f"{macs / 1e9:.4f}", f"{macs / max(report.macs, 1):.1%}")
+    out.print(ops)
+    modules = Table(title="by module", title_style="bold")
+    modules.add_column("module")
+    modules.add_column("GMACs", justify="right")
+    for name, macs in report.by_module:
+        modules.add_row(("  " * name.count(".")) + name, f"{macs / 1e9:.4f}")
+    out.print(modules)
+    if json_out:
+        write_json(report.to_dict(), json_out)
+        out.print(f"wrote {json_out}")
+
+
+def profile(
+    model: str = typer.Argument(..., help="Zoo name or timm name."),
+    batch: int = typer.Option(8, "--batch", "-b"),
+    img_size: str = typer.Option("224", "--img-size", help="N or HxW."),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
+    dtype: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16."),
+    out_dir: Path = typer.Option(Path("runs/profile"), "--out", help="Trace directory (TensorBoard logdir)."),
+    memory: bool = typer.Option(False, "--memory", help="Also record memory per operator."),
+    active: int = typer.Option(3, help="Profiled steps (after 1 wait and 1 warmup step)."),
+    top: int = typer.Option(15, help="Operators to list."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary here."),
+) -> None:
+    """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
+    from rmt import zoo
+    from rmt.bench.profile import profile_model
+    from rmt.bench.report import write_json
+    from rmt.bench.runner import parse_img_size
+
+    zoo.get_entry(model)
+    summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
+                            dtype=dtype, memory=memory, active=active, top=top)
+    table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype})", title_style="bold")
+    for column in ("operator", "ms/step", "share", "calls/step") + (("self MB",) if memory else ()):
+        table.add_column(column, justify="left" if column == "operator" else "right")
+    for op in summary["top_ops"]:
+        cells = [op["op"], f"{op['self_ms']:.3f}", f"{op['share']:.1%}", str(op["calls_per_step"])]
+        if memory:
+            cells.append(f"{op['self_memory_mb']:.1f}")
+        table.add_row(*cells)
+    out.print(table)
+    for trace in summary["trace_files"]:
+        out.print(f"trace: {trace}")
+    out.print(f"TensorBoard: {summary['open']['tensorboard']}")
+    out.print(f"Perfetto: {summary['open']['perfetto']}")
+    if json_out:
+        write_json(summary, json_out)
+
+
+def compare(
+    base: Path = typer.Argument(..., help="Baseline report (rmt bench --json)."),
+    new: Path = typer.Argument(..., help="New report."),
+    threshold: float = typer.Option(5.0, help="Allowed change in percent."),
+    metric: str = typer.Option("throughput,latency,memory", help="Metrics to gate on, comma-separated."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison here."),
+) -> None:
+    """Exit 1 when a model got slower, hungrier, failed or went missing beyond the threshold."""
+    from rmt.bench.compare import compare_reports, parse_metrics
+    from rmt.bench.report import read_report, write_json
+
+    result = compare_reports(read_report(base), read_report(new), threshold, parse_metrics(metric))
+    for warning in result.env_warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    table = Table(title=f"{new} vs {base} (threshold {threshold:g}%)", title_style="bold")
+    table.add_column("model")
+    table.add_column("setting")
+    for m in result.metrics:
+        table.add_column(f"{m} %", justify="right")
+    table.add_column("verdict")
+    colours = {"ok": "green", "fixed": "green", "new": "cyan"}
+    for d in result.deltas:
+        changes = [f"{d.changes[m]:+.1f}" if d.changes.get(m) is not None else "-" for m in result.metrics]
+        verdict = f"[{colours.get(d.status, 'red')}]{d.status}[/]" + (f": {'; '.join(d.reasons)}" if d.reasons else "")
+        table.add_row(d.model, d.setting, *changes, verdict)
+    out.print(table)
+    if json_out:
+        write_json(result.to_dict(), json_out)
+    if result.regressed:
+        err.print("[bold red]regression[/]: see the rows marked regressed, missing or failed")
+        raise typer.Exit(1)
+    out.print("[green]no regression[/]")

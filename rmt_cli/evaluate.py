@@ -1,0 +1,132 @@
+"""``rmt eval``: ImageNet validation accuracy of a zoo or timm model, on one process or under torchrun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from rmt.errors import ConfigError
+from rmt.eval import EvalReport, run_imagenet_eval, top1_gate, write_json_atomic
+from rmt.eval import Progress as EvalProgress
+
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_TOLERANCE = 0.1
+MAX_SKIPPED_SHOWN = 10
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)
+
+
+def evaluate(
+    model: str = typer.Argument(..., help="A zoo name (rmt_b, swin_t) or any timm model name."),
+    data: Path = typer.Option(..., "--data", help="The validation images: wnid folders, a flat folder with labels, or ImageNet-V2."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels of a flat folder: val.txt, LOC_val_solution.csv, the devkit ground truth or devkit folder."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file (any official RMT layout; a state dict for timm models)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass per process (halved on CUDA out-of-memory)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader workers per process [default: this node's CPUs shared, at most 8]."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    amp: str = typer.Option("none", "--amp", help="Autocast: none, bf16 or fp16."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Run the model in channels-last memory format."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images in file-name order."),
+    real_labels: bool = typer.Option(False, "--real-labels", help="Also report ImageNet-ReaL top-1 (timm's labels)."),
+    real_labels_file: Optional[Path] = typer.Option(None, "--real-labels-file", help="ReaL top-1 from this real.json instead of timm's copy."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and reported) instead of failing."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    expect_top1: Optional[float] = typer.Option(None, "--expect-top1", help="CI gate: exit 1 unless top-1 is within the tolerance of this value."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0, help=f"Gate tolerance in percentage points [default: {DEFAULT_TOLERANCE}]."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Evaluate untrained weights (refused otherwise when no weights are found)."),
+) -> None:
+    """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""
+    if tolerance is not None and expect_top1 is None:
+        raise ConfigError("--tolerance needs --expect-top1")
+    if json_out is not None and not json_out.parent.is_dir():
+        raise ConfigError(f"cannot write {json_out}: folder {json_out.parent} does not exist")
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7.1f} img/s  top-1 {task.fields[top1]:6.2f}%"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = None
+
+    def on_progress(state: EvalProgress) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(model, total=state.total, rate=0.0, top1=0.0)
+        rate = state.images / state.seconds if state.seconds else 0.0
+        top1 = 100.0 * state.top1_correct / state.images if state.images else 0.0
+        bar.update(task, completed=state.images, rate=rate, top1=top1)
+
+    try:
+        report = run_imagenet_eval(
+            model,
+            data,
+            labels=labels,
+            checkpoint=checkpoint,
+            random_weights=random_weights,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            limit=limit,
+            real_labels=real_labels_file if real_labels_file is not None else real_labels,
+            skip_bad=skip_bad,
+            progress=on_progress,
+            on_message=lambda message: err.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True),
+        )
+    finally:
+        bar.stop()
+
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    gate = top1_gate(report.counts.top1, expect_top1, tolerance) if expect_top1 is not None else None
+    if report.is_main:
+        out.print(_table(report))
+        for error in report.counts.skipped[:MAX_SKIPPED_SHOWN]:
+            err.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+        if len(report.counts.skipped) > MAX_SKIPPED_SHOWN:
+            err.print(f"[yellow]... and {len(report.counts.skipped) - MAX_SKIPPED_SHOWN:,} more unreadable images skipped (all in --json)[/]", soft_wrap=True)
+        if json_out is not None:
+            write_json_atomic(json_out, report.to_dict())
+            err.print(f"wrote {json_out}", highlight=False, soft_wrap=True)
+        if expect_top1 is not None:
+            verdict = f"[bold red]gate failed:[/] {gate}" if gate else f"[green]gate passed:[/] top-1 within {tolerance:g} of {expect_top1:g}"
+            err.print(verdict, highlight=False, soft_wrap=True)
+    if gate:
+        raise typer.Exit(1)
+
+
+def _table(report: EvalReport) -> Table:
+    c = report.counts
+    table = Table(title=f"{report.model} on ImageNet val", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("top-1", f"{c.top1:.3f} %")
+    table.add_row("top-5", f"{c.top5:.3f} %")
+    if c.real_top1 is not None:
+        table.add_row("ReaL top-1", f"{c.real_top1:.3f} % ({c.real_images:,} images with ReaL labels)")
+    if report.published_top1 is not None:
+        table.add_row("published top-1", f"{report.published_top1:.2f} % (difference {report.top1_delta:+.3f})")
+    table.add_row("images", f"{c.images:,}" + (f" ({len(c.skipped):,} unreadable, skipped)" if c.skipped else ""))
+    table.add_row("seconds", f"{c.seconds:.1f}")
+    table.add_row("images/s", f"{c.images / c.seconds:.1f}" if c.seconds else "-")
+    table.add_row("layout", escape(report.layout_description))  # paths are not markup
+    weights = {"cache": "zoo cache", "checkpoint": escape(str(report.checkpoint)), "random": "[bold red]RANDOM (untrained)[/]"}[report.weights]
+    table.add_row("weights", weights)
+    table.add_row("device", f"{report.device} x {report.world_size}" if report.world_size > 1 else report.device)
+    return table

@@ -1,0 +1,139 @@
+"""Which attention kernel is fastest for RMT's short decomposed sequences on CUDA?
+
+Times one Manhattan self-attention call (both passes for decomposed stages) at the shapes of
+rmt_s at 224x224, batch 64, bf16, for: SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
+memory-efficient backend, the plain reference path eagerly and compiled, and FlexAttention
+compiled with its default and with small tiles. Then, inside the time budget, the whole rmt_s
+compiled with the best kernel next to swin_t in the same process. Results go to OUT/attention.json.
+
+    OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+import rmt.models.attention as attention
+from rmt.models.attention import ManhattanPosition, decomposed_attention, full_attention
+
+STAGES = {  # rmt_s at 224: (H, W, heads, head_dim, decomposed)
+    "stage1": (56, 56, 4, 16, True),
+    "stage3": (14, 14, 8, 32, True),
+    "stage4": (7, 7, 16, 32, False),
+}
+
+
+def time_ms(fn, warmup: int = 5, reps: int = 30) -> float:
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():  # dry runs of the script on a CPU
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1000
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def flex_with(block: int):
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def attend(q, k, v, bias):
+        options = {"BLOCK_M": block, "BLOCK_N": block} if block else None
+        return compiled(q, k, v, score_mod=attention._decay_score_mod(bias), kernel_options=options)
+
+    return attend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=float, default=150.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "runs/attn"))
+    out.mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    dev, dtype = torch.device(args.device), torch.bfloat16
+    results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "batch": args.batch,
+                     "torch": torch.__version__, "stages": {}, "models": {}}
+    for stage, (h, w, n, d, decomposed) in STAGES.items():
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(args.batch, h, w, n, d, device=dev, dtype=dtype) for _ in range(3))
+        position = ManhattanPosition(n * d, n, 2.0, 6.0 if n >= 8 else 4.0, decomposed).to(dev)
+        tables = position.tables(h, w, dtype, with_masks=True)
+        run = decomposed_attention if decomposed else full_attention
+        reference = run(q.float(), k.float(), v.float(), position.tables(h, w, torch.float32, True), "reference")
+        variants = {
+            "sdpa": lambda: run(q, k, v, tables, "sdpa"),
+            "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run, q, k, v, tables),
+            "reference": lambda: run(q, k, v, tables, "reference"),
+        }
+        compiled_reference = torch.compile(lambda: run(q, k, v, tables, "reference"))
+        variants["reference_compiled"] = compiled_reference
+        for block in (0, 64, 32, 16):
+            if block and block > 2 * max(h, w):
+                continue
+            attention._KERNELS[f"flex{block}"] = flex_with(block)
+            variants[f"flex_compiled_b{block or 'default'}"] = (lambda b=block: run(q, k, v, tables, f"flex{b}"))
+        row = {}
+        for name, fn in variants.items():
+            if time.perf_counter() - begin > args.budget:
+                row[name] = "skipped (budget)"
+                continue
+            try:
+                result = fn()
+                err = ((result.float() - reference).norm() / reference.norm()).item()
+                row[name] = {"ms": round(time_ms(fn), 4), "rel_err_vs_fp32": round(err, 5)}
+            except Exception as e:  # record and go on
+                row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(stage, name, row[name], flush=True)
+        results["stages"][stage] = row
+        (out / "attention.json").write_text(json.dumps(results, indent=1))
+    # whole models, same process, if time is left
+    import timm
+
+    import rmt  # noqa: F401
+
+    x = torch.randn(args.batch, 3, 224, 224, device=dev)
+    for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "reference", True), ("rmt_s", "sdpa", False),
+                                   ("rmt_s", "reference", False), ("swin_t", None, True)):
+        label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
+        if time.perf_counter() - begin > args.budget:
+            results["models"][label] = "skipped (budget)"
+            continue
+        model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
+                                  **({"attn_kernel": kernel} if kernel else {})).eval().to(dev)
+        if compiled:
+            model = torch.compile(model)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
+            ms = time_ms(lambda: model(x), warmup=5, reps=20)
+        results["models"][label] = {"ms": round(ms, 3), "img_s": round(args.batch / ms * 1000, 1)}
+        print(label, results["models"][label], flush=True)
+        (out / "attention.json").write_text(json.dumps(results, indent=1))
+
+
+def _with_backend(backend, run, q, k, v, tables):
+    with sdpa_kernel([backend]):
+        return run(q, k, v, tables, "sdpa")
+
+
+if __name__ == "__main__":
+    main()

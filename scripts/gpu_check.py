@@ -1,0 +1,127 @@
+"""The CUDA benchmark matrix of docs/performance.md, in priority order, inside a time budget.
+
+Runs through rmt.bench.runner with models built straight from timm names (no zoo or cache
+needed), writes one schema-1 JSON per job under OUT, and prints a summary table at the end.
+Jobs that would start after the budget is spent are skipped and listed as skipped.
+
+    OUT=runs/gpu python scripts/gpu_check.py --budget 420
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import rmt  # noqa: F401  (registers the RMT variants with timm)
+from rmt.bench.report import write_json
+from rmt.bench.runner import BenchSettings, run_benchmark
+
+TIMM_NAMES = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224",
+}
+RMT = ["rmt_t", "rmt_s", "rmt_b"]
+SWIN = ["swin_t", "swin_s", "swin_b"]
+
+# (job name, settings, RMT attention kernel); most important first
+JOBS = [
+    ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
+    ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
+    ("resolution_bf16", dict(models=["rmt_s", "swin_t"], batches=[1, 8], img_sizes=[(512, 512), (768, 768), (1024, 1024)]), None),
+    ("compiled_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default"), None),
+    ("compiled_flex_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64], compile_mode="default"), "flex"),
+    ("compiled_bf16_b256", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[256], compile_mode="default"), None),
+]
+
+
+def builders(kernel: str | None) -> dict:
+    def make(name: str):
+        def build(size: tuple[int, int]) -> torch.nn.Module:
+            if name.startswith("rmt_"):
+                return timm.create_model(name, **({"attn_kernel": kernel} if kernel else {}))
+            kwargs = {"img_size": size} if size != (224, 224) else {}
+            return timm.create_model(TIMM_NAMES[name], **kwargs)
+
+        return build
+
+    return {name: make(name) for name in RMT + ["rmt_l"] + SWIN}
+
+
+def _profile(out: Path, device: str) -> None:
+    """Top operators by device time for rmt_s and swin_t (eager, bf16, batch 64): where time goes."""
+    from rmt.bench.profile import profile_model
+
+    for name in ("rmt_s", "swin_t"):
+        model = builders(None)[name]((224, 224))
+        summary = profile_model(name, out / "profile", batch=64, device=device, dtype="bf16", model=model, top=12)
+        (out / f"profile_{name}.json").write_text(json.dumps(summary["top_ops"], indent=1))
+        print(f"-- {name}: top ops by {summary['time']} per step")
+        for op in summary["top_ops"]:
+            print(f"   {op['op'][:60]:60s} {op['self_ms']:8.3f} ms {op['share']:6.1%} x{op['calls_per_step']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; jobs not started by then are skipped")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--only", nargs="*", help="job names to run")
+    parser.add_argument("--device", default="cuda", help="cpu for a dry run of the script itself")
+    parser.add_argument("--batches", type=int, nargs="*", help="override every job's batch sizes (dry runs)")
+    parser.add_argument("--img-sizes", type=int, nargs="*", help="override every job's square image sizes (dry runs)")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "runs/gpu_check"))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summary = []
+    for name, spec, kernel in JOBS:
+        if args.only and name not in args.only:
+            continue
+        elapsed = time.perf_counter() - start
+        if elapsed > args.budget:
+            print(f"[skip] {name}: budget spent ({elapsed:.0f} s)", flush=True)
+            summary.append({"job": name, "status": "skipped"})
+            continue
+        if args.batches:
+            spec = {**spec, "batches": args.batches}
+        if args.img_sizes:
+            spec = {**spec, "img_sizes": [(s, s) for s in args.img_sizes]}
+        settings = BenchSettings(device=args.device, dtype="bf16", warmup=args.warmup, iters=args.iters,
+                                 attn_kernel=kernel, baseline="swin_t" if "swin_t" in spec["models"] else None, **spec)
+        t0 = time.perf_counter()
+        print(f"[run] {name} ...", flush=True)
+        report = run_benchmark(settings, builders=builders(kernel))
+        report["job"] = name
+        write_json(report, out / f"{name}.json")
+        took = time.perf_counter() - t0
+        print(f"[done] {name} in {took:.0f} s", flush=True)
+        for r in report["results"]:
+            summary.append({
+                "job": name, "model": r["model"], "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
+                "img_s": r["throughput"], "ratio": r.get("ratio_to_baseline"), "ms": (r["latency_ms"] or {}).get("median"),
+                "mem_mb": r["peak_memory_mb"], "mfu": r["mfu"], "ops": ",".join(o.split("::")[-1] for o in r["attention_ops"])[:60],
+                "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}",
+            })
+    if not args.only or "profile" in args.only:
+        _profile(out, args.device)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"{'job':20s} {'model':7s} {'b':>4s} {'img':>9s} {'img/s':>9s} {'ratio':>6s} {'ms':>8s} {'MB':>8s} {'MFU':>6s} status/ops")
+    for s in summary:
+        if s.get("status") == "skipped":
+            print(f"{s['job']:20s} skipped")
+            continue
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        print(f"{s['job']:20s} {s['model']:7s} {s['batch']:>4d} {s['img']:>9s} {fmt(s['img_s'], '9.1f')} "
+              f"{fmt(s['ratio'], '6.2f')} {fmt(s['ms'], '8.2f')} {fmt(s['mem_mb'], '8.0f')} "
+              f"{fmt(s['mfu'] * 100 if s['mfu'] is not None else None, '5.1f')}% {s['status'] if s['status'] != 'ok' else s['ops']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Benchmarking and profiling on the CPU: flops, the runner's JSON, failures, compare, profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rmt
+from rmt.bench.compare import compare_reports
+from rmt.bench.flops import count_flops
+from rmt.bench.report import plot, read_report, to_csv, write_json
+from rmt.bench.runner import BenchSettings, latency_stats, parse_img_size, run_benchmark
+from rmt.errors import RMTError
+from rmt.models.config import RMTConfig
+
+NAMES = ["rmt_t", "rmt_s", "rmt_b", "rmt_l", "rmt_s_tl", "rmt_b_tl", "rmt_l_tl"]
+TINY = RMTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
+                 decomposed_stages=(True, True, False, False), head_hidden_size=32, num_classes=10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flops_match_official_fvcore(schema, name):
+    report = count_flops(rmt.create_model(name), 224, name)
+    official = schema[name]["fvcore_flops_224"]
+    assert abs(report.macs - official) / official < 0.01
+    # in fact exact, operator by operator
+    assert report.by_operator == {k: v for k, v in schema[name]["fvcore_flops_224_by_operator"].items()}
+    assert report.params == schema[name]["params"]
+    assert [m for m, _ in report.by_module][:2] == ["stem", "stem.0"]
+
+
+def test_flops_swin_t():
+    report = count_flops(timm.create_model("swin_tiny_patch4_window7_224"), 224, "swin_t")
+    assert abs(report.gmacs - 4.509) / 4.509 < 0.01
+
+
+def test_flops_count_fused_cpu_attention():
+    """torch counts 0 for the CPU fused SDPA op; our formula counts q k^T and attn v."""
+
+    class Attention(nn.Module):
+        def forward(self, x):
+            mask = torch.zeros(1, 2, 64, 64)
+            return F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+
+    model = Attention()
+    model.dummy = nn.Parameter(torch.zeros(1))
+    x_shape = (1, 2, 64, 32)
+    report = count_flops(_Wrap(model, x_shape), (8, 8))
+    assert report.by_operator.get("matmul") == 2 * 2 * 64 * 64 * 32
+
+
+class _Wrap(nn.Module):
+    """Feed a fixed-shape tensor to ``inner`` whatever image count_flops passes."""
+
+    def __init__(self, inner: nn.Module, shape: tuple):
+        super().__init__()
+        self.inner, self.shape = inner, shape
+
+    def forward(self, image):
+        return self.inner(torch.randn(self.shape))
+
+
+def test_flops_any_resolution_scales():
+    small = count_flops(rmt.RMT(TINY), (64, 64)).macs
+    large = count_flops(rmt.RMT(TINY), (128, 96)).macs
+    assert large > small * 2
+
+
+def _builders():
+    return {
+        "rmt_t": lambda size: rmt.create_model("rmt_t"),
+        "tiny": lambda size: rmt.RMT(TINY),
+        "swin_t": lambda size: timm.create_model("swin_tiny_patch4_window7_224", img_size=size),
+    }
+
+
+def _validate_schema(report: dict) -> None:
+    assert report["schema"] == 1
+    for key in ("device_name", "torch", "timm", "rmt", "threads", "dtype", "device_type"):
+        assert key in report["env"], key
+    for row in report["results"]:
+        for key in ("model", "batch", "img_size", "device", "dtype", "params", "gmacs", "throughput",
+                    "latency_ms", "peak_memory_mb", "status", "attention_ops", "ratio_to_baseline"):
+            assert key in row, key
+        if row["status"] == "ok":
+            assert set(row["latency_ms"]) >= {"median", "p90", "p99", "iqr"}
+            assert row["throughput"] == pytest.approx(row["batch"] / row["latency_ms"]["median"] * 1000, rel=1e-3)
+
+
+def test_tiny_bench_rmt_t_and_swin_t_json(tmp_path):
+    settings = BenchSettings(models=["rmt_t", "swin_t"], batches=[1], device="cpu", warmup=1, iters=2, baseline="swin_t")
+    report = run_benchmark(settings, builders=_builders())
+    _validate_schema(report)
+    rows = {r["model"]: r for r in report["results"]}
+    assert rows["rmt_t"]["status"] == rows["swin_t"]["status"] == "ok"
+    assert rows["rmt_t"]["gmacs"] == pytest.approx(2.6506, abs=1e-3)
+    assert rows["swin_t"]["ratio_to_baseline"] == 1.0
+    assert rows["rmt_t"]["attn_kernel"] == "auto"
+    assert any("scaled_dot_product" in op for op in rows["rmt_t"]["attention_ops"])
+    assert rows["rmt_t"]["memory_kind"] == "cpu_peak_rss_growth" and rows["rmt_t"]["iters"] == 2
+    assert report["env"]["dtype"] == "fp32"  # CPU default
+    path = tmp_path / "bench.json"
+    write_json(report, path)
+    assert read_report(path) == json.loads(path.read_text())
+    csv_text = to_csv(report)
+    assert csv_text.splitlines()[0].startswith("model,batch,requested_batch,img_h,img_w")
+    assert len(csv_text.strip().splitlines()) == 3
+
+
+def test_sweep_over_sizes_and_batches():
+    settings = BenchSettings(models=["tiny"], batches=[1, 2], img_sizes=[(64, 64), (96, 128)], device="cpu",
+                             warmup=0, iters=2)
+    report = run_benchmark(settings, builders=_builders())
+    keys = [(tuple(r["img_size"]), r["batch"]) for r in report["results"]]
+    assert keys == [((64, 64), 1), ((64, 64), 2), ((96, 128), 1), ((96, 128), 2)]
+    macs = {tuple(r["img_size"]): r["gmacs"] for r in report["results"]}
+    assert macs[(96, 128)] > macs[(64, 64)]
+
+
+def test_cpu_time_budget_sets_iterations():
+    settings = BenchSettings(models=["tiny"], batches=[1], img_sizes=[(64, 64)], device="cpu", time_budget_s=0.001)
+    report = run_benchmark(settings, builders=_builders())
+    assert report["results"][0]["iters"] == 1  # a tiny budget still gives one timed iteration
+    assert any("budget" in note for note in report["notes"])
+
+
+class _OOMAbove(nn.Module):
+    """Raises the CUDA out-of-memory error for batches larger than ``limit``."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return x.mean((1, 2, 3)) * self.w
+
+
+class _Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        raise ValueError("shape mismatch in layer 3")
+
+
+def test_failures_mark_rows_and_the_run_goes_on():
+    builders = {**_builders(), "oom": lambda size: _OOMAbove(0), "broken": lambda size: _Broken()}
+    settings = BenchSettings(models=["oom", "tiny", "broken"], batches=[4], img_sizes=[(64, 64)], device="cpu",
+                             warmup=1, iters=2, baseline="tiny")
+    report = run_benchmark(settings, builders=builders)
+    rows = {r["model"]: r for r in report["results"]}
+    assert rows["oom"]["status"] == "oom" and "out of memory" in rows["oom"]["error"]
+    assert rows["broken"]["status"] == "error" and "shape mismatch" in rows["broken"]["error"]
+    assert rows["tiny"]["status"] == "ok" and rows["tiny"]["throughput"] > 0
+
+
+def test_oom_retry_halves_the_batch():
+    builders = {"oom": lambda size: _OOMAbove(2)}
+    settings = BenchSettings(models=["oom"], batches=[8], img_sizes=[(64, 64)], device="cpu", warmup=1, iters=2,
+                             retry_oom=True)
+    row = run_benchmark(settings, builders=builders)["results"][0]
+    assert row["status"] == "ok" and row["batch"] == 2 and row["requested_batch"] == 8
+
+
+def test_settings_errors():
+    for bad in (dict(dtype="int8"), dict(batches=[0]), dict(img_sizes=[(16, 16)]), dict(iters=0),
+                dict(compile_mode="fastest"), dict(baseline="nope")):
+        with pytest.raises(RMTError):
+            BenchSettings(models=["tiny"], **bad).validate()
+    assert parse_img_size("512x768") == (512, 768) and parse_img_size("224") == (224, 224)
+    with pytest.raises(RMTError, match="not N or HxW"):
+        parse_img_size("big")
+
+
+def test_latency_stats():
+    stats = latency_stats([10.0, 20.0, 30.0, 40.0, 50.0])
+    assert stats["median"] == 30.0 and stats["iqr"] == 20.0 and stats["p90"] == 46.0 and stats["min"] == 10.0
+
+
+def _report(rows, **env):
+    base_env = {"device_name": "NVIDIA H100", "torch": "2.14.1", "timm": "1.0.31", "dtype": "bf16", "threads": 8}
+    return {"schema": 1, "env": {**base_env, **env}, "results": rows}
+
+
+def _row(model, throughput, latency, memory, status="ok"):
+    return {"model": model, "batch": 64, "requested_batch": 64, "img_size": [224, 224], "dtype": "bf16",
+            "compile": None, "channels_last": False, "throughput": throughput,
+            "latency_ms": {"median": latency}, "peak_memory_mb": memory, "status": status, "error": None}
+
+
+def test_compare_verdicts():
+    base = _report([_row("rmt_s", 1000, 64, 2000), _row("swin_t", 1100, 58, 1800)])
+    same = compare_reports(base, base)
+    assert not same.regressed and not same.env_warnings
+    slower = compare_reports(base, _report([_row("rmt_s", 900, 71, 2000), _row("swin_t", 1100, 58, 1800)]))
+    assert slower.regressed and slower.deltas[0].status == "regressed"
+    assert slower.deltas[0].changes["throughput"] == -10.0
+    within = compare_reports(base, _report([_row("rmt_s", 960, 66, 2050), _row("swin_t", 1100, 58, 1800)]))
+    assert not within.regressed
+    hungrier = compare_reports(base, _report([_row("rmt_s", 1000, 64, 2500), _row("swin_t", 1100, 58, 1800)]))
+    assert hungrier.regressed and "memory" in hungrier.deltas[0].reasons[0]
+    assert not compare_reports(base, _report([_row("rmt_s", 1000, 64, 2500), _row("swin_t", 1100, 58, 1800)]),
+                               metrics=("throughput", "latency")).regressed
+    missing = compare_reports(base, _report([_row("rmt_s", 1000, 64, 2000)]))
+    assert missing.regressed and missing.deltas[1].status == "missing"
+    failed = compare_reports(base, _report([_row("rmt_s", None, None, None, "oom"), _row("swin_t", 1100, 58, 1800)]))
+    assert failed.regressed and failed.deltas[0].status == "failed"
+    other_env = compare_reports(base, _report(base["results"], device_name="NVIDIA A100", torch="2.9.0"))
+    assert not other_env.regressed and len(other_env.env_warnings) == 2
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rmt_cli.main", *args], capture_output=True, text=True)
+
+
+def test_compare_cli_exit_codes(tmp_path):
+    base = _report([_row("rmt_s", 1000, 64, 2000)])
+    paths = {}
+    for name, report in {
+        "base": base,
+        "same": base,
+        "regressed": _report([_row("rmt_s", 800, 80, 2000)]),
+        "missing": _report([_row("swin_t", 1000, 64, 2000)]),
+        "other_env": _report([_row("rmt_s", 1000, 64, 2000)], device_name="NVIDIA L4"),
+    }.items():
+        paths[name] = tmp_path / f"{name}.json"
+        write_json(report, paths[name])
+    assert _cli("compare", str(paths["base"]), str(paths["same"])).returncode == 0
+    result = _cli("compare", str(paths["base"]), str(paths["regressed"]), "--threshold", "5")
+    assert result.returncode == 1 and "regressed" in result.stdout
+    assert _cli("compare", str(paths["base"]), str(paths["regressed"]), "--threshold", "30").returncode == 0
+    assert _cli("compare", str(paths["base"]), str(paths["missing"])).returncode == 1
+    result = _cli("compare", str(paths["base"]), str(paths["other_env"]))
+    assert result.returncode == 0 and "environments differ: device_name" in result.stderr
+    (tmp_path / "junk.json").write_text("{not json")
+    result = _cli("compare", str(paths["base"]), str(tmp_path / "junk.json"))
+    assert result.returncode == 2 and "is not JSON" in result.stderr and "Traceback" not in result.stderr
+    result = _cli("compare", str(paths["base"]), str(paths["same"]), "--metric", "speed")
+    assert result.returncode == 2 and "unknown metric" in result.stderr
+
+
+def test_profile_writes_a_trace_with_aten_ops(tmp_path):
+    from rmt.bench.profile import profile_model
+
+    summary = profile_model("tiny", tmp_path / "prof", batch=1, img_size=(64, 64), device="cpu",
+                            model=rmt.RMT(TINY), memory=True, active=2)
+    assert summary["trace_files"], "no trace written"
+    trace = json.loads(open(summary["trace_files"][0]).read())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names)
+    assert summary["top_ops"] and all("self_memory_mb" in op for op in summary["top_ops"])
+    assert "tensorboard --logdir" in summary["open"]["tensorboard"]
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    settings = BenchSettings(models=["tiny", "rmt_t"], batches=[1], img_sizes=[(64, 64)], device="cpu", warmup=0, iters=1)
+    report = run_benchmark(settings, builders=_builders())
+    drawn = plot(report, tmp_path / "pareto.png", top1={"tiny": 70.0, "rmt_t": 82.4}.get)
+    assert drawn == 2 and (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compile_takes_an_optional_mode():
+    from rmt_cli.bench import optional_compile_mode
+
+    assert optional_compile_mode(["bench", "--compile"]) == ["bench", "--compile", "default"]
+    assert optional_compile_mode(["bench", "--compile", "rmt_t"]) == ["bench", "--compile", "default", "rmt_t"]
+    assert optional_compile_mode(["bench", "--compile", "--iters", "2"]) == ["bench", "--compile", "default", "--iters", "2"]
+    kept = ["bench", "rmt_t", "--compile", "reduce-overhead"]
+    assert optional_compile_mode(kept) == kept
+
+
+def test_bench_cli_rejects_bad_input_in_one_line():
+    for args, message in ((["bench", "rmt_ss"], "did you mean"), (["bench", "rmt_t", "--dtype", "int8"], "unknown dtype"),
+                          (["bench", "rmt_t", "--img-size", "big"], "not N or HxW"),
+                          (["bench", "rmt_t", "--attn-kernel", "fast"], "unknown attention kernel")):
+        result = _cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_and_flops_cli(tmp_path):
+    out = tmp_path / "run.json"
+    result = _cli("bench", "rmt_t", "--batch", "1", "--img-size", "64", "--iters", "1", "--warmup", "0",
+                  "--json", str(out), "--csv", str(tmp_path / "run.csv"))
+    assert result.returncode == 0, result.stderr
+    report = read_report(out)
+    _validate_schema(report)
+    assert report["results"][0]["status"] == "ok" and "rmt_t" in result.stdout
+    flops_json = tmp_path / "flops.json"
+    result = _cli("flops", "rmt_s", "--json", str(flops_json))
+    assert result.returncode == 0 and "4.800 GMACs" in result.stdout
+    data = json.loads(flops_json.read_text())
+    assert {"model", "img_size", "gmacs", "params"} <= set(data) and data["params"] == 26967240

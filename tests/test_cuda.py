@@ -1,0 +1,94 @@
+"""CUDA checks: same numbers on the GPU, bf16 within mixed-precision tolerance, FlexAttention,
+compile, and a benchmark smoke run. Skipped without a CUDA device (run by scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import rmt
+from rmt.models.checkpoint import convert_checkpoint
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 means fp32: no TF32 in matmuls or convs during these checks."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference", "flex"])
+def test_official_logits_on_cuda(official_mini, kernel):
+    for config in ("mini_a", "mini_b"):
+        entry = official_mini["models"][config]
+        model = rmt.RMT.from_official(attn_kernel=kernel, **entry["config"]).eval()
+        model.load_state_dict(convert_checkpoint(entry["state_dict"], model))
+        model.cuda()
+        for case in entry["cases"]:
+            with torch.inference_mode():
+                logits = model(case["input"].cuda()).cpu()
+            assert (logits - case["logits"]).abs().max().item() <= 1e-4, (config, kernel)
+
+
+def test_fast_path_equals_reference_on_cuda():
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_s").eval().cuda()
+    x = torch.randn(4, 3, 224, 160, device="cuda")
+    with torch.inference_mode():
+        fast = model(x)
+        model.set_attn_kernel("reference")
+        reference = model(x)
+    assert (fast - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t").eval().cuda()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        full = model(x).float()
+        with torch.autocast("cuda", dtype=dtype):
+            mixed = model(x).float()
+    relative = (mixed - full).norm() / full.norm()
+    assert relative.item() < (3e-2 if dtype == torch.bfloat16 else 1e-2)
+    assert torch.isfinite(mixed).all()
+
+
+def test_compile_and_flex_on_cuda():
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t").eval().cuda()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+        assert (compiled - eager).abs().max().item() <= 1e-4
+        model.set_attn_kernel("flex")
+        flex = torch.compile(model, fullgraph=True)(x)
+        assert (flex - eager).abs().max().item() <= 1e-4
+
+
+def test_bench_smoke_on_cuda():
+    from rmt.bench.runner import BenchSettings, run_benchmark
+
+    builders = {
+        "rmt_t": lambda size: rmt.create_model("rmt_t"),
+        "swin_t": lambda size: timm.create_model("swin_tiny_patch4_window7_224"),
+    }
+    report = run_benchmark(
+        BenchSettings(models=["rmt_t", "swin_t"], batches=[4], device="cuda", dtype="bf16", warmup=2, iters=5),
+        builders=builders,
+    )
+    for row in report["results"]:
+        assert row["status"] == "ok", row["error"]
+        assert row["peak_memory_mb"] > 0 and row["memory_kind"] == "cuda_max_allocated"
+        assert row["tflops"] > 0 and row["latency_ms"]["median"] > 0
+    assert report["env"]["device_type"] == "cuda" and report["env"]["device_name"]

@@ -1,0 +1,125 @@
+"""``rmt list / info / download``: tables for people, JSON for programs, one line for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rmt_cli.main import main
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """Run ``rmt ARGS`` in this process through the real entry point; (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["rmt", *args])
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal width; keep lines whole
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> str:
+    """The error: one line, the last one (status lines such as retries may come before it)."""
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_list_table_and_json(zoo_home, capsys, monkeypatch, tmp_path, rmt_t_checkpoint_bytes):
+    code, out, _ = run_cli(capsys, monkeypatch, "list")
+    assert code == 0
+    row = next(line for line in out.splitlines() if " rmt_b " in line)
+    for cell in ("rmt", "54.15", "10.414", "9.70", "85.0", "by hand (Baidu)"):
+        assert cell in row
+    assert "swin_t" in out and "baseline" in out
+    source = tmp_path / "RMT_T.pth"
+    source.write_bytes(rmt_t_checkpoint_bytes)
+    assert run_cli(capsys, monkeypatch, "download", "rmt_t", "--from", str(source))[0] == 0
+    code, out, _ = run_cli(capsys, monkeypatch, "list", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and len(rows) == 12
+    assert rows["rmt_t"]["cache"]["status"] == "cached" and rows["rmt_s"]["cache"]["status"] == "missing"
+    assert rows["rmt_s"]["measured"] == {"params": 26967240, "gmacs": 4.8}
+    assert rows["rmt_s_tl"]["preprocessing"]["crop_pct"] == 0.96
+    assert rows["convnext_t"]["timm_name"] == "convnext_tiny.fb_in1k"
+
+
+def test_info_says_where_the_weights_come_from_and_how_to_get_them(zoo_home, capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "rmt_s_tl")
+    out = " ".join(out.split())  # the table folds long values
+    assert code == 0
+    for text in ("https://pan.baidu.com/s/1Xjgko9_-rokfvP39uiwTqQ?pwd=q37r", "extraction code q37r",
+                 "rmt download rmt_s_tl --from PATH/TO/RMT_S_TL.pth", "model_ema", "27,480,240 params",
+                 "4.825 GMACs", "crop_pct 0.96", "not cached"):
+        assert text in out, text
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "swin_t", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["how_to_get"]["command"] == "rmt download swin_t"
+    assert info["how_to_get"]["url"] == "https://huggingface.co/timm/swin_tiny_patch4_window7_224.ms_in1k/resolve/main/model.safetensors"
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "resnet18", "--json")
+    assert code == 0 and json.loads(out)["family"] == "timm"
+
+
+def test_download_of_a_baidu_entry_prints_the_manual_steps(zoo_home, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, "download", "rmt_b")
+    assert code == 1 and "Traceback" not in err
+    assert "https://pan.baidu.com/s/1ZDNl_broia_fvvlEoTaFhA?pwd=yzge" in out and "yzge" in out
+    assert "rmt download rmt_b --from PATH/TO/RMT_B.pth" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "download", "rmt_b", "--json")
+    assert code == 1 and json.loads(out)["code"] == "yzge"
+
+
+def test_download_from_a_url_with_json_output(zoo_home, zoo_server, capsys, monkeypatch, rmt_t_checkpoint_bytes):
+    url = zoo_server.add("RMT_T.pth", rmt_t_checkpoint_bytes, mode="drop-once")
+    code, out, _ = run_cli(capsys, monkeypatch, "download", "rmt_t", "--url", url, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["action"] == "downloaded" and result["params"] == 14_334_216
+    assert result["trusted_on_first_use"] and result["state_dict"] == "model"
+    code, out, _ = run_cli(capsys, monkeypatch, "download", "rmt_t", "--url", url)
+    assert code == 0 and "already cached" in out
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (None, ["download", "rmt_ss"], "did you mean rmt_s"),
+        (None, ["info", "swinn_t"], "did you mean swin_t"),
+        ("404", ["download", "rmt_t", "--url", "{url}"], "HTTP 404"),
+        ("500", ["download", "rmt_t", "--url", "{url}"], "HTTP 500"),
+        ("html", ["download", "rmt_t", "--url", "{url}"], "HTML page"),
+        ("ok", ["download", "rmt_s", "--url", "{url}"], "it looks like a rmt_t checkpoint"),
+        ("ok", ["download", "rmt_t", "--url", "{url}", "--sha256", "0" * 64], "sha256 mismatch"),
+        (None, ["download", "rmt_t", "--from", "/no/such/RMT_T.pth"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(zoo_home, zoo_server, capsys, monkeypatch, rmt_t_checkpoint_bytes, setup, args, message):
+    url = zoo_server.add("RMT_T.pth", rmt_t_checkpoint_bytes, mode=setup) if setup else ""
+    code, _, err = run_cli(capsys, monkeypatch, *[a.format(url=url) for a in args])
+    assert code == 2 and message in _one_error_line(err)
+    assert not (zoo_home / "weights").exists() or not any((zoo_home / "weights").rglob("*.pth"))
+
+
+def test_a_corrupt_zoo_file_is_one_line(zoo_home, capsys, monkeypatch, tmp_path):
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text("version: 1\nmodels:\n  rmt_t: {family: rmt, timm_name: rmt_t\n")
+    monkeypatch.setenv("RMT_ZOO_FILE", str(bad))
+    code, _, err = run_cli(capsys, monkeypatch, "list")
+    assert code == 2 and "is not valid YAML" in _one_error_line(err)
+
+
+def test_the_installed_command_reports_errors_without_a_traceback(zoo_home, tmp_path):
+    page = tmp_path / "RMT_B.pth"
+    page.write_text("<!DOCTYPE html><html><body>百度网盘 login</body></html>")
+    result = subprocess.run(
+        [sys.executable, "-m", "rmt_cli.main", "download", "rmt_b", "--from", str(page)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "HTML page, not a checkpoint" in _one_error_line(result.stderr)
+    assert not (zoo_home / "weights").exists() or not any((zoo_home / "weights").rglob("*"))
