@@ -60,3 +60,19 @@ class WeightsNotCachedError(ZooError):
     def __init__(self, message: str, instructions: dict) -> None:
         super().__init__(message)
         self.instructions = instructions
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator failing."""
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

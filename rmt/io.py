@@ -35,3 +35,15 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_writable(path: PathLike) -> None:
+    """Fail now, in one line, if ``path`` could not be written later (no folder, not writable, a folder)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise RMTError(f"cannot write {path}: it is a folder")
+    if not parent.is_dir():
+        raise RMTError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise RMTError(f"cannot write {path}: folder {parent} is not writable")

@@ -67,7 +67,8 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="PNG: published top-1 vs throughput (needs rmt\\[plot])."),
 ) -> None:
     """Throughput, latency spread, peak memory, GMACs and MFU of RMT against its peers."""
-    from rmt.bench.report import plot, to_csv, write_json, write_text_atomic
+    from rmt.bench.report import plot, require_matplotlib, to_csv, write_json, write_text_atomic
+    from rmt.io import check_writable
     from rmt.bench.runner import DEFAULT_MODELS, BenchSettings, parse_img_size, run_benchmark
 
     try:
@@ -91,14 +92,11 @@ def bench(
         baseline=baseline,
     )
     settings.validate()
-    if attn_kernel is not None:
-        from rmt.models.attention import resolve_attention_kernel
-
-        resolve_attention_kernel(attn_kernel)
-    from rmt import zoo
-
-    for name in names:  # unknown names fail before anything runs
-        zoo.get_entry(name)
+    for path in (json_out, csv_out, plot_out):  # a typo must not throw away a long run
+        if path is not None:
+            check_writable(path)
+    if plot_out is not None:
+        require_matplotlib()
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=err, transient=True,
@@ -117,6 +115,8 @@ def bench(
         write_text_atomic(csv_out, to_csv(report))
         out.print(f"wrote {csv_out}")
     if plot_out:
+        from rmt import zoo
+
         drawn = plot(report, plot_out, top1=lambda name: zoo.get_entry(name).published_top1)
         out.print(f"wrote {plot_out} ({drawn} models)")
 
@@ -194,11 +194,11 @@ def flops(
     from rmt import zoo
     from rmt.bench.flops import count_flops
     from rmt.bench.report import write_json
-    from rmt.bench.runner import parse_img_size
+    from rmt.bench.runner import build_model, parse_img_size
 
     size = parse_img_size(img_size)
     entry = zoo.get_entry(model)
-    report = count_flops(zoo.create_model(model), size, name=model)
+    report = count_flops(build_model(model, size), size, name=model)
     out.print(
         f"[bold]{model}[/] at {size[0]}x{size[1]}: [bold]{report.gmacs:.3f} GMACs[/], {report.params:,} parameters"
     )
@@ -236,12 +236,10 @@ def profile(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary here."),
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
-    from rmt import zoo
     from rmt.bench.profile import profile_model
     from rmt.bench.report import write_json
     from rmt.bench.runner import parse_img_size
 
-    zoo.get_entry(model)
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top)
     table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype})", title_style="bold")

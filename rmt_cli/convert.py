@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-out = Console()
+from rmt_cli.console import out
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -15,11 +14,21 @@ from rmt.errors import ConfigError
 from rmt.eval import EvalReport, run_imagenet_eval, top1_gate, write_json_atomic
 from rmt.eval import Progress as EvalProgress
 
-out = Console()
-err = Console(stderr=True)
+from rmt_cli.console import err, out
 
 DEFAULT_TOLERANCE = 0.1
 MAX_SKIPPED_SHOWN = 10
+
+
+def optional_real_labels_file(argv: list[str]) -> list[str]:
+    """``--real-labels [FILE]``: a ``.json`` right after the flag is its file (``--real-labels-file``)."""
+    out = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if token == "--real-labels" and following.lower().endswith(".json") and not following.startswith("-"):
+            out.append("--real-labels-file")
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +46,7 @@ def evaluate(
     amp: str = typer.Option("none", "--amp", help="Autocast: none, bf16 or fp16."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the model in channels-last memory format."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images in file-name order."),
-    real_labels: bool = typer.Option(False, "--real-labels", help="Also report ImageNet-ReaL top-1 (timm's labels)."),
+    real_labels: bool = typer.Option(False, "--real-labels", help="Also report ImageNet-ReaL top-1 (timm's labels); --real-labels FILE.json takes yours."),
     real_labels_file: Optional[Path] = typer.Option(None, "--real-labels-file", help="ReaL top-1 from this real.json instead of timm's copy."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and reported) instead of failing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),

@@ -6,7 +6,6 @@ import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 import rmt
 from rmt.errors import RMTError
@@ -18,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+from rmt_cli.console import err
 
 
 def _version(value: bool) -> None:
@@ -49,7 +48,9 @@ for _module in (_zoo, _evaluate, _bench, _convert):
 def main() -> None:
     """Run the app; user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app(args=_bench.optional_compile_mode(sys.argv[1:]), prog_name="rmt")
+        # two options whose value is optional, which click cannot express: normalised first
+        args = _evaluate.optional_real_labels_file(_bench.optional_compile_mode(sys.argv[1:]))
+        app(args=args, prog_name="rmt")
     except RMTError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

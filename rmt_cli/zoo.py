@@ -7,15 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
     from rmt.zoo import ZooEntry
 
-out = Console()
-err = Console(stderr=True)
+from rmt_cli.console import err, out
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,7 @@ which every model runs once in turn (interleaved, so drift hits all alike); each
 over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
 
     python scripts/cpu_latency_vs_swin.py --models rmt_t rmt_s rmt_b --batch 8 --threads 2 --rounds 7
+    python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile)
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ BASELINE = "swin_tiny_patch4_window7_224"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["rmt_t", "rmt_s", "rmt_b"])
-    parser.add_argument("--kernel", default="sdpa", help="attention kernel of the RMT models")
+    parser.add_argument("--kernel", default="auto", help="attention kernel of the RMT models")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model, Swin-T included")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -41,6 +43,8 @@ def main() -> None:
     for name in names:
         kwargs = {"attn_kernel": args.kernel} if name.startswith("rmt_") else {}
         models[name] = timm.create_model(name, **kwargs).eval()
+        if args.compile:
+            models[name] = torch.compile(models[name])
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
@@ -55,7 +59,7 @@ def main() -> None:
     base = statistics.median(times[BASELINE])
     results = []
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, "
-          f"median of {args.rounds} interleaved rounds, RMT kernel {args.kernel}")
+          f"median of {args.rounds} interleaved rounds, RMT kernel {args.kernel}{', compiled' if args.compile else ''}")
     for name in names:
         med = statistics.median(times[name])
         results.append({"model": name, "median_ms": round(med, 2), "ratio_to_swin_t": round(med / base, 3)})
@@ -63,7 +67,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-                       "torch": torch.__version__, "kernel": args.kernel, "results": results}, f, indent=2)
+                       "torch": torch.__version__, "kernel": args.kernel, "compiled": args.compile,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -303,3 +303,57 @@ def test_bench_and_flops_cli(tmp_path):
     assert result.returncode == 0 and "4.800 GMACs" in result.stdout
     data = json.loads(flops_json.read_text())
     assert {"model", "img_size", "gmacs", "params"} <= set(data) and data["params"] == 26967240
+
+
+def test_compare_failed_in_both_is_a_regression():
+    base = _report([_row("rmt_s", None, None, None, "oom")])
+    result = compare_reports(base, base)
+    assert result.regressed and result.deltas[0].status == "failed"
+
+
+def test_malformed_reports_are_one_line_errors(tmp_path):
+    for name, payload, message in (
+        ("rows.json", {"schema": 1, "results": [{"model": "rmt_s"}]}, r"results\[0\] has no 'batch'"),
+        ("nondict.json", {"schema": 1, "results": ["rmt_s"]}, r"results\[0\] is a str"),
+        ("text.json", {"schema": 1, "results": [dict(_row("rmt_s", "fast", 1, 1))]}, "non-numeric throughput"),
+        ("old.json", {"schema": 0, "results": []}, "schema 0"),
+    ):
+        path = tmp_path / name
+        path.write_text(json.dumps(payload))
+        with pytest.raises(RMTError, match=message):
+            read_report(path)
+
+
+def test_flops_and_profile_build_timm_models_for_the_size(tmp_path):
+    from rmt.bench.runner import build_model
+
+    swin = build_model("swin_t", (512, 512))
+    assert count_flops(swin, (512, 512)).gmacs > 4 * 4.5  # the Swin grid was built for 512
+    convnext = build_model("convnext_t", (288, 288))  # no img_size argument: size-agnostic
+    assert count_flops(convnext, (288, 288)).gmacs > 4.47
+    result = _cli("flops", "rmt_t", "--img-size", "0")
+    assert result.returncode == 2 and "too small" in result.stderr
+
+
+def test_bench_checks_output_paths_before_running(tmp_path):
+    result = _cli("bench", "rmt_t", "--batch", "1", "--iters", "1", "--json", str(tmp_path / "no" / "such" / "run.json"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "rmt_t" not in result.stdout  # nothing ran
+
+
+def test_device_strings():
+    from rmt.bench.env import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    for bad in ("gpu", "cuda:x", "tpu:0"):
+        with pytest.raises(RMTError, match="unknown device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(RMTError, match="no CUDA device"):
+            resolve_device("cuda:0")
+
+
+def test_bench_cli_sweep_table(tmp_path):
+    result = _cli("bench", "rmt_t", "--batch", "1", "--img-size", "64,96x128", "--iters", "1", "--warmup", "0")
+    assert result.returncode == 0, result.stderr
+    assert "resolution sweep" in result.stdout and "96x128" in result.stdout

@@ -181,3 +181,13 @@ def test_torchrun_two_processes_count_every_image_once(tiny_val, colour_checkpoi
     real = read_real_labels()
     assert result["real_images"] == sum(1 for n, *_ in TINY_VAL if real[n - 1])
     assert run.stdout.count("test_resnet on ImageNet val") == 1  # one table: rank 0 prints
+
+
+def test_real_labels_takes_an_optional_file():
+    from rmt_cli.evaluate import optional_real_labels_file
+
+    assert optional_real_labels_file(["eval", "m", "--real-labels", "real.json", "--data", "v"]) == [
+        "eval", "m", "--real-labels", "--real-labels-file", "real.json", "--data", "v"]
+    bare = ["eval", "m", "--real-labels", "--data", "v"]
+    assert optional_real_labels_file(bare) == bare
+    assert optional_real_labels_file(["eval", "--real-labels"]) == ["eval", "--real-labels"]

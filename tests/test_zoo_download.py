@@ -366,10 +366,10 @@ def test_a_timm_file_of_another_model_or_truncated_is_refused(zoo_home, tmp_path
 
 
 def test_a_checkpoint_in_our_own_layout_is_accepted(zoo_home, tmp_path):
-    from rmt.zoo.verify import _rmt_shapes
+    import rmt
 
     source = tmp_path / "rmt_t_ours.pth"
-    torch.save({k: torch.zeros(shape) for k, shape in _rmt_shapes("rmt_t").items()}, source)
+    torch.save(rmt.create_model("rmt_t").state_dict(), source)
     fetched = zoo.download("rmt_t", source_file=source)
     assert fetched.params == 14_334_216 and fetched.state_dict == ""
 
@@ -384,3 +384,28 @@ def test_timms_own_hub_download_failing_is_one_line(zoo_home, monkeypatch, tmp_p
         zoo.create_model("test_vit", pretrained=True)
     assert "timm could not fetch the weights of test_vit" in str(e.value) and "rmt download test_vit" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_wrong_relpos_buffers_are_refused_at_import(zoo_home, tmp_path, schema):
+    from conftest import official_state_dict
+
+    state = official_state_dict(schema["rmt_t"])
+    state["layers.1.Relpos.decay"] = state["layers.1.Relpos.decay"] * 2
+    source = tmp_path / "rmt_t_other_decay.pth"
+    torch.save({"model": state}, source)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.Relpos\.decay differs"):
+        zoo.download("rmt_t", source_file=source)
+    assert _nothing_cached(zoo_home)
+
+
+def test_checkpoint_path_takes_the_state_dict_the_zoo_names(tmp_path, schema):
+    """rmt_t's published accuracy is the plain model's: --checkpoint takes 'model', not 'model_ema'."""
+    from conftest import official_state_dict
+
+    import rmt
+
+    plain, ema = official_state_dict(schema["rmt_t"], seed=1), official_state_dict(schema["rmt_t"], seed=2)
+    source = tmp_path / "RMT_T.pth"
+    torch.save({"model": plain, "model_ema": ema}, source)
+    model = zoo.create_model("rmt_t", checkpoint=source)
+    assert torch.equal(rmt.export_official_state_dict(model)["head.weight"], plain["head.weight"])

@@ -101,7 +101,8 @@ def compare_reports(
                 delta.status = "failed"
                 delta.reasons = [f"{other.get('status')}: {other.get('error') or ''}".strip()]
             else:
-                delta.reasons = [f"failed in both ({other.get('status')})"]
+                delta.status = "failed"
+                delta.reasons = [f"failed in both reports ({other.get('status')}: {other.get('error') or ''})"]
         elif row.get("status") != "ok":
             delta.status, delta.reasons = "fixed", [f"was {row.get('status')} in the base report"]
         else:

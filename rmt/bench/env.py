@@ -65,10 +65,15 @@ def resolve_device(device: str) -> torch.device:
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RMTError("--device cuda was asked for but no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
+    if device == "cpu":
+        return torch.device("cpu")
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
         raise RMTError(f"unknown device {device!r}: use auto, cuda, cuda:N or cpu")
+    if not torch.cuda.is_available():
+        raise RMTError(f"--device {device} was asked for but no CUDA device is available (use --device cpu or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise RMTError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import DTYPES, _precision, quiet_stderr
+from rmt.bench.runner import DTYPES, _precision, build_model, quiet_stderr
 from rmt.errors import RMTError
 
 
@@ -44,9 +44,7 @@ def profile_model(
         raise RMTError(f"cannot create {out}: {e.strerror or e}") from None
     before = set(out.glob("**/*.pt.trace.json*"))
     if model is None:
-        from rmt import zoo
-
-        model = zoo.create_model(name)
+        model = build_model(name, img_size)
     model = model.eval().to(dev)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]

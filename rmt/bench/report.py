@@ -44,7 +44,31 @@ def read_report(path: os.PathLike | str) -> dict[str, Any]:
         raise RMTError(f"{path} is not an rmt bench report (no 'results' list)")
     if data.get("schema") != 1:
         raise RMTError(f"{path} has schema {data.get('schema')!r}; this rmt reads schema 1")
+    for i, row in enumerate(data["results"]):
+        problem = _row_problem(row)
+        if problem:
+            raise RMTError(f"{path}: results[{i}] {problem}")
     return data
+
+
+def _row_problem(row: Any) -> Optional[str]:
+    """What makes a result row unusable, or None."""
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not an object"
+    for key in ("model", "batch", "img_size", "status"):
+        if key not in row:
+            return f"has no '{key}'"
+    if not isinstance(row["img_size"], list) or len(row["img_size"]) != 2:
+        return "has an img_size that is not [height, width]"
+    latency = row.get("latency_ms")
+    numbers = {"throughput": row.get("throughput"), "peak_memory_mb": row.get("peak_memory_mb"),
+               "latency_ms.median": latency.get("median") if isinstance(latency, dict) else None}
+    if latency is not None and not isinstance(latency, dict):
+        return "has a latency_ms that is not an object"
+    for key, value in numbers.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"has a non-numeric {key}: {value!r}"
+    return None
 
 
 def to_csv(report: dict[str, Any]) -> str:
@@ -65,18 +89,24 @@ def to_csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RMTError("--plot needs matplotlib: pip install 'rmt[plot]'") from None
+
+
 def plot(report: dict[str, Any], path: os.PathLike | str, top1: Callable[[str], Optional[float]]) -> int:
     """Accuracy (published top-1) against throughput, bubble area ~ parameters, Pareto front drawn.
 
     Returns the number of models drawn (models without a published top-1 are left out).
     """
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RMTError("--plot needs matplotlib: pip install 'rmt[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     ok = [r for r in report["results"] if r["status"] == "ok" and r["throughput"]]
     if not ok:
         raise RMTError("nothing to plot: no model finished")

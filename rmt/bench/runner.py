@@ -28,7 +28,8 @@ from torch import nn
 from rmt.bench.devices import peak_tflops
 from rmt.bench.env import environment, resolve_device
 from rmt.bench.flops import count_flops
-from rmt.errors import RMTError
+from rmt.errors import RMTError, first_line, is_out_of_memory
+from rmt.models.attention import resolve_attention_kernel
 
 SCHEMA_VERSION = 1
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
@@ -65,8 +66,10 @@ class BenchSettings:
         if any(b <= 0 for b in self.batches):
             raise RMTError(f"batch sizes must be positive, got {list(self.batches)}")
         for h, w in self.img_sizes:
-            if h < 32 or w < 32:
-                raise RMTError(f"image size {h}x{w} is too small: at least 32x32")
+            if min(h, w) < MIN_IMG_SIZE:
+                raise RMTError(f"image size {h}x{w} is too small: at least {MIN_IMG_SIZE}x{MIN_IMG_SIZE}")
+        if self.attn_kernel is not None:
+            resolve_attention_kernel(self.attn_kernel)
         for name, value in (("warmup", self.warmup), ("iters", self.iters)):
             if value is not None and value < (0 if name == "warmup" else 1):
                 raise RMTError(f"--{name} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
@@ -82,18 +85,22 @@ class _Candidate:
     times_ms: list[float] = field(default_factory=list)
 
 
+MIN_IMG_SIZE = 32  # one token at stride 32
+
+
 def parse_img_size(text: str) -> tuple[int, int]:
-    """``224`` or ``HxW`` (``512x768``)."""
+    """``224`` or ``HxW`` (``512x768``), each side at least 32."""
     parts = text.lower().replace("*", "x").split("x")
     try:
         values = [int(p) for p in parts]
     except ValueError:
         raise RMTError(f"image size {text!r} is not N or HxW") from None
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
-        return values[0], values[1]
-    raise RMTError(f"image size {text!r} is not N or HxW")
+    if len(values) not in (1, 2):
+        raise RMTError(f"image size {text!r} is not N or HxW")
+    h, w = values[0], values[-1]
+    if min(h, w) < MIN_IMG_SIZE:
+        raise RMTError(f"image size {h}x{w} is too small: at least {MIN_IMG_SIZE}x{MIN_IMG_SIZE}")
+    return h, w
 
 
 def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
@@ -132,18 +139,8 @@ def _precision(device: torch.device, dtype: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(error, MemoryError)
-    )
-
-
 def _short_error(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(error).__name__}: {first_line(error)}"[:300]
 
 
 class _PeakRSS:
@@ -221,19 +218,32 @@ def attention_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
 Builder = Callable[[tuple[int, int]], nn.Module]  # image size -> model
 
 
-def _model_builder(name: str, attn_kernel: Optional[str]) -> Builder:
+def build_model(name: str, size: tuple[int, int], attn_kernel: Optional[str] = None) -> nn.Module:
+    """A zoo or timm model (random weights) ready for an input of ``size``.
+
+    RMT takes any size; timm models with a fixed input grid (Swin, ViT) are built for ``size``
+    when they accept ``img_size``, others (ConvNets) take any size as they are.
+    """
     from rmt import zoo
 
     entry = zoo.get_entry(name)
+    if entry.family == "rmt":
+        return zoo.create_model(name, **({"attn_kernel": attn_kernel} if attn_kernel else {}))
     default_size = tuple(entry.preprocessing.get("input_size", (3, 224, 224))[1:])
+    if size != default_size:
+        try:
+            return zoo.create_model(name, img_size=size)
+        except TypeError as e:  # this architecture has no img_size argument: it is size-agnostic
+            if "img_size" not in str(e):
+                raise
+    return zoo.create_model(name)
 
-    def build(size: tuple[int, int]) -> nn.Module:
-        if entry.family == "rmt":  # any size works; the kernel choice applies to RMT only
-            return zoo.create_model(name, **({"attn_kernel": attn_kernel} if attn_kernel else {}))
-        # timm models with a fixed input grid (Swin, ViT) are built for the benchmarked size
-        return zoo.create_model(name, **({"img_size": size} if size != default_size else {}))
 
-    return build
+def _model_builder(name: str, attn_kernel: Optional[str]) -> Builder:
+    from rmt import zoo
+
+    zoo.get_entry(name)  # unknown names fail before anything runs
+    return lambda size: build_model(name, size, attn_kernel)
 
 
 def run_benchmark(
@@ -305,7 +315,7 @@ def run_benchmark(
                 step(f"{c.name}: timed")
             for c in candidates:
                 if c.row["status"] == "ok" and c.times_ms:
-                    _finish_row(c, settings, device, iters, warmup, x_by_model[c.name])
+                    _finish_row(c, settings, device, x_by_model[c.name])
                 c.model = None
                 step(f"{c.name}: memory")
                 rows.append(c.row)
@@ -363,7 +373,7 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
 
 
 def _fail(row: dict[str, Any], error: BaseException) -> None:
-    row["status"] = "oom" if _is_oom(error) else "error"
+    row["status"] = "oom" if is_out_of_memory(error) else "error"
     row["error"] = _short_error(error)
 
 
@@ -425,7 +435,7 @@ def _warm_up(
             _sync(device)
             return update
         except Exception as e:
-            if settings.retry_oom and _is_oom(e) and batch > 1:
+            if settings.retry_oom and is_out_of_memory(e) and batch > 1:
                 batch //= 2
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -436,7 +446,7 @@ def _warm_up(
             return {**row, "batch": batch}
 
 
-def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device, iters: int, warmup: int, x: torch.Tensor) -> None:
+def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device, x: torch.Tensor) -> None:
     row = c.row
     stats = latency_stats(c.times_ms)
     row["latency_ms"] = stats

@@ -101,7 +101,11 @@ def scan_imagenet_val(root: PathLike, labels: Optional[PathLike] = None) -> Imag
 
 def _list_folder(root: Path) -> tuple[list[Path], list[Path]]:
     folders, images = [], []
-    with os.scandir(root) as entries:
+    try:
+        entries = os.scandir(root)
+    except OSError as e:
+        raise DatasetError(f"cannot read {root}: {e.strerror or e}") from None
+    with entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from rmt.data.imagenet import EvalImageDataset
 from rmt.data.labels import NUM_CLASSES
-from rmt.errors import ConfigError, DatasetError, EvalError
+from rmt.errors import ConfigError, DatasetError, EvalError, is_out_of_memory
 from rmt.eval.distributed import DistributedContext, ShardSampler, all_reduce_max, all_reduce_sum, gather_lists
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,7 +89,9 @@ def evaluate(
         raise ConfigError(f"{len(real_labels)} ReaL label sets for {len(dataset)} images")
     notify = on_message or (lambda message: None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format).eval()
+    model = model.to(device=device).eval()
+    if channels_last:  # otherwise keep the model's own layout (RMT's convs are channels-last already)
+        model = model.to(memory_format=memory_format)
     sampler = ShardSampler(len(dataset), context.rank, context.world_size)
     loader = DataLoader(
         dataset,
@@ -162,7 +164,9 @@ class _BatchHalvingForward:
             size = min(self.batch_size, len(images) - start)
             try:
                 outputs.append(self.model(images[start : start + size]))
-            except torch.OutOfMemoryError:
+            except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(e):
+                    raise
                 out_of_memory = True
             else:
                 out_of_memory = False

@@ -18,7 +18,7 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
 * ``"auto"`` (default): the fastest measured for RMT's short sequences: SDPA on the CPU; on CUDA
   SDPA with the memory-efficient backend first (torch prefers cuDNN, 1.5x slower here), and under
   ``torch.compile`` the reference math, which inductor fuses (rmt_s 15.4 ms against 22.2 ms
-  with SDPA, batch 64 bf16 on an H200).
+  with cuDNN SDPA, batch 64 bf16, two runs on H200 machines).
 """
 
 from __future__ import annotations
@@ -83,14 +83,20 @@ class ManhattanPosition(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, decay_init: float, decay_heads_range: float, decomposed: bool):
         super().__init__()
-        head_dim = dim // num_heads
-        angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 2))
-        self.register_buffer("angle", angle.unsqueeze(-1).repeat(1, 2).flatten(), persistent=False)
-        decay = torch.log(1 - 2 ** (-decay_init - decay_heads_range * torch.arange(num_heads, dtype=torch.float) / num_heads))
-        self.register_buffer("decay", decay, persistent=False)
-        self.num_heads = num_heads
+        self.dim, self.num_heads = dim, num_heads
+        self.decay_init, self.decay_heads_range = decay_init, decay_heads_range
         self.decomposed = decomposed
+        for name, value in self.official_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self._cache: dict[tuple, PositionTables] = {}
+
+    def official_buffers(self) -> dict[str, Tensor]:
+        """``angle`` and ``decay`` as the official ``Relpos`` module computes them (fp32, CPU)."""
+        with torch.device("cpu"):
+            angle = 1.0 / (10000 ** torch.linspace(0, 1, self.dim // self.num_heads // 2))
+            heads = torch.arange(self.num_heads, dtype=torch.float)
+            decay = torch.log(1 - 2 ** (-self.decay_init - self.decay_heads_range * heads / self.num_heads))
+        return {"angle": angle.unsqueeze(-1).repeat(1, 2).flatten(), "decay": decay}
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): tables follow the buffers
         self._cache = {}

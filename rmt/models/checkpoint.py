@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from rmt.errors import CheckpointError
+from rmt.errors import CheckpointError, first_line
 from rmt.io import atomic_write
 
 PathLike = Union[str, os.PathLike]
@@ -66,8 +66,7 @@ def read_checkpoint(path: PathLike) -> Any:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not complete")
     with open(path, "rb") as f:
         head = f.read(512)
-    sniff = head.lstrip().lower()
-    if sniff.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+    if looks_like_html(head):
         raise CheckpointError(
             f"{path} is an HTML page, not a checkpoint: a web page (a share or login page) was saved "
             "instead of the file; download the file itself"
@@ -84,12 +83,12 @@ def read_checkpoint(path: PathLike) -> Any:
                 "when loaded; only tensors, containers and argparse.Namespace are accepted"
             ) from None
         raise CheckpointError(
-            f"refused to open {path}: the safe loader cannot read it ({_first_line_of(e)}); "
+            f"refused to open {path}: the safe loader cannot read it ({_unpickling_reason(e)}); "
             "only torch.save files of tensors, containers and argparse.Namespace are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({size:,} bytes; truncated or corrupt): {_first_line(e)}"
+            f"{path} is not a readable checkpoint ({size:,} bytes; truncated or corrupt): {first_line(e)}"
         ) from None
 
 
@@ -127,14 +126,14 @@ def _code_globals(path: str) -> list[str]:
     return unsafe
 
 
-def _first_line_of(error: BaseException) -> str:
+def _unpickling_reason(error: BaseException) -> str:
     match = re.search(r"(Unsupported [^.\n]*)", str(error))
-    return match.group(1).strip() if match else _first_line(error)
+    return match.group(1).strip() if match else first_line(error)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def looks_like_html(head: bytes) -> bool:
+    """Whether the first bytes of a file are a web page (a share, login or error page)."""
+    return head.lstrip()[:16].lower().startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body"))
 
 
 def select_state_dict(checkpoint: Any, ema: Optional[bool] = None) -> tuple[dict[str, Tensor], str]:
@@ -344,14 +343,40 @@ def _guess_variant(shapes: Mapping[str, tuple], model_name: str) -> Optional[str
 
 
 @functools.lru_cache(maxsize=None)
-def official_shapes(name: str) -> dict[str, tuple]:
-    """Keys and shapes of a published variant's official state dict (built on the meta device)."""
+def _variant_on_meta(name: str) -> nn.Module:
+    """A published variant without storage: its layout and shapes, for checks that load nothing."""
     from rmt.models.config import VARIANTS
     from rmt.models.rmt import RMT
 
     with torch.device("meta"):
-        model = RMT(VARIANTS[name])
-    return {k: tuple(v.shape) for k, v in export_official_state_dict(model).items()}
+        return RMT(VARIANTS[name])
+
+
+def official_shapes(name: str) -> dict[str, tuple]:
+    """Keys and shapes of a published variant's official state dict."""
+    return {k: tuple(v.shape) for k, v in export_official_state_dict(_variant_on_meta(name)).items()}
+
+
+def check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> str:
+    """Raise a one-line CheckpointError unless ``state_dict`` (official layout or ours) fits
+    ``model`` exactly, derived ``Relpos`` buffers included; returns ``"official"`` or ``"rmt"``."""
+    if not _is_official_layout(state_dict):
+        check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items()}, name)
+        return "rmt"
+    expected = {k: v.shape for k, v in export_official_state_dict(model).items()}
+    relpos = tuple(k for k in expected if _RELPOS.match(k))
+    check_fits(state_dict, expected, name, optional=relpos)
+    _check_relpos(state_dict, model, name)
+    return "official"
+
+
+def check_variant_state_dict(state_dict: Mapping[str, Tensor], name: str) -> tuple[str, int]:
+    """Check a state dict against a published variant without building its weights.
+
+    Returns the layout (``"official"`` or ``"rmt"``) and the variant's parameter count.
+    """
+    model = _variant_on_meta(name)
+    return check_state_dict(state_dict, model, name), sum(p.numel() for p in model.parameters())
 
 
 def convert_checkpoint(checkpoint: Any, model: nn.Module, ema: Optional[bool] = None, model_name: str = "") -> dict[str, Tensor]:
@@ -361,13 +386,8 @@ def convert_checkpoint(checkpoint: Any, model: nn.Module, ema: Optional[bool] = 
     """
     name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
     state_dict, _ = select_state_dict(checkpoint, ema)
-    if not _is_official_layout(state_dict):
-        check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items()}, name)
+    if check_state_dict(state_dict, model, name) == "rmt":
         return state_dict
-    expected = {k: v.shape for k, v in export_official_state_dict(model).items()}
-    relpos = tuple(k for k in expected if _RELPOS.match(k))
-    check_fits(state_dict, expected, name, optional=relpos)
-    _check_relpos(state_dict, model, name)
     return _from_official(state_dict)
 
 
@@ -376,8 +396,8 @@ def _check_relpos(state_dict: Mapping[str, Tensor], model: nn.Module, name: str)
         m = _RELPOS.match(key)
         if not m:
             continue
-        ours = getattr(model.stages[int(m.group(1))].position, m.group(2))
-        if value.shape != ours.shape or not torch.allclose(value.float(), ours.float().cpu(), rtol=1e-4, atol=1e-6):
+        ours = model.stages[int(m.group(1))].position.official_buffers()[m.group(2)]
+        if value.shape != ours.shape or not torch.allclose(value.float(), ours, rtol=1e-4, atol=1e-6):
             raise CheckpointError(
                 f"checkpoint does not fit {name}: {key} differs from the value this configuration computes "
                 "(the file was made with other decay or head settings)"

@@ -23,7 +23,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from filelock import FileLock
 
@@ -159,27 +159,24 @@ class WeightsCache:
         record = self._read_manifest()["files"].get(key)
         return self._record_from(key, record) if record else None
 
-    def records(self) -> Iterator[CachedFile]:
-        for key, record in self._read_manifest()["files"].items():
-            yield self._record_from(key, record)
-
     def _update_manifest(self, key: str, record: dict) -> None:
         # read-modify-write under its own lock: several models may be stored at once
-        with FileLock(str(self._lock_path("manifest"))):
-            manifest = self._read_manifest()
-            manifest["version"] = MANIFEST_VERSION
-            manifest["files"][key] = record
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".tmp")
-            try:
+        tmp = None
+        try:
+            with FileLock(str(self._lock_path("manifest"))):
+                manifest = self._read_manifest()
+                manifest["version"] = MANIFEST_VERSION
+                manifest["files"][key] = record
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".tmp")
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump(manifest, f, indent=2, sort_keys=True)
                     f.write("\n")
                 os.replace(tmp, self.manifest_path)
-            except OSError as e:
-                raise cache_write_error(self.root, e, "the manifest") from None
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        except OSError as e:
+            raise cache_write_error(self.root, e, "the manifest") from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
 
     # ------------------------------------------------------------------------- files
 

@@ -8,11 +8,11 @@ from typing import Any, Optional
 
 from torch import nn
 
-from rmt.errors import CheckpointError, DownloadError, WeightsNotCachedError, ZooError
+from rmt.errors import CheckpointError, DownloadError, WeightsNotCachedError, ZooError, first_line
 from rmt.zoo.fetch import how_to_get, weights_path
 from rmt.zoo.registry import ZooEntry, get_entry
 from rmt.zoo.transfer import offline
-from rmt.zoo.verify import check_weights_file, load_state_dict
+from rmt.zoo.verify import check_weights_file, ema_choice, load_state_dict
 
 
 def create_model(
@@ -30,6 +30,8 @@ def create_model(
     if entry.is_rmt:
         import rmt
 
+        if checkpoint is not None:  # the state dict the published figures belong to (EMA or plain)
+            kwargs.setdefault("ema", ema_choice(entry))
         return rmt.create_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     import timm
 
@@ -61,7 +63,6 @@ def _from_timm_hub(entry: ZooEntry, kwargs: dict) -> nn.Module:
     try:
         return timm.create_model(entry.timm_name, pretrained=True, **kwargs)
     except (OSError, HfHubHTTPError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DownloadError(
-            f"timm could not fetch the weights of {entry.name} ({first}); {how_to_get(entry)['message']}"
+            f"timm could not fetch the weights of {entry.name} ({first_line(e)}); {how_to_get(entry)['message']}"
         ) from None

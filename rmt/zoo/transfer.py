@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from rmt.errors import DownloadError, ZooError
+from rmt.errors import DownloadError, ZooError, first_line
+from rmt.models.checkpoint import looks_like_html
 
 Progress = Callable[[int, Optional[int]], None]  # (bytes so far, total bytes or None)
 Notify = Callable[[str], None]  # a human-readable status line
@@ -30,7 +31,6 @@ Notify = Callable[[str], None]  # a human-readable status line
 _CHUNK = 1 << 20
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
-_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _MAX_BACKOFF_S = 30.0
 
@@ -201,7 +201,7 @@ def _http_attempt(
                 chunk = _read(response, url, done, total)
                 if not chunk:
                     break
-                if done == 0 and chunk.lstrip()[:16].lower().startswith(_HTML_STARTS):
+                if done == 0 and looks_like_html(chunk):
                     f.close()
                     discard_partial(partial)
                     raise DownloadError(_html_message(url))
@@ -291,8 +291,7 @@ def _host(url: str) -> str:
 def _reason(error: object) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 def _user_agent() -> str:

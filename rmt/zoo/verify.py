@@ -20,15 +20,7 @@ import torch
 from torch import Tensor
 
 from rmt.errors import CheckpointError
-from rmt.models.checkpoint import (
-    _RELPOS,
-    _is_official_layout,
-    _param_count,
-    check_fits,
-    official_shapes,
-    read_checkpoint,
-    select_state_dict,
-)
+from rmt.models.checkpoint import check_fits, check_variant_state_dict, read_checkpoint, select_state_dict
 from rmt.zoo.registry import ZooEntry
 
 
@@ -55,24 +47,8 @@ def check_weights_file(entry: ZooEntry, path: Path) -> CheckedFile:
 
 def _check_rmt(entry: ZooEntry, path: Path) -> CheckedFile:
     state, where = select_state_dict(read_checkpoint(path), ema_choice(entry))
-    if _is_official_layout(state):
-        expected = official_shapes(entry.name)
-        relpos = tuple(k for k in expected if _RELPOS.match(k))  # derived buffers: optional
-        check_fits(state, expected, entry.name, optional=relpos)
-        return CheckedFile(_param_count(expected), where, "official")
-    expected = _rmt_shapes(entry.name)
-    check_fits(state, expected, entry.name)
-    return CheckedFile(_param_count(expected), where, "rmt")
-
-
-@functools.lru_cache(maxsize=None)
-def _rmt_shapes(name: str) -> dict[str, tuple]:
-    from rmt.models.config import VARIANTS
-    from rmt.models.rmt import RMT
-
-    with torch.device("meta"):
-        model = RMT(VARIANTS[name])
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    layout, params = check_variant_state_dict(state, entry.name)
+    return CheckedFile(params, where, layout)
 
 
 @functools.lru_cache(maxsize=8)
