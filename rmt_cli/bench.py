@@ -61,7 +61,7 @@ def bench(
     iters: Optional[int] = typer.Option(None, help="Timed iterations (default 50 on CUDA; on CPU 1-5 to fit the time budget)."),
     time_budget: float = typer.Option(150.0, "--time-budget", help="CPU only: seconds the default iteration count aims at."),
     retry_oom: bool = typer.Option(False, "--retry-oom", help="On out-of-memory, retry that model with half the batch."),
-    baseline: Optional[str] = typer.Option(None, help="Ratios are to this model (default: the first one)."),
+    baseline: Optional[str] = typer.Option(None, help="Ratios are to this model (default: the first one; swin_t for the default set)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the schema-1 JSON report here."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per model and setting."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="PNG: published top-1 vs throughput (needs rmt\\[plot])."),
@@ -76,6 +76,8 @@ def bench(
     except ValueError:
         raise RMTError(f"--batch takes integers, got {', '.join(batch)}") from None
     names = list(models) if models else list(DEFAULT_MODELS)
+    if not models and baseline is None:
+        baseline = "swin_t"  # the default run is RMT against Swin, as in the paper
     settings = BenchSettings(
         models=names,
         batches=batches,

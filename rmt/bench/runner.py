@@ -323,9 +323,10 @@ def run_benchmark(
             if on_cuda:
                 torch.cuda.empty_cache()
     if budgeted:
+        counts = "-".join(str(n) for n in sorted({r["iters"] for r in rows if r.get("iters")})) or "0"
         notes.append(
-            f"CPU run: {warmup} warmup and {sorted({r['iters'] for r in rows if r.get('iters')}) or [0]} timed "
-            f"iteration(s) per model, chosen to fit a {settings.time_budget_s:.0f} s budget (--iters overrides)"
+            f"CPU run: {warmup} warmup and {counts} timed iteration(s) per model, chosen to fit a "
+            f"{settings.time_budget_s:.0f} s budget (--iters overrides)"
         )
     _add_ratios(rows, baseline)
     return {
