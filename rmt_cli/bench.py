@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -154,7 +155,7 @@ def _print_bench(report: dict[str, Any]) -> None:
     if len(sizes) > 1:
         _print_sweep(report, sizes, memory_label)
     for note in report["notes"]:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _print_sweep(report: dict[str, Any], sizes: list[tuple[int, int]], memory_label: str) -> None:
@@ -254,9 +255,9 @@ def profile(
         table.add_row(*cells)
     out.print(table)
     for trace in summary["trace_files"]:
-        out.print(f"trace: {trace}")
-    out.print(f"TensorBoard: {summary['open']['tensorboard']}")
-    out.print(f"Perfetto: {summary['open']['perfetto']}")
+        out.print(f"trace: {trace}", markup=False)
+    out.print(f"TensorBoard: {summary['open']['tensorboard']}", markup=False)  # "rmt[tensorboard]" is no markup
+    out.print(f"Perfetto: {summary['open']['perfetto']}", markup=False)
     if json_out:
         write_json(summary, json_out)
 

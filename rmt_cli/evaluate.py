@@ -97,7 +97,7 @@ def evaluate(
             real_labels=real_labels_file if real_labels_file is not None else real_labels,
             skip_bad=skip_bad,
             progress=on_progress,
-            on_message=lambda message: err.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True),
+            on_message=lambda message: err.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True),
         )
     finally:
         bar.stop()

@@ -6,6 +6,7 @@ import sys
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 import rmt
 from rmt.errors import RMTError
@@ -52,7 +53,7 @@ def main() -> None:
         args = _evaluate.optional_real_labels_file(_bench.optional_compile_mode(sys.argv[1:]))
         app(args=args, prog_name="rmt")
     except RMTError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -181,7 +182,7 @@ def download(
         try:
             fetched = zoo.download(
                 name, url=url, sha256=sha256, source_file=source_file, force=force,
-                progress=on_progress, notify=lambda line: err.print(f"[dim]{line}[/]", highlight=False),
+                progress=on_progress, notify=lambda line: err.print(f"[dim]{escape(line)}[/]", highlight=False),
             )
         except WeightsNotCachedError as e:
             how = e.instructions
@@ -190,9 +191,9 @@ def download(
                 _print_json({"model": name, "action": "manual"} | how)
             elif "code" in how:
                 out.print(f"The weights of [bold]{name}[/] are only on Baidu pan; no program can download them.")
-                out.print(f"  1. open        {how['url']}")
-                out.print(f"  2. enter code  {how['code']}  and download the file")
-                out.print(f"  3. import it   {how['command']}")
+                out.print(f"  1. open        {escape(how['url'])}")
+                out.print(f"  2. enter code  {escape(how['code'])}  and download the file")
+                out.print(f"  3. import it   {escape(how['command'])}")
                 out.print("Or set RMT_ZOO_MIRROR to a mirror that has the file.")
             else:
                 out.print(how["message"])
@@ -203,7 +204,7 @@ def download(
     verb = {"cached": "already cached", "downloaded": "downloaded", "imported": "imported"}[fetched.action]
     checked = f", {fetched.params:,} parameters" if fetched.params else ""
     which = f", using '{fetched.state_dict}'" if fetched.state_dict else ""
-    out.print(f"{name}: {verb} {fetched.path} ({fetched.size:,} bytes{checked}{which})")
+    out.print(escape(f"{name}: {verb} {fetched.path} ({fetched.size:,} bytes{checked}{which})"))
     out.print(f"sha256 {fetched.sha256}")
     if fetched.trusted_on_first_use:
         out.print("no sha256 was known: this one is recorded (trust on first use) and every later use is checked against it")

@@ -357,3 +357,10 @@ def test_bench_cli_sweep_table(tmp_path):
     result = _cli("bench", "rmt_t", "--batch", "1", "--img-size", "64,96x128", "--iters", "1", "--warmup", "0")
     assert result.returncode == 0, result.stderr
     assert "resolution sweep" in result.stdout and "96x128" in result.stdout
+
+
+def test_error_lines_keep_square_brackets(tmp_path):
+    """Rich markup must not eat text such as 'rmt[plot]' or a path with brackets."""
+    missing = tmp_path / "run[1].json"
+    result = _cli("compare", str(missing), str(missing))
+    assert result.returncode == 2 and f"benchmark report not found: {missing}" in result.stderr
