@@ -130,7 +130,9 @@ def _table(report: EvalReport) -> Table:
     if c.real_top1 is not None:
         table.add_row("ReaL top-1", f"{c.real_top1:.3f} % ({c.real_images:,} images with ReaL labels)")
     if report.published_top1 is not None:
-        table.add_row("published top-1", f"{report.published_top1:.2f} % (difference {report.top1_delta:+.3f})")
+        # a difference to untrained weights would only look like a (terrible) result
+        difference = "" if report.weights == "random" else f" (difference {report.top1_delta:+.3f})"
+        table.add_row("published top-1", f"{report.published_top1:.2f} %{difference}")
     table.add_row("images", f"{c.images:,}" + (f" ({len(c.skipped):,} unreadable, skipped)" if c.skipped else ""))
     table.add_row("seconds", f"{c.seconds:.1f}")
     table.add_row("images/s", f"{c.images / c.seconds:.1f}" if c.seconds else "-")
