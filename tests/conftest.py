@@ -383,3 +383,20 @@ def rmt_t_checkpoint_bytes(schema) -> bytes:
     buffer = io.BytesIO()
     torch.save({"model": plain, "model_ema": ema, "epoch": 299}, buffer)
     return buffer.getvalue()
+
+
+def run_rmt(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """Run ``rmt ARGS`` in this process through the real entry point: (exit code, stdout, stderr)."""
+    import sys
+
+    from rmt_cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["rmt", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal width; keep lines whole
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

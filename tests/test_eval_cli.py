@@ -13,23 +13,15 @@ from pathlib import Path
 import pytest
 
 from rmt.data import read_real_labels
-from rmt_cli.main import main
 
-from conftest import TINY_VAL, code_ranking, code_red, tiny_val_expected
+from conftest import TINY_VAL, code_ranking, code_red, run_rmt, tiny_val_expected
 
 TOP1, TOP5 = (100.0 * n / len(TINY_VAL) for n in tiny_val_expected())
 
 
 def rmt_eval(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``rmt eval ARGS`` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["rmt", "eval", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_rmt(capsys, monkeypatch, "eval", *args)
 
 
 def one_line_error(code: int, err: str) -> str:

@@ -8,20 +8,9 @@ import sys
 
 import pytest
 
-from rmt_cli.main import main
 
 
-def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """Run ``rmt ARGS`` in this process through the real entry point; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["rmt", *args])
-    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal width; keep lines whole
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_rmt as run_cli
 
 
 def _one_error_line(err: str) -> str:
