@@ -44,7 +44,7 @@ def list_models(
     table = Table(
         title="rmt model zoo", title_justify="left", caption_justify="left",
         caption=(
-            "params: exact count. GMACs: fvcore at 224x224 on the official code. GFLOPs, top-1: as published.\n"
+            "params: exact count. GMACs at 224x224: fvcore on the official RMT code, rmt flops for the baselines. GFLOPs, top-1: as published.\n"
             f"Entries from {zoo.zoo_file()}; any timm model name works too (rmt info NAME)."
         ),
     )

@@ -364,3 +364,13 @@ def test_error_lines_keep_square_brackets(tmp_path):
     missing = tmp_path / "run[1].json"
     result = _cli("compare", str(missing), str(missing))
     assert result.returncode == 2 and f"benchmark report not found: {missing}" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["swin_t", "swin_s", "swin_b", "convnext_t", "deit_s"])
+def test_zoo_baseline_gmacs_are_what_rmt_flops_counts(name):
+    from rmt import zoo
+
+    entry = zoo.get_entry(name)
+    counted = count_flops(zoo.create_model(name), 224, name).gmacs
+    assert abs(counted - entry.measured["gmacs"]) < 1e-3
+    assert abs(counted - entry.published["gflops"]) / entry.published["gflops"] < 0.01
