@@ -419,8 +419,10 @@ def _warm_up(
             x = torch.randn(batch, 3, *size, device=device)
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            update: dict[str, Any] = {"batch": batch, "warmup": warmup, "_input": x}
-            for i in range(max(warmup, 1) if device.type == "cpu" else warmup):
+            # on the CPU the first pass also measures memory and sizes the time budget: always one
+            passes = max(warmup, 1) if device.type == "cpu" else warmup
+            update: dict[str, Any] = {"batch": batch, "warmup": passes, "_input": x}
+            for i in range(passes):
                 with _precision(device, settings.dtype):
                     if i == 0 and device.type == "cpu":
                         with _PeakRSS() as rss:
