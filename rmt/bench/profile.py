@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import DTYPES, _precision, build_model, quiet_stderr
+from rmt.bench.runner import DTYPES, precision, build_model, quiet_stderr
 from rmt.errors import RMTError
 
 
@@ -59,7 +59,7 @@ def profile_model(
         profile_memory=memory,
     ) as prof:
         for _ in range(wait + warmup + active):
-            with _precision(dev, dtype):
+            with precision(dev, dtype):
                 model(x)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)

@@ -125,7 +125,7 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _precision(device: torch.device, dtype: str) -> Iterator[None]:
+def precision(device: torch.device, dtype: str) -> Iterator[None]:
     """fp32 with TF32 off or on, or bf16/fp16 autocast; flags restored afterwards."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
@@ -305,7 +305,7 @@ def run_benchmark(
                     if c.row["status"] != "ok":
                         continue
                     try:
-                        with _precision(device, settings.dtype):
+                        with precision(device, settings.dtype):
                             c.times_ms.append(_timed_forward(c.model, x_by_model[c.name], device))
                     except Exception as e:  # keep going with the other models
                         _fail(c.row, e)
@@ -400,7 +400,7 @@ def _prepare(
         model = model.to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        with _precision(device, settings.dtype):
+        with precision(device, settings.dtype):
             row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
         if settings.compile_mode:
             model = torch.compile(model, mode=None if settings.compile_mode == "default" else settings.compile_mode)
@@ -423,7 +423,7 @@ def _warm_up(
             passes = max(warmup, 1) if device.type == "cpu" else warmup
             update: dict[str, Any] = {"batch": batch, "warmup": passes, "_input": x}
             for i in range(passes):
-                with _precision(device, settings.dtype):
+                with precision(device, settings.dtype):
                     if i == 0 and device.type == "cpu":
                         with _PeakRSS() as rss:
                             begin = time.perf_counter()
@@ -461,7 +461,7 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device, x:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            with _precision(device, settings.dtype):
+            with precision(device, settings.dtype):
                 c.model(x)
             torch.cuda.synchronize(device)
             row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
