@@ -57,15 +57,77 @@ def test_unknown_kernel_is_a_clear_error():
         rmt.create_model("rmt_t", attn_kernel="fast")
 
 
-def test_rotary_real_and_complex_forms_agree():
-    from rmt.models.attention import apply_rotary
+def test_rotary_real_and_complex_forms_agree_with_the_official_theta_shift():
+    from rmt.models.attention import rotate_queries_and_keys
 
     position = ManhattanPosition(64, 4, 2.0, 4.0, decomposed=True)
     tables = position.tables(6, 5, torch.float32, with_masks=True)
-    x = torch.randn(2, 6, 5, 2, 4, 16)
-    complex_form = apply_rotary(x, tables)
-    real_form = apply_rotary(x.double(), position.tables(6, 5, torch.float64, with_masks=True))
+    qk = torch.randn(2, 6, 5, 2, 4, 16)
+    complex_form = rotate_queries_and_keys(qk, tables)
+    real_form = rotate_queries_and_keys(qk.double(), position.tables(6, 5, torch.float64, with_masks=True))
     assert (complex_form.double() - real_form).abs().max().item() < 1e-5
+
+    # the official code (float32 tables): k scaled by head_dim ** -0.5, then
+    # x * cos + rotate_every_two(x) * sin
+    phase = torch.arange(30, dtype=torch.float32)[:, None] * position.angle
+    sin, cos = torch.sin(phase).reshape(6, 5, 1, 16), torch.cos(phase).reshape(6, 5, 1, 16)
+
+    def theta_shift(x):
+        rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+        return x * cos + rotated * sin
+
+    q, k = qk.unbind(3)
+    official = torch.stack([theta_shift(q), theta_shift(k * 16**-0.5)], dim=3)
+    assert (complex_form - official).abs().max().item() < 1e-5
+
+
+def _attention_inputs(h, w, heads, decomposed):
+    position = ManhattanPosition(16 * heads, heads, 2.0, 4.0, decomposed=decomposed)
+    q, k, v = (torch.randn(2, h, w, heads, 16) for _ in range(3))
+    return position, position.tables(h, w, torch.float32, with_masks=True), q, k, v
+
+
+def _decayed_attention_by_definition(q, k, v, decay, distance):
+    """softmax(q k^T + decay * distance) v in float64, on (groups, L, heads, d); k pre-scaled."""
+    scores = torch.einsum("gind,gjnd->gnij", q, k) + decay[:, None, None] * distance
+    return torch.einsum("gnij,gjnd->gind", torch.softmax(scores, dim=-1), v)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference"])
+@pytest.mark.parametrize("size", [(12, 20), (40, 9), (7, 36)])  # every CPU choice of auto: L <= 16, <= 32, longer
+def test_decomposed_attention_by_definition(kernel, size):
+    from rmt.models.attention import decomposed_attention
+
+    h, w = size
+    position, tables, q, k, v = _attention_inputs(h, w, 3, decomposed=True)
+    out = decomposed_attention(q, k, v, tables, kernel)
+
+    q64, k64, v64, decay = q.double(), k.double(), v.double(), position.decay.double()
+    line = lambda n: (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().double()  # noqa: E731
+    rows = _decayed_attention_by_definition(*(t.reshape(2 * h, w, 3, 16) for t in (q64, k64, v64)), decay, line(w))
+    rows = rows.reshape(2, h, w, 3, 16)
+    columns = _decayed_attention_by_definition(
+        *(t.transpose(1, 2).reshape(2 * w, h, 3, 16) for t in (q64, k64, rows)), decay, line(h)
+    )
+    expected = columns.reshape(2, w, h, 3, 16).transpose(1, 2)
+    assert out.shape == expected.shape
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference"])
+@pytest.mark.parametrize("size", [(3, 4), (5, 6), (7, 9)])
+def test_full_attention_by_definition(kernel, size):
+    from rmt.models.attention import full_attention
+
+    h, w = size
+    position, tables, q, k, v = _attention_inputs(h, w, 4, decomposed=False)
+    out = full_attention(q, k, v, tables, kernel)
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    manhattan = (grid[:, None] - grid[None]).abs().sum(-1).double()
+    expected = _decayed_attention_by_definition(
+        *(t.double().reshape(2, h * w, 4, 16) for t in (q, k, v)), position.decay.double(), manhattan
+    )
+    assert (out.double() - expected.reshape(2, h, w, 4, 16)).abs().max().item() < 1e-5
 
 
 def test_tables_are_built_once_per_size(monkeypatch):

@@ -15,10 +15,18 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
 * ``"reference"``: matmul, add decay, softmax, matmul, written plainly as the paper states it.
 * ``"flex"``: FlexAttention with a ``score_mod`` computing the decay from the token indices, so
   no mask is materialised (meant for ``torch.compile``).
-* ``"auto"`` (default): the fastest measured for RMT's short sequences: SDPA on the CPU; on CUDA
-  SDPA with the memory-efficient backend first (torch prefers cuDNN, 1.5x slower here), and under
-  ``torch.compile`` the reference math, which inductor fuses (rmt_s 15.4 ms against 22.2 ms
-  with cuDNN SDPA, batch 64 bf16, two runs on H200 machines).
+* ``"auto"`` (default): the fastest measured for RMT's short sequences. On the CPU it depends on
+  the sequence length L of each pass (2-thread AVX-512 measurements in docs/performance.md):
+  L <= 16, the matmul math with the scores laid out keys-first, so that the softmax reduces over
+  a non-innermost dimension and is vectorised across queries (a 14-long innermost softmax wastes
+  most of a 16-lane vector); L <= 32, the plain matmul math with k stored transposed (the fastest
+  batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA: SDPA with the
+  memory-efficient backend first (torch prefers cuDNN, 1.5x slower here), and under
+  ``torch.compile`` the reference math, which inductor fuses (rmt_s 15.4 ms against 22.2 ms with
+  cuDNN SDPA, batch 64 bf16, two runs on H200 machines).
+
+Every kernel receives k already scaled by ``head_dim ** -0.5``: the official code scales k before
+its theta shift, and we fold the scale into the rotary tables of k, so it costs nothing.
 """
 
 from __future__ import annotations
@@ -63,9 +71,11 @@ class DecayBias:
 class PositionTables:
     """Everything the attention of one stage needs for one (height, width, device, dtype)."""
 
-    cos: Tensor  # (H, W, head_dim)
-    sin: Tensor  # (H, W, head_dim), the sign of the pair rotation folded in
-    rotation: Optional[Tensor]  # (H, W, head_dim / 2) complex e^(i angle), float32 tables only
+    # rotary tables for (B, H, W, 2, heads, head_dim) stacked q and k; the k half carries the
+    # attention scale head_dim ** -0.5
+    cos: Tensor  # (H, W, 2, 1, head_dim)
+    sin: Tensor  # (H, W, 2, 1, head_dim), the sign of the pair rotation folded in
+    rotation: Optional[Tensor]  # (H, W, 2, 1, head_dim / 2) complex e^(i angle), float32 tables only
     rows: Optional[DecayBias]  # decomposed stages: attention along each row (sequence = width)
     columns: Optional[DecayBias]  # decomposed stages: attention along each column (sequence = height)
     full: Optional[DecayBias]  # other stages: attention over all H * W tokens
@@ -122,13 +132,18 @@ class ManhattanPosition(nn.Module):
         decay = self.decay  # float32: the official code computes all tables in float32
         index = torch.arange(height * width, device=decay.device, dtype=decay.dtype)
         phase = index[:, None] * self.angle[None, :]
-        cos, sin = torch.cos(phase), torch.sin(phase)
+        # q unscaled, k scaled: (2, 1) broadcasts over the stacked q/k and the heads
+        scale = torch.tensor([1.0, (self.dim // self.num_heads) ** -0.5], device=decay.device).reshape(2, 1, 1)
+        cos, sin = torch.cos(phase)[:, None, None] * scale, torch.sin(phase)[:, None, None] * scale
         # each pair is rotated by the same angle: as complex numbers, one multiplication
-        rotation = torch.complex(cos[:, 0::2], sin[:, 0::2]).reshape(height, width, -1) if dtype == torch.float32 else None
+        rotation = (
+            torch.complex(cos[..., 0::2], sin[..., 0::2]).reshape(height, width, 2, 1, -1)
+            if dtype == torch.float32 else None
+        )
         # rotate_every_two(x) * sin == swap_pairs(x) * sin_signed, with the pair's minus sign folded in
         sin = (sin.unflatten(-1, (-1, 2)) * torch.tensor([-1.0, 1.0], device=decay.device)).flatten(-2)
-        cos = cos.reshape(height, width, -1).to(dtype)
-        sin = sin.reshape(height, width, -1).to(dtype)
+        cos = cos.reshape(height, width, 2, 1, -1).to(dtype)
+        sin = sin.reshape(height, width, 2, 1, -1).to(dtype)
 
         def bias(distance: Optional[Tensor], grid_width: int) -> DecayBias:
             mask = None
@@ -155,33 +170,38 @@ class ManhattanPosition(nn.Module):
         return PositionTables(cos, sin, rotation, rows=None, columns=None, full=bias(manhattan, width))
 
 
-def apply_rotary(x: Tensor, tables: PositionTables) -> Tensor:
-    """The official theta shift, ``x * cos + rotate_every_two(x) * sin``, on (B, H, W, ..., head_dim).
+def rotate_queries_and_keys(qk: Tensor, tables: PositionTables) -> Tensor:
+    """The official theta shift, ``x * cos + rotate_every_two(x) * sin``, of q and k stacked as
+    (B, H, W, 2, heads, head_dim); k also gets the attention scale ``head_dim ** -0.5``.
 
     In float32 eager mode the interleaved pairs are viewed as complex numbers and rotated by one
     complex multiplication (several times faster on the CPU than the swap, two products and a
     sum); other dtypes and compiled graphs, which fuse the real form, use cos and sin.
     """
-    extra = x.dim() - 3  # dims between (B, H, W) and head_dim broadcast over the tables
-    if tables.rotation is not None and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        rotation = tables.rotation.reshape(tables.rotation.shape[:2] + (1,) * (extra - 1) + tables.rotation.shape[-1:])
-        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
-    shape = tables.cos.shape[:2] + (1,) * (extra - 1) + tables.cos.shape[-1:]
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return x * tables.cos.reshape(shape) + swapped * tables.sin.reshape(shape)
+    if tables.rotation is not None and qk.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return torch.view_as_real(torch.view_as_complex(qk.unflatten(-1, (-1, 2))) * tables.rotation).flatten(-2)
+    swapped = qk.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return qk * tables.cos + swapped * tables.sin
 
 
-# --- kernels: (q, k, v, bias) -> out, all (batch, heads, L, head_dim); scale head_dim ** -0.5 ---
+# --- kernels: (q, k, v, bias) -> out, all (batch, heads, L, head_dim); k is pre-scaled ---
 
 
 def _attend_reference(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    scores = scores + bias.mask
-    return torch.softmax(scores, dim=-1) @ v
+    scores = q @ k.transpose(-2, -1)
+    # in place on the fresh product: one full-size allocation fewer (the matmul's backward does not need it)
+    return torch.softmax(scores.add_(bias.mask), dim=-1) @ v
+
+
+def _attend_keys_first(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
+    # scores transposed, (..., keys, queries): the softmax over keys runs along dim -2, vectorised
+    # across queries; the decay is symmetric in query and key, so the mask is its own transpose
+    scores_t = k @ q.transpose(-2, -1)
+    return torch.softmax(scores_t.add_(bias.mask), dim=-2).transpose(-2, -1) @ v
 
 
 def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, scale=1.0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -195,9 +215,7 @@ def _efficient_first() -> Callable[[], contextlib.AbstractContextManager]:
     return functools.partial(sdpa_kernel, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _attend_auto(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
-    if not q.is_cuda:
-        return _attend_sdpa(q, k, v, bias)
+def _attend_cuda_auto(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
     if torch.compiler.is_compiling():
         return _attend_reference(q, k, v, bias)
     with _efficient_first()():
@@ -236,37 +254,81 @@ def _attend_flex(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
         from torch.nn.attention.flex_attention import flex_attention
     else:
         flex_attention = _compiled_flex_attention()
-    return flex_attention(q, k, v, score_mod=_decay_score_mod(bias))
+    return flex_attention(q, k, v, score_mod=_decay_score_mod(bias), scale=1.0)
 
 
-_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, DecayBias], Tensor]] = {
-    "auto": _attend_auto,
-    "reference": _attend_reference,
-    "sdpa": _attend_sdpa,
-    "flex": _attend_flex,
+@dataclass(frozen=True)
+class _Kernel:
+    """An attention function and the operand it wants stored transposed, (..., head_dim, L)
+    in memory (so its product with the other operand is a plain, fast GEMM)."""
+
+    attend: Callable[[Tensor, Tensor, Tensor, DecayBias], Tensor]
+    transposed: Optional[str] = None  # "q", "k" or None
+
+
+_KERNELS: dict[str, _Kernel] = {
+    "reference": _Kernel(_attend_reference),
+    "sdpa": _Kernel(_attend_sdpa),
+    "flex": _Kernel(_attend_flex),
+    "cuda_auto": _Kernel(_attend_cuda_auto),
+    "cpu_keys_first": _Kernel(_attend_keys_first, transposed="q"),
+    "cpu_matmul": _Kernel(_attend_reference, transposed="k"),
 }
+
+# the CPU choice of ``auto`` by sequence length (see the module docstring and docs/performance.md)
+CPU_KEYS_FIRST_MAX_LENGTH = 16
+CPU_MATMUL_MAX_LENGTH = 32
+
+
+def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
+    if kernel != "auto":
+        return _KERNELS[kernel]
+    if device.type == "cuda":
+        return _KERNELS["cuda_auto"]
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        if length <= CPU_KEYS_FIRST_MAX_LENGTH:
+            return _KERNELS["cpu_keys_first"]
+        if length <= CPU_MATMUL_MAX_LENGTH:
+            return _KERNELS["cpu_matmul"]
+    return _KERNELS["sdpa"]
+
+
+def _attend_sequences(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias, kernel: str) -> Tensor:
+    """Attention over sequences along dim 2 of (B, G, L, heads, head_dim) inputs, for each of
+    the B * G groups; returns (B, G, heads, L, head_dim)."""
+    b, g, length, n, d = q.shape
+    chosen = _resolve(kernel, q.device, length)
+
+    def sequences(t: Tensor, transposed: bool) -> Tensor:
+        if transposed:
+            return t.permute(0, 1, 3, 4, 2).reshape(b * g, n, d, length).transpose(-2, -1)
+        return t.permute(0, 1, 3, 2, 4).reshape(b * g, n, length, d)
+
+    out = chosen.attend(
+        sequences(q, chosen.transposed == "q"), sequences(k, chosen.transposed == "k"), sequences(v, False), bias
+    )
+    return out.view(b, g, n, length, d)
 
 
 def decomposed_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables, kernel: str) -> Tensor:
-    """Attention along each row, then along each column of its output; (B, H, W, n, d) in and out."""
-    attend = _KERNELS[kernel]
-    b, h, w, n, d = q.shape
-    # along rows: sequences of length W, one per (image, row)
-    rows = [t.permute(0, 1, 3, 2, 4).reshape(b * h, n, w, d) for t in (q, k, v)]
-    out = attend(*rows, tables.rows).reshape(b, h, n, w, d)
-    # along columns: sequences of length H, one per (image, column); values = the row pass output
-    q_c, k_c = (t.permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k))
-    v_c = out.permute(0, 3, 2, 1, 4).reshape(b * w, n, h, d)
-    out = attend(q_c, k_c, v_c, tables.columns)
-    return out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4)
+    """Attention along each row, then along each column of its output.
+
+    (B, H, W, heads, head_dim) in and out; the output may be a strided view.
+    """
+    rows = _attend_sequences(q, k, v, tables.rows, kernel)  # (B, H, heads, W, d)
+    # along columns: sequences of length H; values = the row pass output
+    columns = _attend_sequences(q.transpose(1, 2), k.transpose(1, 2), rows.permute(0, 3, 1, 2, 4), tables.columns, kernel)
+    return columns.permute(0, 3, 1, 2, 4)  # (B, W, heads, H, d) -> (B, H, W, heads, d)
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables, kernel: str) -> Tensor:
-    """Attention over all H * W tokens with the 2-D Manhattan decay; (B, H, W, n, d) in and out."""
+    """Attention over all H * W tokens with the 2-D Manhattan decay.
+
+    (B, H, W, heads, head_dim) in and out; the output may be a strided view.
+    """
     b, h, w, n, d = q.shape
-    q, k, v = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))
-    out = _KERNELS[kernel](q, k, v, tables.full)
-    return out.transpose(1, 2).reshape(b, h, w, n, d)
+    out = _attend_sequences(*(t.reshape(b, 1, h * w, n, d) for t in (q, k, v)), tables.full, kernel)
+    return out.view(b, n, h, w, d).permute(0, 2, 3, 1, 4)
 
 
 class ManhattanSelfAttention(nn.Module):
@@ -296,12 +358,15 @@ class ManhattanSelfAttention(nn.Module):
         # FlexAttention's kernels need head_dim >= 16 (all published variants have it)
         kernel = "auto" if self.kernel == "flex" and self.head_dim < 16 else self.kernel
         tables = position.tables(h, w, qk.dtype, with_masks=kernel != "flex")
-        qk = apply_rotary(qk.unflatten(-1, (2, self.num_heads, self.head_dim)), tables)
+        qk = rotate_queries_and_keys(qk.unflatten(-1, (2, self.num_heads, self.head_dim)), tables)
         q, k = qk.unbind(3)
         attention = decomposed_attention if self.decomposed else full_attention
         out = attention(q, k, v.unflatten(-1, (self.num_heads, self.head_dim)), tables, kernel)
         lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj(lce.add_(out.reshape(b, h, w, c)))
+        # the attention output may be a strided view: adding it into the fresh LCE output reads it
+        # in place instead of copying it into (B, H, W, C) first
+        lce.unflatten(-1, (self.num_heads, self.head_dim)).add_(out)
+        return self.proj(lce)
 
 
 __all__ = [
@@ -310,8 +375,8 @@ __all__ = [
     "ManhattanPosition",
     "ManhattanSelfAttention",
     "PositionTables",
-    "apply_rotary",
     "decomposed_attention",
     "full_attention",
     "resolve_attention_kernel",
+    "rotate_queries_and_keys",
 ]
