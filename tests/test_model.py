@@ -130,6 +130,34 @@ def test_full_attention_by_definition(kernel, size):
     assert (out.double() - expected.reshape(2, h, w, 4, 16)).abs().max().item() < 1e-5
 
 
+def test_cpu_inference_in_chunks_of_images_gives_the_same_numbers(monkeypatch):
+    import rmt.models.rmt as rmt_module
+
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval()
+    _randomize_norms(model)
+    x = torch.randn(3, 3, 64, 96)
+    calls = []
+    model.stages[0].blocks[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.inference_mode():
+        monkeypatch.setattr(rmt_module, "CPU_TOKENS_PER_CHUNK", 10**9)
+        whole = model(x)
+        assert calls == [3]
+        monkeypatch.setattr(rmt_module, "CPU_TOKENS_PER_CHUNK", 1)  # one image at a time
+        chunked = model(x)
+        assert calls[1:] == [1, 1, 1]
+    assert (chunked - whole).abs().max().item() <= 1e-6
+
+    # training mode (batch statistics) and autograd always see the whole batch
+    calls.clear()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    assert calls == [3, 3]
+
+
 def test_tables_are_built_once_per_size(monkeypatch):
     model = rmt.RMT(TINY).eval()
     builds = []

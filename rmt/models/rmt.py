@@ -13,7 +13,7 @@ loads its checkpoints through :func:`checkpoint_filter_fn`; the module layout fo
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -25,6 +25,24 @@ from torch.utils.checkpoint import checkpoint
 
 from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
 from rmt.models.config import VARIANTS, RMTConfig
+
+
+# Eval-mode CPU inference runs the stem and each stage on a few images at a time, at most this
+# many tokens (at least one image): their ops are all per image (batch norm uses its running
+# statistics), so the numbers are the same, and a chunk's activations stay in cache instead of
+# streaming 30 MB tensors through memory and fresh pages (docs/performance.md).
+CPU_TOKENS_PER_CHUNK = 3136  # one 56x56 map
+
+
+def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, tokens_per_image: int) -> Tensor:
+    """``fn(x)``, or the concatenation of ``fn`` over batch chunks in eval-mode CPU inference."""
+    images = max(1, CPU_TOKENS_PER_CHUNK // tokens_per_image)
+    if (
+        x.device.type != "cpu" or x.shape[0] <= images or module.training
+        or torch.is_grad_enabled() or torch.compiler.is_compiling()
+    ):
+        return fn(x)
+    return torch.cat([fn(chunk) for chunk in x.split(images)])
 
 
 class DepthwiseConvNHWC(nn.Conv2d):
@@ -50,6 +68,9 @@ class ConvStem(nn.Sequential):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        return in_cpu_chunks(self, self._forward, x, tokens_per_image=(x.shape[2] // 4) * (x.shape[3] // 4))
+
+    def _forward(self, x: Tensor) -> Tensor:
         # channels-last convs make the final permute to (B, H, W, C) free
         return super().forward(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
@@ -142,6 +163,9 @@ class RMTStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
+        return in_cpu_chunks(self, self._blocks, x, tokens_per_image=x.shape[1] * x.shape[2])
+
+    def _blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, self.position, use_reentrant=False)
