@@ -66,6 +66,9 @@ def test_rotary_real_and_complex_forms_agree_with_the_official_theta_shift():
     complex_form = rotate_queries_and_keys(qk, tables)
     real_form = rotate_queries_and_keys(qk.double(), position.tables(6, 5, torch.float64, with_masks=True))
     assert (complex_form.double() - real_form).abs().max().item() < 1e-5
+    in_place = qk.clone()
+    assert rotate_queries_and_keys(in_place, tables, inplace=True) is in_place
+    assert torch.equal(in_place, complex_form)
 
     # the official code (float32 tables): k scaled by head_dim ** -0.5, then
     # x * cos + rotate_every_two(x) * sin
@@ -255,6 +258,22 @@ def test_training_step_and_grad_checkpointing():
     model(x).sum().backward()
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, plain[n], atol=1e-6), n
+
+
+def test_gradients_of_the_fast_float32_path_match_float64():
+    """The float32 path rotates q/k in place (complex form) and picks CPU kernels by length;
+    float64 takes the real-form rotary: their gradients must agree."""
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 3, 64, 96)
+    model(x).square().sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.double()
+    model(x.double()).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fast[n].double(), p.grad, rtol=1e-3, atol=1e-5), n
 
 
 def test_moving_the_model_rebuilds_tables():

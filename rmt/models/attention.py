@@ -170,16 +170,21 @@ class ManhattanPosition(nn.Module):
         return PositionTables(cos, sin, rotation, rows=None, columns=None, full=bias(manhattan, width))
 
 
-def rotate_queries_and_keys(qk: Tensor, tables: PositionTables) -> Tensor:
+def rotate_queries_and_keys(qk: Tensor, tables: PositionTables, inplace: bool = False) -> Tensor:
     """The official theta shift, ``x * cos + rotate_every_two(x) * sin``, of q and k stacked as
     (B, H, W, 2, heads, head_dim); k also gets the attention scale ``head_dim ** -0.5``.
 
     In float32 eager mode the interleaved pairs are viewed as complex numbers and rotated by one
     complex multiplication (several times faster on the CPU than the swap, two products and a
-    sum); other dtypes and compiled graphs, which fuse the real form, use cos and sin.
+    sum), in place if ``inplace`` (for a fresh projection output); other dtypes and compiled
+    graphs, which fuse the real form, use cos and sin and always return a new tensor.
     """
     if tables.rotation is not None and qk.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return torch.view_as_real(torch.view_as_complex(qk.unflatten(-1, (-1, 2))) * tables.rotation).flatten(-2)
+        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+        if inplace:
+            pairs.mul_(tables.rotation)
+            return qk
+        return torch.view_as_real(pairs * tables.rotation).flatten(-2)
     swapped = qk.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return qk * tables.cos + swapped * tables.sin
 
@@ -358,7 +363,8 @@ class ManhattanSelfAttention(nn.Module):
         # FlexAttention's kernels need head_dim >= 16 (all published variants have it)
         kernel = "auto" if self.kernel == "flex" and self.head_dim < 16 else self.kernel
         tables = position.tables(h, w, qk.dtype, with_masks=kernel != "flex")
-        qk = rotate_queries_and_keys(qk.unflatten(-1, (2, self.num_heads, self.head_dim)), tables)
+        # in place: a fresh output, which the projection's backward does not need
+        qk = rotate_queries_and_keys(qk.unflatten(-1, (2, self.num_heads, self.head_dim)), tables, inplace=True)
         q, k = qk.unbind(3)
         attention = decomposed_attention if self.decomposed else full_attention
         out = attention(q, k, v.unflatten(-1, (self.num_heads, self.head_dim)), tables, kernel)

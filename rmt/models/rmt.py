@@ -31,7 +31,7 @@ from rmt.models.config import VARIANTS, RMTConfig
 # many tokens (at least one image): their ops are all per image (batch norm uses its running
 # statistics), so the numbers are the same, and a chunk's activations stay in cache instead of
 # streaming 30 MB tensors through memory and fresh pages (docs/performance.md).
-CPU_TOKENS_PER_CHUNK = 3136  # one 56x56 map
+CPU_TOKENS_PER_CHUNK = 1568  # at 224 px: 1 image per chunk at 56x56, 2 at 28x28, 8 at 14x14
 
 
 def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, tokens_per_image: int) -> Tensor:
@@ -98,7 +98,10 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.fc1(x))
+        x = self.fc1(x)
+        # in place when no backward pass needs GELU's input: on the CPU every fresh allocation
+        # of this, the largest activation, can cost page faults
+        x = self.act(x) if torch.is_grad_enabled() else torch._C._nn.gelu_(x, approximate=self.act.approximate)
         # in-place adds on fresh outputs save an allocation (autograd-safe: conv backward needs
         # its input, not its output)
         x = self.dwconv(x).add_(x)
