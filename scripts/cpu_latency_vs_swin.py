@@ -5,6 +5,7 @@ which every model runs once in turn (interleaved, so drift hits all alike); each
 over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
 
     python scripts/cpu_latency_vs_swin.py --models rmt_t rmt_s rmt_b --batch 8 --threads 2 --rounds 7
+    python scripts/cpu_latency_vs_swin.py --kernels auto reference ...   (each RMT model on each kernel)
     python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile)
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -26,7 +28,7 @@ BASELINE = "swin_tiny_patch4_window7_224"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["rmt_t", "rmt_s", "rmt_b"])
-    parser.add_argument("--kernel", default="auto", help="attention kernel of the RMT models")
+    parser.add_argument("--kernels", nargs="+", default=["auto"], help="attention kernels of the RMT models")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
@@ -38,13 +40,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    names = [BASELINE] + args.models
-    models = {}
-    for name in names:
-        kwargs = {"attn_kernel": args.kernel} if name.startswith("rmt_") else {}
-        models[name] = timm.create_model(name, **kwargs).eval()
-        if args.compile:
-            models[name] = torch.compile(models[name])
+    models = {BASELINE: timm.create_model(BASELINE).eval()}
+    for name in args.models:
+        for kernel in args.kernels:
+            label = name if kernel == "auto" else f"{name}[{kernel}]"
+            models[label] = timm.create_model(name, attn_kernel=kernel).eval()
+    if args.compile:
+        models = {label: torch.compile(model) for label, model in models.items()}
+    names = list(models)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
@@ -59,15 +62,17 @@ def main() -> None:
     base = statistics.median(times[BASELINE])
     results = []
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, "
-          f"median of {args.rounds} interleaved rounds, RMT kernel {args.kernel}{', compiled' if args.compile else ''}")
+          f"median of {args.rounds} interleaved rounds{', compiled' if args.compile else ''}")
     for name in names:
         med = statistics.median(times[name])
         results.append({"model": name, "median_ms": round(med, 2), "ratio_to_swin_t": round(med / base, 3)})
-        print(f"{name:32s} {med:9.1f} ms   x{med / base:.3f}")
+        print(f"{name:36s} {med:9.1f} ms   x{med / base:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-                       "torch": torch.__version__, "kernel": args.kernel, "compiled": args.compile,
+                       "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                       "kernels": args.kernels, "compiled": args.compile,
                        "results": results}, f, indent=2)
 
 

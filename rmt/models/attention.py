@@ -290,7 +290,7 @@ def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
         return _KERNELS[kernel]
     if device.type == "cuda":
         return _KERNELS["cuda_auto"]
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+    if device.type == "cpu":
         if length <= CPU_KEYS_FIRST_MAX_LENGTH:
             return _KERNELS["cpu_keys_first"]
         if length <= CPU_MATMUL_MAX_LENGTH:

@@ -39,7 +39,7 @@ def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, 
     images = max(1, CPU_TOKENS_PER_CHUNK // tokens_per_image)
     if (
         x.device.type != "cpu" or x.shape[0] <= images or module.training
-        or torch.is_grad_enabled() or torch.compiler.is_compiling()
+        or torch.is_grad_enabled()
     ):
         return fn(x)
     return torch.cat([fn(chunk) for chunk in x.split(images)])
