@@ -36,6 +36,8 @@ JOBS = [
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
     ("resolution_bf16", dict(models=["rmt_s", "swin_t"], batches=[1, 8], img_sizes=[(512, 512), (768, 768), (1024, 1024)]), None),
     ("compiled_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default"), None),
+    # CUDA graphs for the launch-bound small batches (batch 1 eager is ~30 ms of kernel launches)
+    ("cuda_graphs_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[1, 8], compile_mode="reduce-overhead"), None),
     ("compiled_flex_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64], compile_mode="default"), "flex"),
     ("compiled_bf16_b256", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[256], compile_mode="default"), None),
 ]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of docs/performance.md: the CUDA tests, then the benchmark matrix (rmt_t/s/b and
-# swin_t/s/b, bf16, batch 64 and 256, eager and compiled, the plain reference path, FlexAttention,
-# the resolution curve), inside about 8 minutes on an H100/H200. Everything lands under $OUT:
+# swin_t/s/b, bf16, batch 64 and 256, eager and compiled, the plain reference path, the resolution
+# curve, CUDA graphs at batch 1 and 8, FlexAttention), inside about 8 minutes on an H100/H200.
+# Everything lands under $OUT:
 # log.txt, pytest.txt, one JSON per benchmark job, summary.json.
 #
 #   OUT=runs/gpu bash scripts/gpu_check.sh
