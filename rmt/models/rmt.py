@@ -36,11 +36,8 @@ CPU_TOKENS_PER_CHUNK = 1568  # at 224 px: 1 image per chunk at 56x56, 2 at 28x28
 
 def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, tokens_per_image: int) -> Tensor:
     """``fn(x)``, or the concatenation of ``fn`` over batch chunks in eval-mode CPU inference."""
-    images = max(1, CPU_TOKENS_PER_CHUNK // tokens_per_image)
-    if (
-        x.device.type != "cpu" or x.shape[0] <= images or module.training
-        or torch.is_grad_enabled()
-    ):
+    images = max(1, CPU_TOKENS_PER_CHUNK // max(1, tokens_per_image))
+    if x.device.type != "cpu" or x.shape[0] <= images or module.training or torch.is_grad_enabled():
         return fn(x)
     return torch.cat([fn(chunk) for chunk in x.split(images)])
 
@@ -101,7 +98,7 @@ class ConvFFN(nn.Module):
         x = self.fc1(x)
         # in place when no backward pass needs GELU's input: on the CPU every fresh allocation
         # of this, the largest activation, can cost page faults
-        x = self.act(x) if torch.is_grad_enabled() else torch._C._nn.gelu_(x, approximate=self.act.approximate)
+        x = self.act(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x, approximate=self.act.approximate)
         # in-place adds on fresh outputs save an allocation (autograd-safe: conv backward needs
         # its input, not its output)
         x = self.dwconv(x).add_(x)
