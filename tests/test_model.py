@@ -56,6 +56,20 @@ def test_flex_kernel_matches_on_cpu():
     assert (flex - reference).abs().max().item() <= 1e-5
 
 
+def test_bfloat16_autocast_on_cpu_close_to_float32():
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 3, 160, 96)  # stage-1 passes of 24 and 40 tokens, stage-2 of 12 and 20
+    with torch.inference_mode():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x)
+    assert half.dtype == torch.bfloat16
+    relative = (half.float() - full).norm() / full.norm()
+    assert relative.item() < 3e-2
+
+
 def test_unknown_kernel_is_a_clear_error():
     with pytest.raises(rmt.ConfigError, match="unknown attention kernel 'fast'"):
         rmt.create_model("rmt_t", attn_kernel="fast")
