@@ -19,7 +19,7 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   the sequence length L of each pass (2-thread AVX-512 measurements in docs/performance.md):
   L <= 16, the matmul math with the scores laid out keys-first, so that the softmax reduces over
   a non-innermost dimension and is vectorised across queries (a 14-long innermost softmax wastes
-  most of a 16-lane vector); L <= 32, the plain matmul math with k stored transposed (the fastest
+  most of a 16-lane vector); L <= 64, the plain matmul math with k stored transposed (the fastest
   batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA: SDPA with the
   memory-efficient backend first (torch prefers cuDNN, 1.5x slower here), and under
   ``torch.compile`` the reference math, which inductor fuses (rmt_s 15.4 ms against 22.2 ms with
@@ -282,7 +282,7 @@ _KERNELS: dict[str, _Kernel] = {
 
 # the CPU choice of ``auto`` by sequence length (see the module docstring and docs/performance.md)
 CPU_KEYS_FIRST_MAX_LENGTH = 16
-CPU_MATMUL_MAX_LENGTH = 32
+CPU_MATMUL_MAX_LENGTH = 64
 
 
 def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
