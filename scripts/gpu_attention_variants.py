@@ -57,7 +57,8 @@ def flex_with(block: int):
 
     def attend(q, k, v, bias):
         options = {"BLOCK_M": block, "BLOCK_N": block} if block else None
-        return compiled(q, k, v, score_mod=attention._decay_score_mod(bias), kernel_options=options)
+        # k arrives scaled (the scale rides in its rotary table), as for the library's own kernels
+        return compiled(q, k, v, score_mod=attention._decay_score_mod(bias), scale=1.0, kernel_options=options)
 
     return attend
 
@@ -91,7 +92,7 @@ def main() -> None:
         for block in (0, 64, 32, 16):
             if block and block > 2 * max(h, w):
                 continue
-            attention._KERNELS[f"flex{block}"] = flex_with(block)
+            attention._KERNELS[f"flex{block}"] = attention._Kernel(flex_with(block))
             variants[f"flex_compiled_b{block or 'default'}"] = (lambda b=block: run(q, k, v, tables, f"flex{b}"))
         row = {}
         for name, fn in variants.items():

@@ -180,6 +180,27 @@ def test_cpu_inference_in_chunks_of_images_gives_the_same_numbers(monkeypatch):
     model(x)
     assert calls == [3, 3]
 
+    # so do batch norms re-estimating their statistics inside an eval-mode model
+    stem_norm = model.stem[1]
+    stem_norm.train()
+    before = stem_norm.num_batches_tracked.item()
+    with torch.no_grad():
+        model(x)
+    assert stem_norm.num_batches_tracked.item() == before + 1  # one batch, not one per chunk
+
+
+def test_auto_picks_the_cpu_kernel_by_sequence_length():
+    from rmt.models.attention import _KERNELS, _resolve
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _resolve("auto", cpu, 14) is _KERNELS["cpu_keys_first"]
+    assert _resolve("auto", cpu, 16) is _KERNELS["cpu_keys_first"]
+    assert _resolve("auto", cpu, 28) is _KERNELS["cpu_matmul"]
+    assert _resolve("auto", cpu, 56) is _KERNELS["cpu_matmul"]
+    assert _resolve("auto", cpu, 196) is _KERNELS["sdpa"]
+    assert _resolve("auto", cuda, 14) is _KERNELS["cuda_auto"]
+    assert _resolve("reference", cpu, 14) is _KERNELS["reference"]
+
 
 def test_tables_are_built_once_per_size(monkeypatch):
     model = rmt.RMT(TINY).eval()

@@ -27,17 +27,25 @@ from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, reso
 from rmt.models.config import VARIANTS, RMTConfig
 
 
-# Eval-mode CPU inference runs the stem and each stage on a few images at a time, at most this
-# many tokens (at least one image): their ops are all per image (batch norm uses its running
-# statistics), so the numbers are the same, and a chunk's activations stay in cache instead of
-# streaming 30 MB tensors through memory and fresh pages (docs/performance.md).
+# CPU inference with every submodule in eval mode runs the stem and each stage on a few images
+# at a time, at most this many tokens (at least one image): their ops are then all per image
+# (batch norm uses its running statistics), so the numbers are the same, and a chunk's
+# activations stay in cache instead of streaming 30 MB tensors through memory and fresh pages
+# (docs/performance.md).
 CPU_TOKENS_PER_CHUNK = 1568  # at 224 px: 1 image per chunk at 56x56, 2 at 28x28, 8 at 14x14
 
 
 def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, tokens_per_image: int) -> Tensor:
-    """``fn(x)``, or the concatenation of ``fn`` over batch chunks in eval-mode CPU inference."""
+    """``fn(x)``, or the concatenation of ``fn`` over batch chunks in eval-mode CPU inference.
+
+    Any submodule in training mode (say batch norms re-estimating their statistics in an
+    otherwise frozen model) keeps the whole batch together.
+    """
     images = max(1, CPU_TOKENS_PER_CHUNK // max(1, tokens_per_image))
-    if x.device.type != "cpu" or x.shape[0] <= images or module.training or torch.is_grad_enabled():
+    if (
+        x.device.type != "cpu" or x.shape[0] <= images or torch.is_grad_enabled()
+        or any(m.training for m in module.modules())
+    ):
         return fn(x)
     return torch.cat([fn(chunk) for chunk in x.split(images)])
 
