@@ -198,7 +198,7 @@ def test_auto_picks_the_cpu_kernel_by_sequence_length():
     assert _resolve("auto", cpu, 28) is _KERNELS["cpu_matmul"]
     assert _resolve("auto", cpu, 56) is _KERNELS["cpu_matmul"]
     assert _resolve("auto", cpu, 196) is _KERNELS["sdpa"]
-    assert _resolve("auto", cuda, 14) is _KERNELS["cuda_auto"]
+    assert _resolve("auto", cuda, 14) is _KERNELS["cuda_sdpa_efficient_first"]
     assert _resolve("reference", cpu, 14) is _KERNELS["reference"]
 
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rmt.models.layers import DepthwiseConvNHWC
+
 ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex")
 
 
@@ -220,9 +222,7 @@ def _efficient_first() -> Callable[[], contextlib.AbstractContextManager]:
     return functools.partial(sdpa_kernel, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _attend_cuda_auto(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
-    if torch.compiler.is_compiling():
-        return _attend_reference(q, k, v, bias)
+def _attend_sdpa_efficient_first(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
     with _efficient_first()():
         return _attend_sdpa(q, k, v, bias)
 
@@ -275,7 +275,7 @@ _KERNELS: dict[str, _Kernel] = {
     "reference": _Kernel(_attend_reference),
     "sdpa": _Kernel(_attend_sdpa),
     "flex": _Kernel(_attend_flex),
-    "cuda_auto": _Kernel(_attend_cuda_auto),
+    "cuda_sdpa_efficient_first": _Kernel(_attend_sdpa_efficient_first),
     "cpu_keys_first": _Kernel(_attend_keys_first, transposed="q"),
     "cpu_matmul": _Kernel(_attend_reference, transposed="k"),
 }
@@ -289,7 +289,8 @@ def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
     if kernel != "auto":
         return _KERNELS[kernel]
     if device.type == "cuda":
-        return _KERNELS["cuda_auto"]
+        # compiled, the plain math: inductor fuses it with the surrounding ops
+        return _KERNELS["reference" if torch.compiler.is_compiling() else "cuda_sdpa_efficient_first"]
     if device.type == "cpu":
         if length <= CPU_KEYS_FIRST_MAX_LENGTH:
             return _KERNELS["cpu_keys_first"]
@@ -353,7 +354,7 @@ class ManhattanSelfAttention(nn.Module):
         self.kernel = resolve_attention_kernel(kernel)
         self.qk = nn.Linear(dim, 2 * dim)
         self.v = nn.Linear(dim, dim)
-        self.lce = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.lce = DepthwiseConvNHWC(dim, 5)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, position: ManhattanPosition) -> Tensor:
@@ -368,7 +369,7 @@ class ManhattanSelfAttention(nn.Module):
         q, k = qk.unbind(3)
         attention = decomposed_attention if self.decomposed else full_attention
         out = attention(q, k, v.unflatten(-1, (self.num_heads, self.head_dim)), tables, kernel)
-        lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        lce = self.lce(v)
         # the attention output may be a strided view: adding it into the fresh LCE output reads it
         # in place instead of copying it into (B, H, W, C) first
         lce.unflatten(-1, (self.num_heads, self.head_dim)).add_(out)

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
 from rmt.models.config import VARIANTS, RMTConfig
+from rmt.models.layers import DepthwiseConvNHWC
 
 
 # CPU inference with every submodule in eval mode runs the stem and each stage on a few images
@@ -48,16 +49,6 @@ def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, 
     ):
         return fn(x)
     return torch.cat([fn(chunk) for chunk in x.split(images)])
-
-
-class DepthwiseConvNHWC(nn.Conv2d):
-    """Depthwise conv on (B, H, W, C) tokens (a channels-last view, so no copy either way)."""
-
-    def __init__(self, dim: int, kernel_size: int):
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class ConvStem(nn.Sequential):
