@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 from rmt.errors import RMTError
 
@@ -35,6 +36,17 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename: readers never see half a file."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def check_writable(path: PathLike) -> None:

@@ -68,7 +68,8 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="PNG: published top-1 vs throughput (needs rmt\\[plot])."),
 ) -> None:
     """Throughput, latency spread, peak memory, GMACs and MFU of RMT against its peers."""
-    from rmt.bench.report import plot, require_matplotlib, to_csv, write_json, write_text_atomic
+    from rmt.bench.report import plot, require_matplotlib, to_csv
+    from rmt.io import write_json_atomic, write_text_atomic
     from rmt.io import check_writable
     from rmt.bench.runner import DEFAULT_MODELS, BenchSettings, parse_img_size, run_benchmark
 
@@ -112,7 +113,7 @@ def bench(
         report = run_benchmark(settings, progress=progress)
     _print_bench(report)
     if json_out:
-        write_json(report, json_out)
+        write_json_atomic(json_out, report)
         out.print(f"wrote {json_out}")
     if csv_out:
         write_text_atomic(csv_out, to_csv(report))
@@ -196,7 +197,7 @@ def flops(
     """Multiply-adds of one image (the papers' 'FLOPs'), by operator and by module."""
     from rmt import zoo
     from rmt.bench.flops import count_flops
-    from rmt.bench.report import write_json
+    from rmt.io import write_json_atomic
     from rmt.bench.runner import build_model, parse_img_size
 
     size = parse_img_size(img_size)
@@ -222,7 +223,7 @@ def flops(
         modules.add_row(("  " * name.count(".")) + name, f"{macs / 1e9:.4f}")
     out.print(modules)
     if json_out:
-        write_json(report.to_dict(), json_out)
+        write_json_atomic(json_out, report.to_dict())
         out.print(f"wrote {json_out}")
 
 
@@ -240,7 +241,7 @@ def profile(
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
     from rmt.bench.profile import profile_model
-    from rmt.bench.report import write_json
+    from rmt.io import write_json_atomic
     from rmt.bench.runner import parse_img_size
 
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
@@ -259,7 +260,7 @@ def profile(
     out.print(f"TensorBoard: {summary['open']['tensorboard']}", markup=False)  # "rmt[tensorboard]" is no markup
     out.print(f"Perfetto: {summary['open']['perfetto']}", markup=False)
     if json_out:
-        write_json(summary, json_out)
+        write_json_atomic(json_out, summary)
 
 
 def compare(
@@ -271,7 +272,8 @@ def compare(
 ) -> None:
     """Exit 1 when a model got slower, hungrier, failed or went missing beyond the threshold."""
     from rmt.bench.compare import compare_reports, parse_metrics
-    from rmt.bench.report import read_report, write_json
+    from rmt.bench.report import read_report
+    from rmt.io import write_json_atomic
 
     result = compare_reports(read_report(base), read_report(new), threshold, parse_metrics(metric))
     for warning in result.env_warnings:
@@ -289,7 +291,7 @@ def compare(
         table.add_row(d.model, d.setting, *changes, verdict)
     out.print(table)
     if json_out:
-        write_json(result.to_dict(), json_out)
+        write_json_atomic(json_out, result.to_dict())
     if result.regressed:
         err.print("[bold red]regression[/]: see the rows marked regressed, missing or failed")
         raise typer.Exit(1)

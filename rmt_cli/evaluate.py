@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rmt.errors import ConfigError
-from rmt.eval import EvalReport, run_imagenet_eval, top1_gate, write_json_atomic
+from rmt.eval import EvalReport, run_imagenet_eval, top1_gate
+from rmt.io import check_writable, write_json_atomic
 from rmt.eval import Progress as EvalProgress
 
 from rmt_cli.console import err, out
@@ -57,8 +58,8 @@ def evaluate(
     """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""
     if tolerance is not None and expect_top1 is None:
         raise ConfigError("--tolerance needs --expect-top1")
-    if json_out is not None and not json_out.parent.is_dir():
-        raise ConfigError(f"cannot write {json_out}: folder {json_out.parent} does not exist")
+    if json_out is not None:
+        check_writable(json_out)
 
     bar = Progress(
         TextColumn("[bold]{task.description}"),

@@ -19,8 +19,8 @@ import timm
 import torch
 
 import rmt  # noqa: F401  (registers the RMT variants with timm)
-from rmt.bench.report import write_json
 from rmt.bench.runner import BenchSettings, run_benchmark
+from rmt.io import write_json_atomic
 
 TIMM_NAMES = {
     "swin_t": "swin_tiny_patch4_window7_224",
@@ -101,7 +101,7 @@ def main() -> None:
         print(f"[run] {name} ...", flush=True)
         report = run_benchmark(settings, builders=builders(kernel))
         report["job"] = name
-        write_json(report, out / f"{name}.json")
+        write_json_atomic(out / f"{name}.json", report)
         took = time.perf_counter() - t0
         print(f"[done] {name} in {took:.0f} s", flush=True)
         for r in report["results"]:

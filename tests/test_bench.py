@@ -15,7 +15,8 @@ from torch import nn
 import rmt
 from rmt.bench.compare import compare_reports
 from rmt.bench.flops import count_flops
-from rmt.bench.report import plot, read_report, to_csv, write_json
+from rmt.bench.report import plot, read_report, to_csv
+from rmt.io import write_json_atomic
 from rmt.bench.runner import BenchSettings, latency_stats, parse_img_size, run_benchmark
 from rmt.errors import RMTError
 from rmt.models.config import RMTConfig
@@ -107,7 +108,7 @@ def test_tiny_bench_rmt_t_and_swin_t_json(tmp_path):
     assert rows["rmt_t"]["memory_kind"] == "cpu_peak_rss_growth" and rows["rmt_t"]["iters"] == 2
     assert report["env"]["dtype"] == "fp32"  # CPU default
     path = tmp_path / "bench.json"
-    write_json(report, path)
+    write_json_atomic(path, report)
     assert read_report(path) == json.loads(path.read_text())
     csv_text = to_csv(report)
     assert csv_text.splitlines()[0].startswith("model,batch,requested_batch,img_h,img_w")
@@ -235,7 +236,7 @@ def test_compare_cli_exit_codes(tmp_path):
         "other_env": _report([_row("rmt_s", 1000, 64, 2000)], device_name="NVIDIA L4"),
     }.items():
         paths[name] = tmp_path / f"{name}.json"
-        write_json(report, paths[name])
+        write_json_atomic(paths[name], report)
     assert _cli("compare", str(paths["base"]), str(paths["same"])).returncode == 0
     result = _cli("compare", str(paths["base"]), str(paths["regressed"]), "--threshold", "5")
     assert result.returncode == 1 and "regressed" in result.stdout

@@ -20,16 +20,6 @@ CSV_COLUMNS = (
 )
 
 
-def write_text_atomic(path: os.PathLike | str, text: str) -> None:
-    """Write through a temporary file and a rename: readers never see half a report."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json(report: dict[str, Any], path: os.PathLike | str) -> None:
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-
-
 def read_report(path: os.PathLike | str) -> dict[str, Any]:
     """Load a benchmark JSON and check it is a schema-1 report."""
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from rmt.data.imagenet import EvalImageDataset, scan_imagenet_val
 from rmt.data.labels import PathLike, read_real_labels, real_label_sets
 from rmt.data.transforms import build_eval_transform
 from rmt.errors import ConfigError
-from rmt.io import atomic_write
 from rmt.eval.distributed import context_from_env, process_group, resolve_device
 from rmt.eval.loop import AMP_DTYPES, EvalCounts, Progress, evaluate
 
@@ -193,12 +191,6 @@ def top1_gate(top1: float, expected: float, tolerance: float) -> Optional[str]:
     if abs(miss) <= tolerance + 1e-9:  # 82.4 - 82.3 is 0.10000000000000853 in floating point
         return None
     return f"top-1 {top1:.3f} misses the expected {expected:.3f} by {miss:+.3f} points (tolerance {tolerance:g})"
-
-
-def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def _device_name(device: torch.device) -> str:
