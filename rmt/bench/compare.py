@@ -97,11 +97,10 @@ def compare_reports(
         if other is None:
             delta.status, delta.reasons = "missing", ["not in the new report"]
         elif other.get("status") != "ok":
+            delta.status = "failed"
             if row.get("status") == "ok":
-                delta.status = "failed"
                 delta.reasons = [f"{other.get('status')}: {other.get('error') or ''}".strip()]
             else:
-                delta.status = "failed"
                 delta.reasons = [f"failed in both reports ({other.get('status')}: {other.get('error') or ''})"]
         elif row.get("status") != "ok":
             delta.status, delta.reasons = "fixed", [f"was {row.get('status')} in the base report"]

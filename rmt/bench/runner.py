@@ -83,6 +83,8 @@ class _Candidate:
     model: Optional[nn.Module] = None
     row: dict[str, Any] = field(default_factory=dict)
     times_ms: list[float] = field(default_factory=list)
+    x: Optional[torch.Tensor] = None  # the input batch, set by the warmup
+    warm_ms: float = 0.0  # the last warmup pass (sizes the CPU time budget)
 
 
 MIN_IMG_SIZE = 32  # one token at stride 32
@@ -227,7 +229,7 @@ def build_model(name: str, size: tuple[int, int], attn_kernel: Optional[str] = N
     from rmt import zoo
 
     entry = zoo.get_entry(name)
-    if entry.family == "rmt":
+    if entry.is_rmt:
         return zoo.create_model(name, **({"attn_kernel": attn_kernel} if attn_kernel else {}))
     default_size = tuple(entry.preprocessing.get("input_size", (3, 224, 224))[1:])
     if size != default_size:
@@ -293,20 +295,17 @@ def run_benchmark(
             live = [c for c in candidates if c.row["status"] == "ok"]
             iters = settings.iters or 50
             if budgeted:
-                round_ms = sum(c.row.pop("_warm_ms", 0.0) for c in live) or 1.0
+                round_ms = sum(c.warm_ms for c in live) or 1.0
                 remaining_s = settings.time_budget_s - (time.perf_counter() - started)
                 settings_left = len(grid) - setting_index
                 iters = max(1, min(5, int(remaining_s / settings_left * 1000 / round_ms)))
-            for c in candidates:
-                c.row.pop("_warm_ms", None)
-            x_by_model = {c.name: c.row.pop("_input") for c in live}
             for i in range(iters):
                 for c in live:
                     if c.row["status"] != "ok":
                         continue
                     try:
                         with precision(device, settings.dtype):
-                            c.times_ms.append(_timed_forward(c.model, x_by_model[c.name], device))
+                            c.times_ms.append(_timed_forward(c.model, c.x, device))
                     except Exception as e:  # keep going with the other models
                         _fail(c.row, e)
                 if progress:
@@ -315,11 +314,10 @@ def run_benchmark(
                 step(f"{c.name}: timed")
             for c in candidates:
                 if c.row["status"] == "ok" and c.times_ms:
-                    _finish_row(c, settings, device, x_by_model[c.name])
-                c.model = None
+                    _finish_row(c, settings, device)
+                c.model = c.x = None
                 step(f"{c.name}: memory")
                 rows.append(c.row)
-            x_by_model.clear()
             if on_cuda:
                 torch.cuda.empty_cache()
     if budgeted:
@@ -421,21 +419,22 @@ def _warm_up(
                 x = x.contiguous(memory_format=torch.channels_last)
             # on the CPU the first pass also measures memory and sizes the time budget: always one
             passes = max(warmup, 1) if device.type == "cpu" else warmup
-            update: dict[str, Any] = {"batch": batch, "warmup": passes, "_input": x}
+            update: dict[str, Any] = {"batch": batch, "warmup": passes}
             for i in range(passes):
                 with precision(device, settings.dtype):
                     if i == 0 and device.type == "cpu":
                         with _PeakRSS() as rss:
                             begin = time.perf_counter()
                             c.model(x)
-                            update["_warm_ms"] = (time.perf_counter() - begin) * 1000
+                            c.warm_ms = (time.perf_counter() - begin) * 1000
                         update["peak_memory_mb"] = rss.growth_mb
                     else:
                         begin = time.perf_counter()
                         c.model(x)
                         _sync(device)
-                        update["_warm_ms"] = (time.perf_counter() - begin) * 1000
+                        c.warm_ms = (time.perf_counter() - begin) * 1000
             _sync(device)
+            c.x = x
             return update
         except Exception as e:
             if settings.retry_oom and is_out_of_memory(e) and batch > 1:
@@ -449,7 +448,7 @@ def _warm_up(
             return {**row, "batch": batch}
 
 
-def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device, x: torch.Tensor) -> None:
+def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) -> None:
     row = c.row
     stats = latency_stats(c.times_ms)
     row["latency_ms"] = stats
@@ -462,7 +461,7 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device, x:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             with precision(device, settings.dtype):
-                c.model(x)
+                c.model(c.x)
             torch.cuda.synchronize(device)
             row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         except Exception as e:

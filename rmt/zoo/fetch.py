@@ -10,7 +10,6 @@ kept so that the same command resumes.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,11 +18,10 @@ from filelock import Timeout
 
 from rmt.errors import DownloadError, RMTError, WeightsNotCachedError, ZooError
 from rmt.zoo.cache import CachedFile, WeightsCache, cache_write_error, sha256_file
-from rmt.zoo.registry import ZooEntry, get_entry
+from rmt.zoo.registry import SHA256_HEX, ZooEntry, get_entry
 from rmt.zoo.transfer import Notify, Progress, TransferOptions, copy_file, discard_partial, fetch
 from rmt.zoo.verify import check_weights_file, ema_choice
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,7 @@ def download(
         raise ZooError("give either --url or --from, not both")
     if sha256 is not None:
         sha256 = sha256.strip().lower()
-        if not _SHA256.match(sha256):
+        if not SHA256_HEX.match(sha256):
             raise ZooError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
     if source_file is not None:
         source_file = Path(source_file).expanduser()

@@ -29,7 +29,7 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 STATE_DICTS = ("model_ema", "model")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")  # also a directory name in the cache and on mirrors
 _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 _ENTRY_FIELDS = ("family", "timm_name", "published", "measured", "preprocessing", "weights")
 _REQUIRED_ENTRY_FIELDS = ("family", "timm_name", "published", "preprocessing", "weights")
@@ -265,7 +265,7 @@ def _parse_weights(spec: Any, family: str, where: str) -> dict:
     if "state_dict" in spec and spec["state_dict"] not in STATE_DICTS:
         raise ZooError(f"{where}.state_dict: must be one of {', '.join(STATE_DICTS)}, got {spec['state_dict']!r}")
     sha = spec.get("sha256")
-    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha.lower())):
+    if sha is not None and not (isinstance(sha, str) and SHA256_HEX.match(sha.lower())):
         raise ZooError(f"{where}.sha256: expected 64 hexadecimal digits or null, got {sha!r}")
     out["sha256"] = sha.lower() if sha else None
     return out
