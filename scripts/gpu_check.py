@@ -1,7 +1,7 @@
 """The CUDA benchmark matrix of docs/performance.md, in priority order, inside a time budget.
 
-Runs through rmt.bench.runner with models built straight from timm names (no zoo or cache
-needed), writes one schema-1 JSON per job under OUT, and prints a summary table at the end.
+Runs through rmt.bench.runner with the models `rmt bench` builds (random weights: no cache is
+read), writes one schema-1 JSON per job under OUT, and prints a summary table at the end.
 Jobs that would start after the budget is spent are skipped and listed as skipped.
 
     OUT=runs/gpu python scripts/gpu_check.py --budget 420
@@ -15,18 +15,9 @@ import os
 import time
 from pathlib import Path
 
-import timm
-import torch
-
-import rmt  # noqa: F401  (registers the RMT variants with timm)
 from rmt.bench.runner import BenchSettings, run_benchmark
 from rmt.io import write_json_atomic
 
-TIMM_NAMES = {
-    "swin_t": "swin_tiny_patch4_window7_224",
-    "swin_s": "swin_small_patch4_window7_224",
-    "swin_b": "swin_base_patch4_window7_224",
-}
 RMT = ["rmt_t", "rmt_s", "rmt_b"]
 SWIN = ["swin_t", "swin_s", "swin_b"]
 
@@ -43,26 +34,12 @@ JOBS = [
 ]
 
 
-def builders(kernel: str | None) -> dict:
-    def make(name: str):
-        def build(size: tuple[int, int]) -> torch.nn.Module:
-            if name.startswith("rmt_"):
-                return timm.create_model(name, **({"attn_kernel": kernel} if kernel else {}))
-            kwargs = {"img_size": size} if size != (224, 224) else {}
-            return timm.create_model(TIMM_NAMES[name], **kwargs)
-
-        return build
-
-    return {name: make(name) for name in RMT + ["rmt_l"] + SWIN}
-
-
 def _profile(out: Path, device: str) -> None:
     """Top operators by device time for rmt_s and swin_t (eager, bf16, batch 64): where time goes."""
     from rmt.bench.profile import profile_model
 
     for name in ("rmt_s", "swin_t"):
-        model = builders(None)[name]((224, 224))
-        summary = profile_model(name, out / "profile", batch=64, device=device, dtype="bf16", model=model, top=12)
+        summary = profile_model(name, out / "profile", batch=64, device=device, dtype="bf16", top=12)
         (out / f"profile_{name}.json").write_text(json.dumps(summary["top_ops"], indent=1))
         print(f"-- {name}: top ops by {summary['time']} per step")
         for op in summary["top_ops"]:
@@ -99,7 +76,7 @@ def main() -> None:
                                  attn_kernel=kernel, baseline="swin_t" if "swin_t" in spec["models"] else None, **spec)
         t0 = time.perf_counter()
         print(f"[run] {name} ...", flush=True)
-        report = run_benchmark(settings, builders=builders(kernel))
+        report = run_benchmark(settings)
         report["job"] = name
         write_json_atomic(out / f"{name}.json", report)
         took = time.perf_counter() - t0
