@@ -103,5 +103,5 @@ def environment(device: torch.device) -> dict[str, Any]:
             tf32_cudnn=torch.backends.cudnn.allow_tf32,
         )
     else:
-        env.update(device_name=cpu_name(), device_count=os.cpu_count())
+        env.update(device_name=env["cpu"], device_count=os.cpu_count())
     return env
