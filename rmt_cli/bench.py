@@ -57,7 +57,7 @@ def bench(
     compile: Optional[str] = typer.Option(
         None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune.",
     ),
-    attn_kernel: Optional[str] = typer.Option(None, "--attn-kernel", help="RMT attention kernel: sdpa, reference or flex."),
+    attn_kernel: Optional[str] = typer.Option(None, "--attn-kernel", help="RMT attention kernel: auto, sdpa, reference, flex or triton (see docs/models.md)."),
     warmup: Optional[int] = typer.Option(None, help="Warmup passes (default 10 on CUDA, 1 on CPU)."),
     iters: Optional[int] = typer.Option(None, help="Timed iterations (default 50 on CUDA; on CPU 1-5 to fit the time budget)."),
     time_budget: float = typer.Option(150.0, "--time-budget", help="CPU only: seconds the default iteration count aims at."),

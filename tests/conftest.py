@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+# Without a GPU, the Triton attention kernel runs in Triton's CPU interpreter, so that its tests
+# (tests/test_fused_attention.py) run everywhere; set before rmt's kernel is defined. On a GPU
+# the tests run the compiled kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 means fp32: no TF32 in CUDA matmuls or convs during a check against fp32 numbers."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(scope="session")

@@ -209,12 +209,13 @@ def quiet_stderr() -> Iterator[None]:
 
 
 def attention_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The attention kernels a forward pass really dispatches to (SDPA backend, FlexAttention...)."""
+    """The attention kernels a forward pass really dispatches to (SDPA backend, FlexAttention,
+    RMT's Triton kernel...)."""
     with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x)
     names = {e.key for e in prof.key_averages()}
     keep = ("attention", "flex", "bmm", "softmax")
-    return sorted(n for n in names if any(k in n.lower() for k in keep) and n.startswith(("aten::", "flex")))
+    return sorted(n for n in names if any(k in n.lower() for k in keep) and n.startswith(("aten::", "flex", "rmt::")))
 
 
 Builder = Callable[[tuple[int, int]], nn.Module]  # image size -> model

@@ -15,15 +15,20 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
 * ``"reference"``: matmul, add decay, softmax, matmul, written plainly as the paper states it.
 * ``"flex"``: FlexAttention with a ``score_mod`` computing the decay from the token indices, so
   no mask is materialised (meant for ``torch.compile``).
+* ``"triton"``: our Triton kernel (:mod:`rmt.models.fused_attention`) for sequences of at most
+  64 tokens, every pass of RMT at 224 px: the rotary fused into its loads, the decay computed from
+  the token indices, q, k and v read in place through their strides. Forward only: with autograd
+  recording, and for longer sequences, it falls back to ``auto``'s choice.
 * ``"auto"`` (default): the fastest measured for RMT's short sequences. On the CPU it depends on
   the sequence length L of each pass (2-thread AVX-512 measurements in docs/performance.md):
   L <= 16, the matmul math with the scores laid out keys-first, so that the softmax reduces over
   a non-innermost dimension and is vectorised across queries (a 14-long innermost softmax wastes
   most of a 16-lane vector); L <= 64, the plain matmul math with k stored transposed (the fastest
-  batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA: SDPA with the
-  memory-efficient backend first (torch prefers cuDNN, 1.5x slower here), and under
-  ``torch.compile`` the reference math, which inductor fuses (rmt_s 15.4 ms against 22.2 ms with
-  cuDNN SDPA, batch 64 bf16, two runs on H200 machines).
+  batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA, eager inference (no
+  autograd) runs the Triton kernel where it applies, and otherwise SDPA with the memory-efficient
+  backend first (torch prefers cuDNN, about 1.5x slower here); under ``torch.compile`` the reference
+  math, which inductor fuses with the surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms
+  with the Triton kernel, batch 64 bf16, H200). docs/performance.md has the measurements.
 
 Every kernel receives k already scaled by ``head_dim ** -0.5``: the official code scales k before
 its theta shift, and we fold the scale into the rotary tables of k, so it costs nothing.
@@ -41,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rmt.models import fused_attention
 from rmt.models.layers import DepthwiseConvNHWC
 
-ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex")
+ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex", "triton")
 
 
 def resolve_attention_kernel(name: str) -> str:
@@ -65,7 +71,7 @@ class DecayBias:
     """
 
     mask: Optional[Tensor]
-    decay: Tensor
+    decay: Tensor  # (heads,) float32
     grid_width: int
 
 
@@ -151,7 +157,7 @@ class ManhattanPosition(nn.Module):
             mask = None
             if with_masks and distance is not None:
                 mask = (distance * decay[:, None, None]).unsqueeze(0).to(dtype)
-            return DecayBias(mask, decay.to(dtype), grid_width)
+            return DecayBias(mask, decay, grid_width)
 
         def distance_1d(n: int) -> Tensor:
             i = torch.arange(n, device=decay.device, dtype=decay.dtype)
@@ -235,12 +241,12 @@ def _decay_score_mod(bias: DecayBias) -> Callable:
         def score_mod(score, b, h, q_idx, kv_idx):
             dh = (q_idx // grid_width - kv_idx // grid_width).abs()
             dw = (q_idx % grid_width - kv_idx % grid_width).abs()
-            return score + decay[h] * (dh + dw).to(score.dtype)
+            return score + (decay[h] * (dh + dw)).to(score.dtype)
 
     else:
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + decay[h] * (q_idx - kv_idx).abs().to(score.dtype)
+            return score + (decay[h] * (q_idx - kv_idx).abs()).to(score.dtype)
 
     return score_mod
 
@@ -286,6 +292,8 @@ CPU_MATMUL_MAX_LENGTH = 64
 
 
 def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
+    if kernel == "triton":  # a pass the Triton kernel does not run (see manhattan_attention)
+        kernel = "auto"
     if kernel != "auto":
         return _KERNELS[kernel]
     if device.type == "cuda":
@@ -316,8 +324,48 @@ def _attend_sequences(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias, kernel: 
     return out.view(b, g, n, length, d)
 
 
+def _runs_fused(kernel: str, q: Tensor, v: Tensor, *lengths: int) -> bool:
+    """Whether a pass over sequences of these lengths runs the Triton kernel: always where it
+    can for ``triton``, and in eager CUDA inference for ``auto``; it has no backward pass."""
+    if kernel == "auto" and (q.device.type != "cuda" or torch.compiler.is_compiling()):
+        return False
+    if kernel not in ("auto", "triton"):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
+        return False
+    return all(fused_attention.supports(q, length) for length in lengths)
+
+
+def manhattan_attention(qk: Tensor, v: Tensor, tables: PositionTables, kernel: str, decomposed: bool) -> Tensor:
+    """MaSA from the projections: q and k stacked as (B, H, W, 2, heads, head_dim), not yet
+    rotated (a fresh tensor, rotated in place unless the Triton kernel rotates them on loading),
+    and v as (B, H, W, heads, head_dim). Returns (B, H, W, heads, head_dim), maybe a strided view.
+    """
+    b, h, w = qk.shape[:3]
+    if _runs_fused(kernel, qk, v, *((h, w) if decomposed else (h * w,))):
+        return _fused_manhattan_attention(qk, v, tables, decomposed)
+    q, k = rotate_queries_and_keys(qk, tables, inplace=True).unbind(3)
+    return (decomposed_attention if decomposed else full_attention)(q, k, v, tables, kernel)
+
+
+def _fused_manhattan_attention(qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool) -> Tensor:
+    b, h, w, _, n, d = qk.shape
+    q, k = qk.unbind(3)
+    cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
+    if decomposed:
+        rows = fused_attention.decayed_attention(q, k, v, tables.rows.decay, 0, False, cos, sin)  # (B, H, W, heads, d)
+        # the column pass reads the same tensors transposed and writes back in (B, H, W) order
+        return fused_attention.decayed_attention(
+            q.transpose(1, 2), k.transpose(1, 2), rows.transpose(1, 2), tables.columns.decay, 0, True,
+            cos.transpose(0, 1), sin.transpose(0, 1),
+        )
+    q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
+    cos, sin = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d)
+    return fused_attention.decayed_attention(q, k, v, tables.full.decay, w, False, cos, sin).view(b, h, w, n, d)
+
+
 def decomposed_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables, kernel: str) -> Tensor:
-    """Attention along each row, then along each column of its output.
+    """Attention along each row, then along each column of its output, of rotated q and k.
 
     (B, H, W, heads, head_dim) in and out; the output may be a strided view.
     """
@@ -328,7 +376,7 @@ def decomposed_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables, kernel: str) -> Tensor:
-    """Attention over all H * W tokens with the 2-D Manhattan decay.
+    """Attention over all H * W tokens with the 2-D Manhattan decay, of rotated q and k.
 
     (B, H, W, heads, head_dim) in and out; the output may be a strided view.
     """
@@ -364,11 +412,9 @@ class ManhattanSelfAttention(nn.Module):
         # FlexAttention's kernels need head_dim >= 16 (all published variants have it)
         kernel = "auto" if self.kernel == "flex" and self.head_dim < 16 else self.kernel
         tables = position.tables(h, w, qk.dtype, with_masks=kernel != "flex")
-        # in place: a fresh output, which the projection's backward does not need
-        qk = rotate_queries_and_keys(qk.unflatten(-1, (2, self.num_heads, self.head_dim)), tables, inplace=True)
-        q, k = qk.unbind(3)
-        attention = decomposed_attention if self.decomposed else full_attention
-        out = attention(q, k, v.unflatten(-1, (self.num_heads, self.head_dim)), tables, kernel)
+        # the rotary runs in place on this fresh output, which the projection's backward does not need
+        qk = qk.unflatten(-1, (2, self.num_heads, self.head_dim))
+        out = manhattan_attention(qk, v.unflatten(-1, (self.num_heads, self.head_dim)), tables, kernel, self.decomposed)
         lce = self.lce(v)
         # the attention output may be a strided view: adding it into the fresh LCE output reads it
         # in place instead of copying it into (B, H, W, C) first
@@ -384,6 +430,7 @@ __all__ = [
     "PositionTables",
     "decomposed_attention",
     "full_attention",
+    "manhattan_attention",
     "resolve_attention_kernel",
     "rotate_queries_and_keys",
 ]

@@ -1,0 +1,194 @@
+"""Decayed attention over short sequences in one Triton kernel, for CUDA inference.
+
+At 224 px every attention pass of RMT is short: the decomposed stages attend along rows and
+columns of 56, 28 and 14 tokens, and stage 4 attends over 7 x 7 = 49 tokens. Library attention
+kernels tile 64 to 128 queries against 64+ keys and need q, k and v as (batch, heads, L,
+head_dim) tensors, so each pass pays for padding, a materialised (heads, L, L) decay mask and
+the copies that lay the row and column sequences out. Here one program holds one whole
+sequence of one head: it reads q, k and v through their strides (the row pass and the column
+pass read the same (B, H, W, heads, head_dim) tensors), computes the decay from the token
+indices, and writes its output straight into (B, H, W, heads, head_dim) order.
+
+Forward only: the attention kernels of :mod:`rmt.models.attention` choose it when no gradient
+is recorded, and keep the differentiable kernels for training.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch wheels do not ship Triton
+    triton = None
+
+MAX_LENGTH = 64  # one program holds an L x L score tile in registers
+HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16, tl.arange powers of two
+
+
+def supports(q: Tensor, length: int) -> bool:
+    """Whether the kernel can run attention over ``length``-token sequences of q's shape and device."""
+    return (
+        triton is not None
+        and (q.is_cuda or _interpreted())
+        and length <= MAX_LENGTH
+        and q.shape[-1] in HEAD_DIMS
+        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreted() -> bool:
+    """True under TRITON_INTERPRET=1, Triton's CPU interpreter (how the CPU tests run the kernel)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile(ptr, batch, group, head, i, d, stride_b, stride_g, stride_l, stride_h):
+        """Pointers to the (L, head_dim) tile of one sequence of one head."""
+        return ptr + batch * stride_b + group * stride_g + head * stride_h + i[:, None] * stride_l + d[None, :]
+
+    @triton.jit
+    def _load(ptr, cos_ptr, sin_ptr, table_offset, batch, group, head, i, d, rows,
+              stride_b, stride_g, stride_l, stride_h, table_g, table_l, ROTATE: tl.constexpr):
+        """The (L, head_dim) tile of q, k or v; of q and k with the official theta shift applied if
+        ROTATE: x * cos + swap_pairs(x) * sin in float32, the pair's minus sign folded into sin."""
+        x = tl.load(_tile(ptr, batch, group, head, i, d, stride_b, stride_g, stride_l, stride_h), mask=rows, other=0.0)
+        if ROTATE:
+            swapped = tl.load(_tile(ptr, batch, group, head, i, d ^ 1, stride_b, stride_g, stride_l, stride_h),
+                              mask=rows, other=0.0)
+            at = table_offset + group * table_g + i[:, None] * table_l + d[None, :]
+            cos = tl.load(cos_ptr + at, mask=rows, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + at, mask=rows, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * cos + swapped.to(tl.float32) * sin).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _decayed_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, decay_ptr, cos_ptr, sin_ptr,
+        q_strides_b, q_strides_g, q_strides_l, q_strides_h,
+        k_strides_b, k_strides_g, k_strides_l, k_strides_h,
+        v_strides_b, v_strides_g, v_strides_l, v_strides_h,
+        o_strides_b, o_strides_g, o_strides_l, o_strides_h,
+        table_strides_g, table_strides_l, table_strides_qk,
+        groups, heads, length, grid_width,
+        BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, MANHATTAN: tl.constexpr, IEEE: tl.constexpr,
+        ROTATE: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        head = program % heads
+        group = (program // heads) % groups
+        batch = (program // heads // groups).to(tl.int64)  # int64: large batches overflow int32 offsets
+        i = tl.arange(0, BLOCK_L)
+        d = tl.arange(0, HEAD_DIM)
+        valid = i < length
+        rows = valid[:, None]
+        q = _load(q_ptr, cos_ptr, sin_ptr, 0, batch, group, head, i, d, rows,
+                  q_strides_b, q_strides_g, q_strides_l, q_strides_h, table_strides_g, table_strides_l, ROTATE)
+        k = _load(k_ptr, cos_ptr, sin_ptr, table_strides_qk, batch, group, head, i, d, rows,
+                  k_strides_b, k_strides_g, k_strides_l, k_strides_h, table_strides_g, table_strides_l, ROTATE)
+        v = _load(v_ptr, cos_ptr, sin_ptr, 0, batch, group, head, i, d, rows,
+                  v_strides_b, v_strides_g, v_strides_l, v_strides_h, table_strides_g, table_strides_l, False)
+        if IEEE:  # fp32 inputs: full fp32 products, as the reference path computes them
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        if MANHATTAN:
+            distance = tl.abs(i[:, None] // grid_width - i[None, :] // grid_width) + tl.abs(
+                i[:, None] % grid_width - i[None, :] % grid_width
+            )
+        else:
+            distance = tl.abs(i[:, None] - i[None, :])
+        scores += tl.load(decay_ptr + head) * distance.to(tl.float32)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        total = tl.sum(weights, axis=1)
+        if IEEE:
+            out = tl.dot(weights, v, input_precision="ieee")
+        else:
+            out = tl.dot(weights.to(v.dtype), v)
+        out = out / total[:, None]
+        tl.store(_tile(out_ptr, batch, group, head, i, d, o_strides_b, o_strides_g, o_strides_l, o_strides_h),
+                 out.to(out_ptr.dtype.element_ty), mask=rows)
+
+
+def decayed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    grid_width: int,
+    transpose_out: bool,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+) -> Tensor:
+    """Softmax attention with the decay ``decay[head] * distance`` over sequences along dim 2 of
+    (B, G, L, heads, head_dim) q, k and v (any strides, head_dim contiguous); k is pre-scaled.
+
+    ``grid_width`` 0: the 1-D distance ``|i - j|``; otherwise the Manhattan distance of flattened
+    positions on a grid that wide. ``cos`` and ``sin``, (G, L, 2, head_dim) views of the rotary
+    tables (q's, then k's): q and k are rotated on loading (the theta shift, fused). The output
+    is (B, G, L, heads, head_dim), or (B, L, G, heads, head_dim) if ``transpose_out`` (the column
+    pass writing back in row-major image order).
+
+    Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
+    ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
+    and RMT's eager CUDA inference is bound by CPU time per operator at batch 64).
+    """
+    if torch.compiler.is_compiling():
+        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin)
+    if torch.autograd.profiler._is_profiler_enabled:  # named in profiles (and `rmt bench`'s attention_ops)
+        with torch.profiler.record_function("rmt::decayed_attention"):
+            return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
+    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
+
+
+def _launch(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
+    cos: Optional[Tensor], sin: Optional[Tensor],
+) -> Tensor:
+    b, g, length, n, d = q.shape
+    out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
+    out_view = out.transpose(1, 2) if transpose_out else out
+    rotate = cos is not None and sin is not None
+    if rotate and (cos.stride() != sin.stride() or cos.shape != (g, length, 2, d)):
+        raise ValueError("decayed_attention needs cos and sin as (G, L, 2, head_dim) views of one layout")
+    if any(t.stride(-1) != 1 for t in (q, k, v, out_view) + ((cos, sin) if rotate else ())):
+        raise ValueError("decayed_attention needs head_dim contiguous")
+    block = max(16, triton.next_power_of_2(length))
+    table_strides = cos.stride()[:3] if rotate else (0, 0, 0)
+    _decayed_attention_kernel[(b * g * n,)](
+        q, k, v, out_view, decay.float().contiguous(), cos if rotate else q, sin if rotate else q,
+        *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
+        *table_strides,
+        g, n, length, grid_width,
+        BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32, ROTATE=rotate,
+        num_warps=4 if block * d >= 64 * 32 else 2,
+    )
+    return out
+
+
+@torch.library.custom_op("rmt::decayed_attention", mutates_args=())
+def _decayed_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
+    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+) -> Tensor:
+    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
+
+
+@_decayed_attention_op.register_fake
+def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None):
+    b, g, length, n, d = q.shape
+    return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
+
+
+__all__ = ["MAX_LENGTH", "decayed_attention", "supports"]

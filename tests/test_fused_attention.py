@@ -1,0 +1,141 @@
+"""The Triton kernel for short decayed attention (rmt.models.fused_attention).
+
+Without a GPU these run through Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), which cannot multiply bfloat16 tiles; on a GPU they run the compiled kernel,
+bfloat16 included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import rmt  # noqa: E402
+from rmt.models import fused_attention  # noqa: E402
+from rmt.models.attention import ManhattanPosition, _runs_fused, manhattan_attention  # noqa: E402
+from rmt.models.checkpoint import convert_checkpoint  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("exact_fp32")
+
+
+def _by_definition(q, k, v, decay, grid_width):
+    """softmax(q k^T + decay * distance) v in float64 over dim 2 of (B, G, L, heads, d)."""
+    q, k, v, decay = q.double(), k.double(), v.double(), decay.double()
+    index = torch.arange(q.shape[2], device=q.device, dtype=torch.float64)
+    if grid_width:
+        row, col = index // grid_width, index % grid_width
+        distance = (row[:, None] - row[None]).abs() + (col[:, None] - col[None]).abs()
+    else:
+        distance = (index[:, None] - index[None]).abs()
+    scores = torch.einsum("bgind,bgjnd->bgnij", q, k) + decay[:, None, None] * distance
+    return torch.einsum("bgnij,bgjnd->bgind", torch.softmax(scores, dim=-1), v)
+
+
+def _strided_inputs(batch, groups, length, heads, head_dim, dtype=torch.float32):
+    """q and k as the model has them (unbound from one stacked, transposed projection), v dense."""
+    stacked = torch.randn(batch, length, groups, 2, heads, head_dim, device=DEVICE, dtype=dtype)
+    q, k = stacked.transpose(1, 2).unbind(3)
+    v = torch.randn(batch, groups, length, heads, head_dim, device=DEVICE, dtype=dtype)
+    decay = torch.log(1 - 2 ** (-2 - 4 * torch.arange(heads, device=DEVICE) / heads))
+    return q, k, v, decay
+
+
+@pytest.mark.parametrize(
+    "length, heads, head_dim, grid_width",
+    # RMT's 224-px passes (14/28/56 tokens along a line, 7x7 full) plus padded and extreme cases
+    [(14, 2, 16, 0), (28, 2, 32, 0), (56, 4, 16, 0), (20, 3, 16, 0), (64, 1, 64, 0), (49, 2, 32, 7), (35, 2, 16, 7)],
+)
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_kernel_by_definition(length, heads, head_dim, grid_width, transpose_out):
+    torch.manual_seed(0)
+    q, k, v, decay = _strided_inputs(2, 3, length, heads, head_dim)
+    out = fused_attention.decayed_attention(q, k, v, decay, grid_width, transpose_out)
+    if transpose_out:
+        assert out.shape == (2, length, 3, heads, head_dim)
+        out = out.transpose(1, 2)
+    assert out.is_contiguous() or transpose_out
+    assert (out.double() - _by_definition(q, k, v, decay, grid_width)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_in_half_precision(dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter cannot multiply bfloat16 tiles")
+    torch.manual_seed(0)
+    q, k, v, decay = _strided_inputs(4, 5, 56, 4, 16)
+    expected = _by_definition(q, k, v, decay, 0)
+    out = fused_attention.decayed_attention(*(t.to(dtype) for t in (q, k, v)), decay, 0, False)
+    assert out.dtype == dtype
+    # bf16 keeps 8 significant bits: inputs alone are off by up to 2 ** -9 relative
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 2e-2
+
+
+@pytest.mark.parametrize("decomposed, size", [(True, (12, 20)), (True, (56, 40)), (False, (7, 7)), (False, (5, 9))])
+def test_manhattan_attention_with_the_triton_kernel_rotates_and_attends_like_the_reference(decomposed, size):
+    torch.manual_seed(0)
+    h, w = size
+    position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
+    tables = position.tables(h, w, torch.float32, with_masks=True)
+    qk, v = torch.randn(2, h, w, 2, 2, 16, device=DEVICE), torch.randn(2, h, w, 2, 16, device=DEVICE)
+    assert _runs_fused("triton", qk, v, *((h, w) if decomposed else (h * w,)))
+    fused = manhattan_attention(qk.clone(), v, tables, "triton", decomposed)
+    reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
+    assert fused.shape == reference.shape == (2, h, w, 2, 16)
+    assert (fused - reference).abs().max().item() < 1e-5
+
+
+def test_official_logits_with_the_triton_kernel(official_mini, monkeypatch):
+    calls = []
+    kernel = fused_attention.decayed_attention
+    monkeypatch.setattr(fused_attention, "decayed_attention", lambda *args: calls.append(1) or kernel(*args))
+    entry = official_mini["models"]["mini_a"]  # head_dim 16 in stages 2 and 4 (8 and 12 fall back)
+    model = rmt.RMT.from_official(attn_kernel="triton", **entry["config"]).eval().to(DEVICE)
+    model.load_state_dict(convert_checkpoint(entry["state_dict"], model))
+    for case in entry["cases"]:
+        with torch.inference_mode():
+            logits = model(case["input"].to(DEVICE)).cpu()
+        assert (logits - case["logits"]).abs().max().item() <= 1e-4
+    # stage 2: two blocks, a row and a column pass each; stage 4: one full pass; per case
+    assert len(calls) == 2 * (2 * 2 + 1)
+
+
+def test_the_kernel_runs_only_without_autograd_and_where_it_can():
+    q = torch.randn(1, 14, 14, 2, 16, device=DEVICE)
+    assert fused_attention.supports(q, 64)
+    assert not fused_attention.supports(q, 65)
+    assert not fused_attention.supports(q[..., :8], 14)  # head_dim 8
+    assert not fused_attention.supports(q.double(), 14)
+    assert _runs_fused("triton", q, q, 14, 14)
+    assert _runs_fused("auto", q, q, 14) == (DEVICE == "cuda")  # auto: CUDA only
+    assert not _runs_fused("reference", q, q, 14)
+    weights = torch.randn(1, device=DEVICE, requires_grad=True)
+    assert not _runs_fused("triton", q * weights, q, 14)  # it has no backward pass
+    with torch.no_grad():
+        assert _runs_fused("triton", q * weights, q, 14)
+
+
+def test_training_with_the_triton_kernel_falls_back_and_gets_gradients(official_mini):
+    entry = official_mini["models"]["mini_a"]
+    torch.manual_seed(0)
+    model = rmt.RMT.from_official(attn_kernel="triton", **entry["config"]).to(DEVICE)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    model(x).square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_attn_kernel("reference")
+    model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_bench_names_the_triton_kernel_among_the_attention_ops(official_mini):
+    from rmt.bench.runner import attention_ops
+
+    entry = official_mini["models"]["mini_a"]
+    model = rmt.RMT.from_official(attn_kernel="triton", **entry["config"]).eval().to(DEVICE)
+    with torch.inference_mode():
+        ops = attention_ops(model, torch.randn(1, 3, 64, 64, device=DEVICE))
+    assert "rmt::decayed_attention" in ops
