@@ -13,19 +13,11 @@ from rmt.models.checkpoint import convert_checkpoint
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("exact_fp32"),
 ]
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """fp32 means fp32: no TF32 in matmuls or convs during these checks."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference", "flex"])
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference", "flex", "triton"])
 def test_official_logits_on_cuda(official_mini, kernel):
     for config in ("mini_a", "mini_b"):
         entry = official_mini["models"][config]
@@ -92,3 +84,20 @@ def test_bench_smoke_on_cuda():
         assert row["peak_memory_mb"] > 0 and row["memory_kind"] == "cuda_max_allocated"
         assert row["tflops"] > 0 and row["latency_ms"]["median"] > 0
     assert report["env"]["device_type"] == "cuda" and report["env"]["device_name"]
+
+
+def test_bench_peak_memory_counts_only_the_model_itself():
+    """The other models of an interleaved run stay resident; one model's peak must not grow with them."""
+    from rmt.bench.runner import BenchSettings, run_benchmark
+
+    def peak(models):
+        builders = {
+            "rmt_t": lambda size: rmt.create_model("rmt_t"),
+            "swin_b": lambda size: timm.create_model("swin_base_patch4_window7_224"),
+        }
+        settings = BenchSettings(models=models, batches=[8], device="cuda", dtype="bf16", warmup=1, iters=2)
+        rows = run_benchmark(settings, builders={m: builders[m] for m in models})["results"]
+        return next(r["peak_memory_mb"] for r in rows if r["model"] == "rmt_t")
+
+    alone, beside_swin_b = peak(["rmt_t"]), peak(["rmt_t", "swin_b"])  # swin_b: 88 M fp32 weights, 350 MB
+    assert abs(beside_swin_b - alone) < 0.05 * alone

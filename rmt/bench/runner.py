@@ -5,8 +5,9 @@ Method (docs/bench.md):
 - warmup, then ``iters`` rounds in which every model runs once in turn (interleaved, so clock
   and thermal drift hit all models alike); per-iteration time from CUDA events with a
   synchronisation on GPU, ``time.perf_counter`` on CPU;
-- peak memory in a pass of its own (CUDA: ``max_memory_allocated`` after a reset, after the
-  timing; CPU: the growth of the process's peak RSS during the first warmup pass);
+- peak memory in a pass of its own (CUDA: the model's weights and input plus the growth of
+  ``max_memory_allocated`` over what the run holds before the pass, after the timing; CPU: the
+  growth of the process's peak RSS during the first warmup pass);
 - a failure (OOM, error) marks that model's row and the run goes on.
 """
 
@@ -449,6 +450,12 @@ def _warm_up(
             return {**row, "batch": batch}
 
 
+def _own_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of a model's parameters and buffers and of its input."""
+    tensors = [*model.parameters(), *model.buffers(), x]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) -> None:
     row = c.row
     stats = latency_stats(c.times_ms)
@@ -460,11 +467,16 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) ->
     if device.type == "cuda":
         try:
             torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            # the other models of an interleaved run (and their inputs) stay resident: count only
+            # this model's growth over what is allocated now, plus its own weights and input
+            resident = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             with precision(device, settings.dtype):
                 c.model(c.x)
             torch.cuda.synchronize(device)
-            row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            growth = torch.cuda.max_memory_allocated(device) - resident
+            row["peak_memory_mb"] = round((growth + _own_bytes(c.model, c.x)) / 2**20, 1)
         except Exception as e:
             _fail(row, e)
         peak = peak_tflops(torch.cuda.get_device_name(device), settings.dtype)
