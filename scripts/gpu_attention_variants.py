@@ -1,10 +1,12 @@
-"""Which attention kernel is fastest for RMT's short decomposed sequences on CUDA?
+"""Which attention kernel is fastest for RMT's short sequences on CUDA?
 
-Times one Manhattan self-attention call (both passes for decomposed stages) at the shapes of
-rmt_s at 224x224, batch 64, bf16, for: SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
-memory-efficient backend, the plain reference path eagerly and compiled, and FlexAttention
-compiled with its default and with small tiles. Then, inside the time budget, the whole rmt_s
-compiled with the best kernel next to swin_t in the same process. Results go to OUT/attention.json.
+Times one Manhattan self-attention call, from the projections on: the rotary of q and k, then
+both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for: the
+Triton kernel (rotary fused), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
+memory-efficient backend, the plain reference path eagerly and compiled, and (--flex)
+FlexAttention compiled with its default and with small tiles. Every timed call starts with one
+copy of the stacked q/k projection, which the rotary then overwrites (as in the model). Then,
+inside the time budget, whole models in the same process. Results go to OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """
@@ -23,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 import rmt.models.attention as attention
-from rmt.models.attention import ManhattanPosition, decomposed_attention, full_attention
+from rmt.models.attention import ManhattanPosition, manhattan_attention
 
 STAGES = {  # rmt_s at 224: (H, W, heads, head_dim, decomposed)
     "stage1": (56, 56, 4, 16, True),
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=150.0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--flex", action="store_true", help="also FlexAttention with several tile sizes (slow to compile)")
+    parser.add_argument("--models", action="store_true", help="then whole models in the same process")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "runs/attn"))
     out.mkdir(parents=True, exist_ok=True)
@@ -77,23 +81,29 @@ def main() -> None:
                      "torch": torch.__version__, "stages": {}, "models": {}}
     for stage, (h, w, n, d, decomposed) in STAGES.items():
         torch.manual_seed(0)
-        q, k, v = (torch.randn(args.batch, h, w, n, d, device=dev, dtype=dtype) for _ in range(3))
+        qk = torch.randn(args.batch, h, w, 2, n, d, device=dev, dtype=dtype)
+        v = torch.randn(args.batch, h, w, n, d, device=dev, dtype=dtype)
+        work = torch.empty_like(qk)
         position = ManhattanPosition(n * d, n, 2.0, 6.0 if n >= 8 else 4.0, decomposed).to(dev)
         tables = position.tables(h, w, dtype, with_masks=True)
-        run = decomposed_attention if decomposed else full_attention
-        reference = run(q.float(), k.float(), v.float(), position.tables(h, w, torch.float32, True), "reference")
+        reference = manhattan_attention(qk.float(), v.float(), position.tables(h, w, torch.float32, True),
+                                        "reference", decomposed)
+
+        def run(kernel: str) -> torch.Tensor:
+            return manhattan_attention(work.copy_(qk), v, tables, kernel, decomposed)
+
         variants = {
-            "sdpa": lambda: run(q, k, v, tables, "sdpa"),
-            "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run, q, k, v, tables),
-            "reference": lambda: run(q, k, v, tables, "reference"),
+            "triton": lambda: run("triton"),
+            "sdpa": lambda: run("sdpa"),
+            "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run),
+            "reference": lambda: run("reference"),
+            "reference_compiled": torch.compile(lambda: run("reference")),
         }
-        compiled_reference = torch.compile(lambda: run(q, k, v, tables, "reference"))
-        variants["reference_compiled"] = compiled_reference
-        for block in (0, 64, 32, 16):
+        for block in (0, 64, 32, 16) if args.flex else ():
             if block and block > 2 * max(h, w):
                 continue
             attention._KERNELS[f"flex{block}"] = attention._Kernel(flex_with(block))
-            variants[f"flex_compiled_b{block or 'default'}"] = (lambda b=block: run(q, k, v, tables, f"flex{b}"))
+            variants[f"flex_compiled_b{block or 'default'}"] = (lambda b=block: run(f"flex{b}"))
         row = {}
         for name, fn in variants.items():
             if time.perf_counter() - begin > args.budget:
@@ -108,14 +118,16 @@ def main() -> None:
             print(stage, name, row[name], flush=True)
         results["stages"][stage] = row
         (out / "attention.json").write_text(json.dumps(results, indent=1))
+    if not args.models:
+        return
     # whole models, same process, if time is left
     import timm
 
     import rmt  # noqa: F401
 
     x = torch.randn(args.batch, 3, 224, 224, device=dev)
-    for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "reference", True), ("rmt_s", "sdpa", False),
-                                   ("rmt_s", "reference", False), ("swin_t", None, True)):
+    for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "sdpa", False),
+                                   ("swin_t", None, True), ("rmt_s", "auto", True), ("rmt_s", "reference", True)):
         label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
         if time.perf_counter() - begin > args.budget:
             results["models"][label] = "skipped (budget)"
@@ -131,9 +143,9 @@ def main() -> None:
         (out / "attention.json").write_text(json.dumps(results, indent=1))
 
 
-def _with_backend(backend, run, q, k, v, tables):
+def _with_backend(backend, run):
     with sdpa_kernel([backend]):
-        return run(q, k, v, tables, "sdpa")
+        return run("sdpa")
 
 
 if __name__ == "__main__":

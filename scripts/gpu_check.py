@@ -1,7 +1,8 @@
 """The CUDA benchmark matrix of docs/performance.md, in priority order, inside a time budget.
 
 Runs through rmt.bench.runner with the models `rmt bench` builds (random weights: no cache is
-read), writes one schema-1 JSON per job under OUT, and prints a summary table at the end.
+read) and writes everything into one file, OUT/gpu_check.json (rewritten after each job): each
+job's schema-1 report, the profiles, and a summary table, which is also printed at the end.
 Jobs that would start after the budget is spent are skipped and listed as skipped.
 
     OUT=runs/gpu python scripts/gpu_check.py --budget 420
@@ -10,8 +11,8 @@ Jobs that would start after the budget is spent are skipped and listed as skippe
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,29 +22,64 @@ from rmt.io import write_json_atomic
 RMT = ["rmt_t", "rmt_s", "rmt_b"]
 SWIN = ["swin_t", "swin_s", "swin_b"]
 
-# (job name, settings, RMT attention kernel); most important first
+# (job name, settings, RMT attention kernel); most important first. "profile" is the top device
+# operators of rmt_s and swin_t (eager, batch 64).
 JOBS = [
     ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
+    # the official-style plain path, and SDPA as torch dispatches it (the eager default before
+    # the Triton kernel), on the same card
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
-    ("resolution_bf16", dict(models=["rmt_s", "swin_t"], batches=[1, 8], img_sizes=[(512, 512), (768, 768), (1024, 1024)]), None),
+    ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),
+    ("profile", None, None),
     ("compiled_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default"), None),
-    # CUDA graphs for the launch-bound small batches (batch 1 eager is ~30 ms of kernel launches)
-    ("cuda_graphs_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[1, 8], compile_mode="reduce-overhead"), None),
-    ("compiled_flex_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64], compile_mode="default"), "flex"),
+    # the Triton kernel inside a compiled graph (auto compiles the plain math instead)
+    ("compiled_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="default"), "triton"),
+    # CUDA graphs: no CPU time per kernel launch, which bounds RMT's eager speed at batch 64
+    ("cuda_graphs_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead"), None),
+    ("cuda_graphs_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="reduce-overhead"), "triton"),
+    ("resolution_bf16", dict(models=["rmt_s", "swin_t"], batches=[1, 8], img_sizes=[(512, 512), (768, 768), (1024, 1024)]), None),
+    ("cuda_graphs_small_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[1, 8], compile_mode="reduce-overhead"), None),
     ("compiled_bf16_b256", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[256], compile_mode="default"), None),
 ]
 
 
-def _profile(out: Path, device: str) -> None:
-    """Top operators by device time for rmt_s and swin_t (eager, bf16, batch 64): where time goes."""
+def _profile(device: str) -> dict:
+    """Top operators by device time for rmt_s and swin_t (eager, bf16, batch 64): where time goes.
+    The traces go to a temporary folder; only the tables are kept."""
     from rmt.bench.profile import profile_model
 
-    for name in ("rmt_s", "swin_t"):
-        summary = profile_model(name, out / "profile", batch=64, device=device, dtype="bf16", top=12)
-        (out / f"profile_{name}.json").write_text(json.dumps(summary["top_ops"], indent=1))
-        print(f"-- {name}: top ops by {summary['time']} per step")
-        for op in summary["top_ops"]:
-            print(f"   {op['op'][:60]:60s} {op['self_ms']:8.3f} ms {op['share']:6.1%} x{op['calls_per_step']}")
+    tables = {}
+    with tempfile.TemporaryDirectory() as traces:
+        for name in ("rmt_s", "swin_t"):
+            summary = profile_model(name, traces, batch=64, device=device, dtype="bf16", top=20)
+            tables[name] = summary["top_ops"]
+            print(f"-- {name}: top ops by {summary['time']} per step")
+            for op in summary["top_ops"]:
+                print(f"   {op['op'][:60]:60s} {op['self_ms']:8.3f} ms {op['share']:6.1%} x{op['calls_per_step']}")
+    return tables
+
+
+def _run_job(name: str, spec: dict | None, kernel: str | None, args: argparse.Namespace, results: dict) -> None:
+    if spec is None:
+        results["profiles"] = _profile(args.device)
+        return
+    if args.models:
+        spec = {**spec, "models": [m for m in spec["models"] if m in args.models]}
+    if args.batches:
+        spec = {**spec, "batches": args.batches}
+    if args.img_sizes:
+        spec = {**spec, "img_sizes": [(s, s) for s in args.img_sizes]}
+    settings = BenchSettings(device=args.device, dtype="bf16", warmup=args.warmup, iters=args.iters,
+                             attn_kernel=kernel, baseline="swin_t" if "swin_t" in spec["models"] else None, **spec)
+    report = run_benchmark(settings)
+    results["jobs"][name] = report
+    for r in report["results"]:
+        results["summary"].append({
+            "job": name, "model": r["model"], "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
+            "img_s": r["throughput"], "ratio": r.get("ratio_to_baseline"), "ms": (r["latency_ms"] or {}).get("median"),
+            "mem_mb": r["peak_memory_mb"], "mfu": r["mfu"], "ops": ",".join(o.split("::")[-1] for o in r["attention_ops"])[:60],
+            "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}",
+        })
 
 
 def main() -> None:
@@ -53,13 +89,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--only", nargs="*", help="job names to run")
     parser.add_argument("--device", default="cuda", help="cpu for a dry run of the script itself")
+    parser.add_argument("--models", nargs="*", help="run only these of each job's models")
     parser.add_argument("--batches", type=int, nargs="*", help="override every job's batch sizes (dry runs)")
     parser.add_argument("--img-sizes", type=int, nargs="*", help="override every job's square image sizes (dry runs)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "runs/gpu_check"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = []
+    results: dict = {"jobs": {}, "profiles": {}, "summary": []}
+    summary = results["summary"]
     for name, spec, kernel in JOBS:
         if args.only and name not in args.only:
             continue
@@ -68,33 +106,19 @@ def main() -> None:
             print(f"[skip] {name}: budget spent ({elapsed:.0f} s)", flush=True)
             summary.append({"job": name, "status": "skipped"})
             continue
-        if args.batches:
-            spec = {**spec, "batches": args.batches}
-        if args.img_sizes:
-            spec = {**spec, "img_sizes": [(s, s) for s in args.img_sizes]}
-        settings = BenchSettings(device=args.device, dtype="bf16", warmup=args.warmup, iters=args.iters,
-                                 attn_kernel=kernel, baseline="swin_t" if "swin_t" in spec["models"] else None, **spec)
         t0 = time.perf_counter()
         print(f"[run] {name} ...", flush=True)
-        report = run_benchmark(settings)
-        report["job"] = name
-        write_json_atomic(out / f"{name}.json", report)
-        took = time.perf_counter() - t0
-        print(f"[done] {name} in {took:.0f} s", flush=True)
-        for r in report["results"]:
-            summary.append({
-                "job": name, "model": r["model"], "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
-                "img_s": r["throughput"], "ratio": r.get("ratio_to_baseline"), "ms": (r["latency_ms"] or {}).get("median"),
-                "mem_mb": r["peak_memory_mb"], "mfu": r["mfu"], "ops": ",".join(o.split("::")[-1] for o in r["attention_ops"])[:60],
-                "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}",
-            })
-    if not args.only or "profile" in args.only:
-        _profile(out, args.device)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        try:
+            _run_job(name, spec, kernel, args, results)
+        except Exception as e:  # recorded; the next job still runs
+            summary.append({"job": name, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            print(f"[error] {name}: {type(e).__name__}: {e}", flush=True)
+        write_json_atomic(out / "gpu_check.json", results)
+        print(f"[done] {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"{'job':20s} {'model':7s} {'b':>4s} {'img':>9s} {'img/s':>9s} {'ratio':>6s} {'ms':>8s} {'MB':>8s} {'MFU':>6s} status/ops")
     for s in summary:
-        if s.get("status") == "skipped":
-            print(f"{s['job']:20s} skipped")
+        if "model" not in s:  # a skipped or failed job
+            print(f"{s['job']:20s} {s['status']}")
             continue
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         print(f"{s['job']:20s} {s['model']:7s} {s['batch']:>4d} {s['img']:>9s} {fmt(s['img_s'], '9.1f')} "
