@@ -19,14 +19,16 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   64 tokens, every pass of RMT at 224 px: the rotary fused into its loads, the decay computed from
   the token indices, q, k and v read in place through their strides. Forward only: with autograd
   recording, and for longer sequences, it falls back to ``auto``'s choice.
-* ``"auto"`` (default): the fastest measured for RMT's short sequences. On the CPU it depends on
+* ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU it depends on
   the sequence length L of each pass (2-thread AVX-512 measurements in docs/performance.md):
   L <= 16, the matmul math with the scores laid out keys-first, so that the softmax reduces over
   a non-innermost dimension and is vectorised across queries (a 14-long innermost softmax wastes
   most of a 16-lane vector); L <= 64, the plain matmul math with k stored transposed (the fastest
-  batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA, eager inference (no
-  autograd) runs the Triton kernel where it applies, and otherwise SDPA with the memory-efficient
-  backend first (torch prefers cuDNN, about 1.5x slower here); under ``torch.compile`` the reference
+  batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA (sm80+), eager
+  inference (no autograd) runs the Triton kernel where it applies (the least GPU time per
+  attention call measured; whole eager models at batch 64 are bound by launch overhead instead,
+  where it made rmt_t 10% slower than SDPA), and otherwise SDPA with the memory-efficient backend
+  first (as dispatched, about 1.4x slower at stage 1); under ``torch.compile`` the reference
   math, which inductor fuses with the surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms
   with the Triton kernel, batch 64 bf16, H200). docs/performance.md has the measurements.
 
@@ -117,8 +119,12 @@ class ManhattanPosition(nn.Module):
         return {"angle": angle.unsqueeze(-1).repeat(1, 2).flatten(), "decay": decay}
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): tables follow the buffers
-        self._cache = {}
+        self.clear_tables()
         return super()._apply(fn, recurse)
+
+    def clear_tables(self) -> None:
+        """Drop the cached tables (rebuilt on the next call), e.g. to measure the memory they take."""
+        self._cache = {}
 
     def tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
         key = (height, width, dtype, with_masks)
@@ -326,10 +332,12 @@ def _attend_sequences(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias, kernel: 
 
 def _runs_fused(kernel: str, q: Tensor, v: Tensor, *lengths: int) -> bool:
     """Whether a pass over sequences of these lengths runs the Triton kernel: always where it
-    can for ``triton``, and in eager CUDA inference for ``auto``; it has no backward pass."""
-    if kernel == "auto" and (q.device.type != "cuda" or torch.compiler.is_compiling()):
-        return False
-    if kernel not in ("auto", "triton"):
+    can for ``triton``, and in eager inference on the GPUs it was measured on for ``auto``; it
+    has no backward pass."""
+    if kernel == "auto":
+        if q.device.type != "cuda" or torch.compiler.is_compiling() or not fused_attention.measured_gpu(q.device):
+            return False
+    elif kernel != "triton":
         return False
     if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
         return False

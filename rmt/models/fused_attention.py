@@ -15,6 +15,7 @@ is recorded, and keep the differentiable kernels for training.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -24,6 +25,9 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    # TRITON_INTERPRET=1 when the kernel is defined makes it a CPU interpreter taking CPU tensors
+    # (how the tests run it without a GPU)
+    from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # CPU-only torch wheels do not ship Triton
     triton = None
 
@@ -35,19 +39,19 @@ def supports(q: Tensor, length: int) -> bool:
     """Whether the kernel can run attention over ``length``-token sequences of q's shape and device."""
     return (
         triton is not None
-        and (q.is_cuda or _interpreted())
+        and (q.is_cuda or isinstance(_decayed_attention_kernel, InterpretedFunction))
         and length <= MAX_LENGTH
         and q.shape[-1] in HEAD_DIMS
         and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _interpreted() -> bool:
-    """True under TRITON_INTERPRET=1, Triton's CPU interpreter (how the CPU tests run the kernel)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+@functools.lru_cache(maxsize=None)
+def measured_gpu(device: torch.device) -> bool:
+    """Whether ``auto`` may pick the kernel on this GPU: NVIDIA from Ampere (sm80) on, for
+    bfloat16 tensor-core products; it was measured on Hopper. Other GPUs (and ROCm) keep the
+    library kernels unless ``triton`` is asked for by name."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 if triton is not None:
@@ -159,21 +163,26 @@ def _launch(
     b, g, length, n, d = q.shape
     out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
     out_view = out.transpose(1, 2) if transpose_out else out
-    rotate = cos is not None and sin is not None
+    if (cos is None) != (sin is None):
+        raise ValueError("decayed_attention needs both cos and sin, or neither")
+    rotate = cos is not None
     if rotate and (cos.stride() != sin.stride() or cos.shape != (g, length, 2, d)):
         raise ValueError("decayed_attention needs cos and sin as (G, L, 2, head_dim) views of one layout")
     if any(t.stride(-1) != 1 for t in (q, k, v, out_view) + ((cos, sin) if rotate else ())):
         raise ValueError("decayed_attention needs head_dim contiguous")
     block = max(16, triton.next_power_of_2(length))
     table_strides = cos.stride()[:3] if rotate else (0, 0, 0)
-    _decayed_attention_kernel[(b * g * n,)](
-        q, k, v, out_view, decay.float().contiguous(), cos if rotate else q, sin if rotate else q,
-        *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
-        *table_strides,
-        g, n, length, grid_width,
-        BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32, ROTATE=rotate,
-        num_warps=4 if block * d >= 64 * 32 else 2,
-    )
+    # Triton launches on the current device, not the tensors' (a model on cuda:1 while cuda:0 is current)
+    on_other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
+        _decayed_attention_kernel[(b * g * n,)](
+            q, k, v, out_view, decay.float().contiguous(), cos if rotate else q, sin if rotate else q,
+            *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
+            *table_strides,
+            g, n, length, grid_width,
+            BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32, ROTATE=rotate,
+            num_warps=4 if block * d >= 64 * 32 else 2,
+        )
     return out
 
 
@@ -191,4 +200,4 @@ def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None):
     return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
 
 
-__all__ = ["MAX_LENGTH", "decayed_attention", "supports"]
+__all__ = ["MAX_LENGTH", "decayed_attention", "measured_gpu", "supports"]
