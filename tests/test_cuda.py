@@ -81,7 +81,7 @@ def test_bench_smoke_on_cuda():
     )
     for row in report["results"]:
         assert row["status"] == "ok", row["error"]
-        assert row["peak_memory_mb"] > 0 and row["memory_kind"] == "cuda_max_allocated"
+        assert row["peak_memory_mb"] > 0 and row["memory_kind"] == "cuda_model_peak"
         assert row["tflops"] > 0 and row["latency_ms"]["median"] > 0
     assert report["env"]["device_type"] == "cuda" and report["env"]["device_name"]
 

@@ -30,7 +30,7 @@ from rmt.bench.devices import peak_tflops
 from rmt.bench.env import environment, resolve_device
 from rmt.bench.flops import count_flops
 from rmt.errors import RMTError, first_line, is_out_of_memory
-from rmt.models.attention import resolve_attention_kernel
+from rmt.models.attention import ManhattanPosition, resolve_attention_kernel
 
 SCHEMA_VERSION = 1
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
@@ -365,7 +365,7 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
         "iters": 0,
         "warmup": 0,
         "peak_memory_mb": None,
-        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth",
+        "memory_kind": "cuda_model_peak" if device.type == "cuda" else "cpu_peak_rss_growth",
         "tflops": None,
         "mfu": None,
         "status": "ok",
@@ -466,9 +466,14 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) ->
         row["tflops"] = round(2 * row["gmacs"] * 1e9 * row["throughput"] / 1e12, 3)
     if device.type == "cuda":
         try:
+            # RMT's cached position tables and decay masks are the model's memory too: rebuilt
+            # inside the measured pass (a compiled graph keeps its own copy as constants)
+            for module in c.model.modules():
+                if isinstance(module, ManhattanPosition):
+                    module.clear_tables()
             torch.cuda.empty_cache()
             torch.cuda.synchronize(device)
-            # the other models of an interleaved run (and their inputs) stay resident: count only
+            # the models measured after this one (and their inputs) stay resident: count only
             # this model's growth over what is allocated now, plus its own weights and input
             resident = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
