@@ -26,8 +26,7 @@ SWIN = ["swin_t", "swin_s", "swin_b"]
 # operators of rmt_s and swin_t (eager, batch 64).
 JOBS = [
     ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
-    # the official-style plain path, and SDPA as torch dispatches it (the eager default before
-    # the Triton kernel), on the same card
+    # the official-style plain path, and SDPA as torch dispatches it, on the same card
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
     ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),
     ("profile", None, None),
