@@ -439,15 +439,18 @@ def _warm_up(
             c.x = x
             return update
         except Exception as e:
-            if settings.retry_oom and is_out_of_memory(e) and batch > 1:
-                batch //= 2
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            row: dict[str, Any] = {}
-            _fail(row, e)
-            c.model = None
-            return {**row, "batch": batch}
+            if not (settings.retry_oom and is_out_of_memory(e) and batch > 1):
+                row: dict[str, Any] = {}
+                _fail(row, e)
+                c.model = None
+                return {**row, "batch": batch}
+        # out of the except block: the error's traceback, which holds the failed pass's
+        # activations, is gone; with the old input dropped too, the cache can really be emptied
+        # before the smaller retry
+        x = None
+        batch //= 2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _own_bytes(model: nn.Module, x: torch.Tensor) -> int:
