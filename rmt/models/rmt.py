@@ -210,7 +210,7 @@ class RMT(nn.Module):
     ):
         """Build from ``cfg`` with ``config_changes`` applied (or from RMTConfig fields alone).
 
-        ``attn_kernel``: ``auto``, ``sdpa``, ``reference`` or ``flex`` (see rmt.models.attention).
+        ``attn_kernel``: ``auto``, ``sdpa``, ``reference``, ``flex`` or ``triton`` (see rmt.models.attention).
         """
         super().__init__()
         cfg = cfg.replace(**config_changes) if cfg is not None else RMTConfig(**config_changes)
@@ -263,7 +263,7 @@ class RMT(nn.Module):
         return self.stages[0].blocks[0].attn.kernel
 
     def set_attn_kernel(self, kernel: str) -> None:
-        """Switch every block between the ``auto``, ``sdpa``, ``reference`` and ``flex`` attention kernels."""
+        """Switch every block between the ``auto``, ``sdpa``, ``reference``, ``flex`` and ``triton`` attention kernels."""
         kernel = resolve_attention_kernel(kernel)
         for m in self.modules():
             if isinstance(m, ManhattanSelfAttention):
