@@ -69,8 +69,7 @@ def bench(
 ) -> None:
     """Throughput, latency spread, peak memory, GMACs and MFU of RMT against its peers."""
     from rmt.bench.report import plot, require_matplotlib, to_csv
-    from rmt.io import write_json_atomic, write_text_atomic
-    from rmt.io import check_writable
+    from rmt.io import check_writable, write_json_atomic, write_text_atomic
     from rmt.bench.runner import DEFAULT_MODELS, BenchSettings, parse_img_size, run_benchmark
 
     try:

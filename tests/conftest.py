@@ -22,11 +22,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @pytest.fixture
 def exact_fp32():
-    """fp32 means fp32: no TF32 in CUDA matmuls or convs during a check against fp32 numbers."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """fp32 means fp32: no TF32 in CUDA matmuls or convs during a check against fp32 numbers
+    (the bench's own fp32 setting; imported here, after TRITON_INTERPRET is settled)."""
+    from rmt.bench.runner import precision
+
+    with precision(torch.device("cuda"), "fp32"):
+        yield
 
 
 @pytest.fixture(scope="session")
