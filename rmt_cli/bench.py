@@ -58,6 +58,7 @@ def bench(
         None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune.",
     ),
     attn_kernel: Optional[str] = typer.Option(None, "--attn-kernel", help="RMT attention kernel: auto, sdpa, reference, flex or triton (see docs/models.md)."),
+    reparam: bool = typer.Option(False, "--reparam", help="Fold each model for inference first (norms, batch norms, conv biases, layer scales; same outputs)."),
     warmup: Optional[int] = typer.Option(None, help="Warmup passes (default 10 on CUDA, 1 on CPU)."),
     iters: Optional[int] = typer.Option(None, help="Timed iterations (default 50 on CUDA; on CPU 1-5 to fit the time budget)."),
     time_budget: float = typer.Option(150.0, "--time-budget", help="CPU only: seconds the default iteration count aims at."),
@@ -90,6 +91,7 @@ def bench(
         warmup=warmup,
         iters=iters,
         attn_kernel=attn_kernel,
+        reparameterize=reparam,
         time_budget_s=time_budget,
         retry_oom=retry_oom,
         baseline=baseline,
@@ -129,7 +131,8 @@ def _print_bench(report: dict[str, Any]) -> None:
     title = (
         f"{env.get('device_name')} | {settings['dtype']}"
         f"{' | compile=' + settings['compile_mode'] if settings.get('compile_mode') else ''}"
-        f"{' | channels_last' if settings.get('channels_last') else ''} | torch {env['torch']} | "
+        f"{' | channels_last' if settings.get('channels_last') else ''}"
+        f"{' | reparameterized' if settings.get('reparameterize') else ''} | torch {env['torch']} | "
         f"ratios to {settings['baseline']}"
     )
     table = Table(title=title, title_style="bold")
@@ -236,6 +239,7 @@ def profile(
     memory: bool = typer.Option(False, "--memory", help="Also record memory per operator."),
     active: int = typer.Option(3, help="Profiled steps (after 1 wait and 1 warmup step)."),
     top: int = typer.Option(15, help="Operators to list."),
+    reparam: bool = typer.Option(False, "--reparam", help="Fold the model for inference first (as rmt bench --reparam)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary here."),
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
@@ -244,8 +248,9 @@ def profile(
     from rmt.bench.runner import parse_img_size
 
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
-                            dtype=dtype, memory=memory, active=active, top=top)
-    table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype})", title_style="bold")
+                            dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam)
+    folded = ", reparameterized" if summary["reparameterized"] else ""
+    table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype}{folded})", title_style="bold")
     for column in ("operator", "ms/step", "share", "calls/step") + (("self MB",) if memory else ()):
         table.add_column(column, justify="left" if column == "operator" else "right")
     for op in summary["top_ops"]:

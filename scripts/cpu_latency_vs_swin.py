@@ -7,6 +7,7 @@ over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
     python scripts/cpu_latency_vs_swin.py --models rmt_t rmt_s rmt_b --batch 8 --threads 2 --rounds 7
     python scripts/cpu_latency_vs_swin.py --kernels auto reference ...   (each RMT model on each kernel)
     python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile)
+    python scripts/cpu_latency_vs_swin.py --reparam ...   (each RMT model also reparameterized, RMT.reparameterize)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model, Swin-T included")
+    parser.add_argument("--reparam", action="store_true", help="also run each RMT model reparameterized for inference")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -45,6 +47,8 @@ def main() -> None:
         for kernel in args.kernels:
             label = name if kernel == "auto" else f"{name}[{kernel}]"
             models[label] = timm.create_model(name, attn_kernel=kernel).eval()
+            if args.reparam:
+                models[f"{label}[reparam]"] = timm.create_model(name, attn_kernel=kernel).eval().reparameterize()
     if args.compile:
         models = {label: torch.compile(model) for label, model in models.items()}
     names = list(models)
@@ -72,7 +76,7 @@ def main() -> None:
             json.dump({"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
                        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                       "kernels": args.kernels, "compiled": args.compile,
+                       "kernels": args.kernels, "compiled": args.compile, "reparam": args.reparam,
                        "results": results}, f, indent=2)
 
 

@@ -26,6 +26,8 @@ SWIN = ["swin_t", "swin_s", "swin_b"]
 # operators of rmt_s and swin_t (eager, batch 64).
 JOBS = [
     ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
+    # folded for inference (RMT.reparameterize): no float32 layer norms and their copies, fewer bias adds
+    ("eager_reparam_bf16", dict(models=RMT + ["swin_t"], batches=[64, 256], reparameterize=True), None),
     # the official-style plain path, and SDPA as torch dispatches it, on the same card
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
     ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),
@@ -35,6 +37,8 @@ JOBS = [
     ("compiled_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="default"), "triton"),
     # CUDA graphs: no CPU time per kernel launch, which bounds RMT's eager speed at batch 64
     ("cuda_graphs_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead"), None),
+    ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
+    ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
     ("cuda_graphs_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="reduce-overhead"), "triton"),
     ("resolution_bf16", dict(models=["rmt_s", "swin_t"], batches=[1, 8], img_sizes=[(512, 512), (768, 768), (1024, 1024)]), None),
     ("cuda_graphs_small_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[1, 8], compile_mode="reduce-overhead"), None),
@@ -43,16 +47,17 @@ JOBS = [
 
 
 def _profile(device: str) -> dict:
-    """Top operators by device time for rmt_s and swin_t (eager, bf16, batch 64): where time goes.
-    The traces go to a temporary folder; only the tables are kept."""
+    """Top operators by device time for rmt_s (as built and reparameterized) and swin_t (eager,
+    bf16, batch 64): where time goes. The traces go to a temporary folder; only the tables are kept."""
     from rmt.bench.profile import profile_model
 
     tables = {}
     with tempfile.TemporaryDirectory() as traces:
-        for name in ("rmt_s", "swin_t"):
-            summary = profile_model(name, traces, batch=64, device=device, dtype="bf16", top=20)
-            tables[name] = summary["top_ops"]
-            print(f"-- {name}: top ops by {summary['time']} per step")
+        for name, folded in (("rmt_s", False), ("rmt_s", True), ("swin_t", False)):
+            summary = profile_model(name, traces, batch=64, device=device, dtype="bf16", top=20, reparameterize=folded)
+            label = f"{name}[reparam]" if folded else name
+            tables[label] = summary["top_ops"]
+            print(f"-- {label}: top ops by {summary['time']} per step")
             for op in summary["top_ops"]:
                 print(f"   {op['op'][:60]:60s} {op['self_ms']:8.3f} ms {op['share']:6.1%} x{op['calls_per_step']}")
     return tables
@@ -74,7 +79,7 @@ def _run_job(name: str, spec: dict | None, kernel: str | None, args: argparse.Na
     results["jobs"][name] = report
     for r in report["results"]:
         results["summary"].append({
-            "job": name, "model": r["model"], "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
+            "job": name, "model": r["model"] + ("[reparam]" if r.get("reparameterized") else ""), "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
             "img_s": r["throughput"], "ratio": r.get("ratio_to_baseline"), "ms": (r["latency_ms"] or {}).get("median"),
             "mem_mb": r["peak_memory_mb"], "mfu": r["mfu"], "ops": ",".join(o.split("::")[-1] for o in r["attention_ops"])[:60],
             "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}",
@@ -114,13 +119,13 @@ def main() -> None:
             print(f"[error] {name}: {type(e).__name__}: {e}", flush=True)
         write_json_atomic(out / "gpu_check.json", results)
         print(f"[done] {name} in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"{'job':20s} {'model':7s} {'b':>4s} {'img':>9s} {'img/s':>9s} {'ratio':>6s} {'ms':>8s} {'MB':>8s} {'MFU':>6s} status/ops")
+    print(f"{'job':24s} {'model':15s} {'b':>4s} {'img':>9s} {'img/s':>9s} {'ratio':>6s} {'ms':>8s} {'MB':>8s} {'MFU':>6s} status/ops")
     for s in summary:
         if "model" not in s:  # a skipped or failed job
-            print(f"{s['job']:20s} {s['status']}")
+            print(f"{s['job']:24s} {s['status']}")
             continue
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        print(f"{s['job']:20s} {s['model']:7s} {s['batch']:>4d} {s['img']:>9s} {fmt(s['img_s'], '9.1f')} "
+        print(f"{s['job']:24s} {s['model']:15s} {s['batch']:>4d} {s['img']:>9s} {fmt(s['img_s'], '9.1f')} "
               f"{fmt(s['ratio'], '6.2f')} {fmt(s['ms'], '8.2f')} {fmt(s['mem_mb'], '8.0f')} "
               f"{fmt(s['mfu'] * 100 if s['mfu'] is not None else None, '5.1f')}% {s['status'] if s['status'] != 'ok' else s['ops']}")
 

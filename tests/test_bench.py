@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -113,6 +114,26 @@ def test_tiny_bench_rmt_t_and_swin_t_json(tmp_path):
     csv_text = to_csv(report)
     assert csv_text.splitlines()[0].startswith("model,batch,requested_batch,img_h,img_w")
     assert len(csv_text.strip().splitlines()) == 3
+
+
+def test_bench_reparam_folds_rmt_and_keeps_the_published_counts(tmp_path):
+    settings = BenchSettings(models=["tiny", "swin_t"], batches=[1], img_sizes=[(64, 64)], device="cpu",
+                             warmup=0, iters=1, reparameterize=True)
+    report = run_benchmark(settings, builders=_builders())
+    _validate_schema(report)
+    rows = {r["model"]: r for r in report["results"]}
+    assert rows["tiny"]["status"] == rows["swin_t"]["status"] == "ok"
+    assert rows["tiny"]["reparameterized"] is True and rows["swin_t"]["reparameterized"] is False
+    assert report["settings"]["reparameterize"] is True
+    # params and GMACs are the published model's, not the folded one's
+    assert rows["tiny"]["params"] == sum(p.numel() for p in rmt.RMT(TINY).parameters())
+    plain = run_benchmark(replace(settings, models=["tiny"], reparameterize=False), builders=_builders())
+    assert plain["results"][0]["reparameterized"] is False
+    assert plain["results"][0]["gmacs"] == rows["tiny"]["gmacs"]
+    # a folded run is another setting for compare, never a like-for-like regression check
+    verdict = compare_reports(plain, {**report, "results": [rows["tiny"]]})
+    assert {d.status for d in verdict.deltas} == {"missing", "new"}
+    assert "reparam" in to_csv(report).splitlines()[0]
 
 
 def test_sweep_over_sizes_and_batches():
@@ -264,6 +285,18 @@ def test_profile_writes_a_trace_with_aten_ops(tmp_path):
     assert "tensorboard --logdir" in summary["open"]["tensorboard"]
 
 
+def test_profile_reparam_shows_the_folded_ops_gone(tmp_path):
+    from rmt.bench.profile import profile_model
+
+    ops = {}
+    for folded in (False, True):
+        summary = profile_model("tiny", tmp_path / str(folded), batch=1, img_size=(64, 64), device="cpu",
+                                model=rmt.RMT(TINY), active=1, top=1000, reparameterize=folded)
+        assert summary["reparameterized"] is folded
+        ops[folded] = {op["op"]: op["calls_per_step"] for op in summary["top_ops"]}
+    assert ops[False].get("aten::native_batch_norm", 0) > 0 and "aten::native_batch_norm" not in ops[True]
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     settings = BenchSettings(models=["tiny", "rmt_t"], batches=[1], img_sizes=[(64, 64)], device="cpu", warmup=0, iters=1)
@@ -282,6 +315,25 @@ def test_compile_takes_an_optional_mode():
     assert optional_compile_mode(kept) == kept
 
 
+def test_compiled_settings_are_static_and_start_from_fresh_caches(monkeypatch):
+    """Each (size, batch) setting compiles with static shapes after a reset, so a sweep neither
+    turns on dynamic shapes nor runs past dynamo's recompile limit into silent eager fallback."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("reset"))
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    settings = BenchSettings(models=["tiny"], batches=[1], img_sizes=[(64, 64), (96, 96)], device="cpu",
+                             warmup=0, iters=1, compile_mode="max-autotune")
+    report = run_benchmark(settings, builders=_builders())
+    assert [r["status"] for r in report["results"]] == ["ok", "ok"]
+    compiled = {"mode": "max-autotune", "dynamic": False}
+    assert calls == ["reset", compiled, "reset", compiled]
+
+
 def test_bench_cli_rejects_bad_input_in_one_line():
     for args, message in ((["bench", "rmt_ss"], "did you mean"), (["bench", "rmt_t", "--dtype", "int8"], "unknown dtype"),
                           (["bench", "rmt_t", "--img-size", "big"], "not N or HxW"),
@@ -294,11 +346,12 @@ def test_bench_cli_rejects_bad_input_in_one_line():
 def test_bench_and_flops_cli(tmp_path):
     out = tmp_path / "run.json"
     result = _cli("bench", "rmt_t", "--batch", "1", "--img-size", "64", "--iters", "1", "--warmup", "0",
-                  "--json", str(out), "--csv", str(tmp_path / "run.csv"))
+                  "--reparam", "--json", str(out), "--csv", str(tmp_path / "run.csv"))
     assert result.returncode == 0, result.stderr
     report = read_report(out)
     _validate_schema(report)
     assert report["results"][0]["status"] == "ok" and "rmt_t" in result.stdout
+    assert report["results"][0]["reparameterized"] and "reparameterized" in result.stdout
     flops_json = tmp_path / "flops.json"
     result = _cli("flops", "rmt_s", "--json", str(flops_json))
     assert result.returncode == 0 and "4.800 GMACs" in result.stdout

@@ -57,16 +57,18 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 
 def _key(row: dict[str, Any]) -> tuple:
     return (row["model"], row.get("requested_batch", row["batch"]), tuple(row["img_size"]), row.get("dtype"),
-            row.get("compile"), bool(row.get("channels_last")))
+            row.get("compile"), bool(row.get("channels_last")), bool(row.get("reparameterized")))
 
 
 def _setting(key: tuple) -> str:
-    _, batch, (h, w), dtype, compiled, channels_last = key
+    _, batch, (h, w), dtype, compiled, channels_last, reparameterized = key
     text = f"b{batch} {h}x{w} {dtype}"
     if compiled:
         text += f" compile={compiled}"
     if channels_last:
         text += " channels_last"
+    if reparameterized:
+        text += " reparam"
     return text
 
 

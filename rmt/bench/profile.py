@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import DTYPES, precision, build_model, quiet_stderr
+from rmt.bench.runner import DTYPES, build_model, precision, quiet_stderr
+from rmt.bench.runner import reparameterize as reparameterize_model
 from rmt.errors import RMTError
 
 
@@ -26,11 +27,13 @@ def profile_model(
     active: int = 3,
     top: int = 15,
     model: Optional[torch.nn.Module] = None,
+    reparameterize: bool = False,
 ) -> dict[str, Any]:
     """Profile ``wait + warmup + active`` forward passes on a schedule and write the trace to ``out_dir``.
 
     Returns the trace files, the top operators by self time (device time on CUDA) and, with
-    ``memory``, their memory use.
+    ``memory``, their memory use. ``reparameterize`` folds the model for inference first
+    (:func:`rmt.bench.runner.reparameterize`).
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -45,7 +48,9 @@ def profile_model(
     before = set(out.glob("**/*.pt.trace.json*"))
     if model is None:
         model = build_model(name, img_size)
-    model = model.eval().to(dev)
+    model = model.eval()
+    folded = reparameterize_model(model) if reparameterize else False
+    model = model.to(dev)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
@@ -86,6 +91,7 @@ def profile_model(
         "dtype": dtype,
         "batch": batch,
         "img_size": list(img_size),
+        "reparameterized": folded,
         "steps": {"wait": wait, "warmup": warmup, "active": active},
         "time": "device (CUDA) self time" if on_cuda else "CPU self time",
         "trace_files": [str(t) for t in traces],

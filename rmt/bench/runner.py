@@ -53,6 +53,7 @@ class BenchSettings:
     warmup: Optional[int] = None  # None: 10 on CUDA, 1 on CPU
     iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
     attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
+    reparameterize: bool = False  # fold every model for inference first (timm's reparameterize_model)
     time_budget_s: float = CPU_TIME_BUDGET_S
     retry_oom: bool = False
     baseline: Optional[str] = None  # ratios are to this model (default: the first one)
@@ -243,6 +244,20 @@ def build_model(name: str, size: tuple[int, int], attn_kernel: Optional[str] = N
     return zoo.create_model(name)
 
 
+_FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
+
+
+def reparameterize(model: nn.Module) -> bool:
+    """Fold ``model`` for inference in place, as ``timm.utils.reparameterize_model`` does (RMT's
+    norms, batch norms, conv biases and layer scales; RepVGG-style branches of timm models).
+    Returns whether it had anything to fold."""
+    from timm.utils import reparameterize_model
+
+    foldable = any(hasattr(m, name) for m in model.modules() if m is not model for name in _FOLD_METHODS)
+    reparameterize_model(model, inplace=True)
+    return foldable
+
+
 def _model_builder(name: str, attn_kernel: Optional[str]) -> Builder:
     from rmt import zoo
 
@@ -288,6 +303,11 @@ def run_benchmark(
     with torch.inference_mode():
         for setting_index, (size, batch) in enumerate(grid):
             torch.manual_seed(0)
+            if settings.compile_mode:
+                # the previous setting's models are gone: without a reset, their entries would
+                # count toward dynamo's per-function recompile limit (past it, a model silently
+                # runs eager) and a new input size would turn on dynamic shapes
+                torch.compiler.reset()
             candidates = [_Candidate(name) for name in settings.models]
             for c in candidates:
                 c.row = _prepare(c, builders[c.name], settings, device, size, batch, flops_cache)
@@ -357,6 +377,7 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
         "channels_last": settings.channels_last,
         "compile": settings.compile_mode,
         "attn_kernel": None,
+        "reparameterized": False,
         "attention_ops": [],
         "params": None,
         "gmacs": None,
@@ -397,13 +418,18 @@ def _prepare(
             flops_cache[key] = count_flops(model, size, c.name).macs
         row["gmacs"] = round(flops_cache[key] / 1e9, 4)
         row["attn_kernel"] = getattr(model, "attn_kernel", None)
+        if settings.reparameterize:  # params and GMACs above stay those of the published model
+            row["reparameterized"] = reparameterize(model)
         model = model.to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         with precision(device, settings.dtype):
             row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
         if settings.compile_mode:
-            model = torch.compile(model, mode=None if settings.compile_mode == "default" else settings.compile_mode)
+            # static shapes: each setting measures the kernels specialised for its own size and batch
+            model = torch.compile(
+                model, mode=None if settings.compile_mode == "default" else settings.compile_mode, dynamic=False
+            )
         c.model = model
     except Exception as e:
         _fail(row, e)

@@ -188,6 +188,7 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
     ``torch.save({"model": export_official_state_dict(model)}, path)`` writes a file the official
     code's ``load_state_dict`` takes strictly.
     """
+    _refuse_reparameterized(model)
     ours = model.state_dict()
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     for key, value in ours.items():
@@ -198,6 +199,15 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
         out[f"layers.{i}.Relpos.angle"] = stage.position.angle.detach().clone()
         out[f"layers.{i}.Relpos.decay"] = stage.position.decay.detach().clone()
     return out
+
+
+_REPARAMETERIZED = "the model is reparameterized for inference; load checkpoints before calling reparameterize()"
+
+
+def _refuse_reparameterized(model: nn.Module) -> None:
+    # the official layout has norms, batch norms and biases that a folded model no longer has
+    if getattr(model, "is_reparameterized", False):
+        raise CheckpointError("a reparameterized model has no official layout: export it before calling reparameterize()")
 
 
 def _to_official(key: str, value: Tensor) -> list[tuple[str, Tensor]]:
@@ -360,9 +370,17 @@ def official_shapes(name: str) -> dict[str, tuple]:
 def check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> str:
     """Raise a one-line CheckpointError unless ``state_dict`` (official layout or ours) fits
     ``model`` exactly, derived ``Relpos`` buffers included; returns ``"official"`` or ``"rmt"``."""
+    reparameterized = getattr(model, "is_reparameterized", False)
     if not _is_official_layout(state_dict):
-        check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items()}, name)
+        try:
+            check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items()}, name)
+        except CheckpointError as e:
+            if reparameterized:  # most likely an unfolded checkpoint: say what to do instead
+                raise CheckpointError(f"{e}; {_REPARAMETERIZED}") from None
+            raise
         return "rmt"
+    if reparameterized:
+        raise CheckpointError(f"an official checkpoint does not fit a folded model: {_REPARAMETERIZED}")
     expected = {k: v.shape for k, v in export_official_state_dict(model).items()}
     relpos = tuple(k for k in expected if _RELPOS.match(k))
     check_fits(state_dict, expected, name, optional=relpos)

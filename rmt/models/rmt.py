@@ -25,7 +25,14 @@ from torch.utils.checkpoint import checkpoint
 
 from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
 from rmt.models.config import VARIANTS, RMTConfig
-from rmt.models.layers import DepthwiseConvNHWC
+from rmt.models.layers import (
+    AffineFreeLayerNorm,
+    DepthwiseConvNHWC,
+    fold_batch_norm,
+    fold_bias_into_linear,
+    fold_layer_norm_affine,
+    fold_output_scale,
+)
 
 
 # CPU inference with every submodule in eval mode runs the stem and each stage on a few images
@@ -70,6 +77,14 @@ class ConvStem(nn.Sequential):
         # channels-last convs make the final permute to (B, H, W, C) free
         return super().forward(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
+    def reparameterize(self) -> None:
+        """Fold each batch norm into the conv before it (inference; see :func:`RMT.reparameterize`)."""
+        for i in range(len(self) - 1):
+            if isinstance(self[i], nn.Conv2d) and isinstance(self[i + 1], nn.BatchNorm2d):
+                fold_batch_norm(self[i], self[i + 1])
+                self[i + 1] = nn.Identity()
+        self.train(self.training)  # the new modules join this one's mode (CPU chunking checks it)
+
 
 class Downsample(nn.Module):
     """3x3 stride-2 conv + batch norm between stages, on (B, H, W, C) tokens."""
@@ -81,6 +96,13 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+    def reparameterize(self) -> None:
+        """Fold the batch norm into the conv (inference; see :func:`RMT.reparameterize`)."""
+        if isinstance(self.norm, nn.BatchNorm2d):
+            fold_batch_norm(self.conv, self.norm)
+            self.norm = nn.Identity()
+        self.train(self.training)
 
 
 class ConvFFN(nn.Module):
@@ -131,6 +153,27 @@ class RMTBlock(nn.Module):
         x = self.drop_path1(self.ls1(self.attn(self.norm1(x), position))).add_(x)
         x = self.drop_path2(self.ls2(self.mlp(self.norm2(x)))).add_(x)
         return x
+
+    def reparameterize(self) -> None:
+        """Fold for inference (see :func:`RMT.reparameterize`): the norms' affines into the
+        projections they feed, the LCE and FFN conv biases into the linears after them, and the
+        layer scales into those linears. The CPE conv keeps its bias: it feeds the residual stream.
+        """
+        attn, mlp = self.attn, self.mlp
+        if isinstance(self.norm1, nn.LayerNorm):
+            self.norm1 = fold_layer_norm_affine(self.norm1, attn.qk, attn.v)
+        if isinstance(self.norm2, nn.LayerNorm):
+            self.norm2 = fold_layer_norm_affine(self.norm2, mlp.fc1)
+        # proj reads lce(v) + attention, fc2 reads dwconv(x) + x: the conv biases pass straight in
+        fold_bias_into_linear(attn.lce, attn.proj)
+        fold_bias_into_linear(mlp.dwconv, mlp.fc2)
+        if isinstance(self.ls1, LayerScale):  # after the bias folds: the scale applies to the whole output
+            fold_output_scale(attn.proj, self.ls1.gamma)
+            self.ls1 = nn.Identity()
+        if isinstance(self.ls2, LayerScale):
+            fold_output_scale(mlp.fc2, self.ls2.gamma)
+            self.ls2 = nn.Identity()
+        self.train(self.training)
 
 
 class RMTStage(nn.Module):
@@ -189,6 +232,13 @@ class ClassifierHead(nn.Module):
         x = self.act(x).mean((2, 3))
         x = self.drop(x)
         return x if pre_logits else self.fc(x)
+
+    def reparameterize(self) -> None:
+        """Fold the batch norm into ``proj`` (inference; see :func:`RMT.reparameterize`)."""
+        if isinstance(self.norm, nn.BatchNorm2d):
+            fold_batch_norm(self.proj, self.norm)
+            self.norm = nn.Identity()
+        self.train(self.training)
 
 
 class RMT(nn.Module):
@@ -268,6 +318,26 @@ class RMT(nn.Module):
         for m in self.modules():
             if isinstance(m, ManhattanSelfAttention):
                 m.kernel = kernel
+
+    def reparameterize(self) -> "RMT":
+        """Fold the model for inference, in place: the same function with fewer kernels per block.
+
+        Batch norms (stem, downsampling, head) go into the conv or linear before them; each
+        block's layer-norm scale and shift into the projections the norm feeds; the LCE and FFN
+        depthwise-conv biases and the layer scales into the linears after them. In fp32 the
+        outputs stay within 1e-5 of the unfolded model's; under autocast the norms then run in the
+        autocast dtype, with no float32 copies (:class:`~rmt.models.layers.AffineFreeLayerNorm`).
+        Batch norms fold with their running statistics (eval-mode semantics), and the state dict
+        changes layout, so load checkpoints first. ``timm.utils.reparameterize_model(model)`` does
+        the same on a copy. Returns the model.
+        """
+        for module in [m for m in self.modules() if m is not self and hasattr(m, "reparameterize")]:
+            module.reparameterize()
+        return self
+
+    @property
+    def is_reparameterized(self) -> bool:
+        return any(isinstance(m, AffineFreeLayerNorm) for m in self.modules())
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -1,0 +1,200 @@
+"""Reparameterization for inference (RMT.reparameterize, timm.utils.reparameterize_model): the
+same function with the norms' affines, batch norms, conv biases and layer scales folded away."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import LayerScale
+from timm.utils import reparameterize_model
+from torch import nn
+
+import rmt
+from rmt.errors import CheckpointError
+from rmt.models.checkpoint import convert_checkpoint, export_official_state_dict
+from rmt.models.config import RMTConfig
+from rmt.models.layers import AffineFreeLayerNorm
+
+# layer scales in the last two stages, a decomposed and a full-attention pass, the token-label head
+TINY = RMTConfig(
+    embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), mlp_ratios=(3, 3, 3, 3),
+    decomposed_stages=(True, True, False, False), layer_scale_stages=(False, False, True, True),
+    head_hidden_size=64, num_classes=10, token_label=True,
+)
+
+
+def _tiny(seed: int = 0) -> rmt.RMT:
+    """A model in which every folded quantity is far from its initial value, so each fold matters."""
+    torch.manual_seed(seed)
+    model = rmt.RMT(TINY).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith(("running_var", "gamma")) or (".norm" in name and name.endswith("weight")):
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+            elif name.endswith(("running_mean", "bias")):
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.2)
+    return model
+
+
+def test_reparameterized_model_computes_the_same_logits():
+    model = _tiny()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        before = model(x)
+        folded = reparameterize_model(model)  # a copy: the original stays as it was
+        after = folded(x)
+        again = model(x)
+    assert torch.equal(again, before)
+    assert folded is not model and folded.is_reparameterized and not model.is_reparameterized
+    assert (after - before).abs().max().item() <= 1e-5
+    assert before.abs().max().item() > 0.1  # a non-trivial output
+
+
+def test_official_logits_after_reparameterize(official_mini):
+    """The official reference logits still come out of the folded models (layer scales in mini_b)."""
+    for config in ("mini_a", "mini_b"):
+        entry = official_mini["models"][config]
+        model = rmt.RMT.from_official(**entry["config"]).eval()
+        model.load_state_dict(convert_checkpoint(entry["state_dict"], model))
+        model.reparameterize()
+        for case in entry["cases"]:
+            with torch.inference_mode():
+                logits = model(case["input"])
+            assert (logits - case["logits"]).abs().max().item() <= 1e-4, config
+
+
+def test_what_is_folded_and_what_stays():
+    model = _tiny().reparameterize()
+    kinds = {type(m) for m in model.modules()}
+    assert nn.LayerNorm not in kinds and nn.BatchNorm2d not in kinds and LayerScale not in kinds
+    for block in (b for stage in model.stages for b in stage.blocks):
+        assert isinstance(block.norm1, AffineFreeLayerNorm) and isinstance(block.norm2, AffineFreeLayerNorm)
+        assert block.attn.lce.bias is None and block.mlp.dwconv.bias is None
+        assert block.cpe.bias is not None  # it feeds the residual stream, not a linear
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    # eval mode everywhere: the new modules must not switch off eval-only paths (CPU chunks)
+    assert not any(m.training for m in model.modules())
+    params = sum(p.numel() for p in model.parameters())
+    assert params < sum(p.numel() for p in _tiny().parameters())
+
+
+def test_reparameterize_twice_changes_nothing():
+    model = _tiny().reparameterize()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.reparameterize()
+    reparameterize_model(model, inplace=True)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_features_and_intermediates_after_reparameterize():
+    model = _tiny()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = model.forward_intermediates(x, intermediates_only=True)
+        after = model.reparameterize().forward_intermediates(x, intermediates_only=True)
+    assert [t.shape for t in before] == [t.shape for t in after]
+    assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(after, before))
+    backbone = timm.create_model("rmt_t", features_only=True).eval()
+    reparameterize_model(backbone, inplace=True)
+    with torch.inference_mode():
+        assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [64, 128, 256, 512]
+
+
+def test_bfloat16_autocast_after_reparameterize_close_to_float32():
+    model = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        reference = model(x)
+        model.reparameterize()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    error = ((low.float() - reference).norm() / reference.norm()).item()
+    assert error <= 3e-2
+
+
+def test_compiled_reparameterized_model_has_no_graph_break_under_autocast():
+    model = _tiny().reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)  # the norms' autocast switch must trace
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, traced = model(x), compiled(x)
+    assert traced.dtype == torch.bfloat16
+    assert ((traced.float() - eager.float()).norm() / eager.float().norm()).item() <= 1e-2
+
+
+def test_affine_free_norm_runs_in_its_input_dtype_under_autocast():
+    norm = AffineFreeLayerNorm(32, eps=1e-6)
+    x = torch.randn(2, 5, 32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    expected = torch.nn.functional.layer_norm(x.float(), (32,), eps=1e-6)
+    assert (y.float() - expected).abs().max().item() <= 2e-2
+    assert torch.equal(norm(x.float()), expected)
+
+
+def test_training_after_reparameterize_takes_gradients():
+    model = _tiny().reparameterize().train()
+    logits, aux = model(torch.randn(2, 3, 64, 64))
+    logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("aux_head"))
+
+
+def test_checkpoints_and_export_refuse_a_folded_model_clearly():
+    plain = _tiny()
+    folded = _tiny().reparameterize()
+    with pytest.raises(CheckpointError, match="load checkpoints before calling reparameterize"):
+        convert_checkpoint(plain.state_dict(), folded)
+    with pytest.raises(CheckpointError, match="load checkpoints before calling reparameterize"):
+        convert_checkpoint(export_official_state_dict(plain), folded)
+    with pytest.raises(CheckpointError, match="export it before calling reparameterize"):
+        export_official_state_dict(folded)
+    # a folded model's own state dict fits another folded model of the same configuration
+    other = _tiny(seed=1).reparameterize()
+    other.load_state_dict(convert_checkpoint(folded.state_dict(), other))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(other(x), folded(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reparameterize_removes_the_float32_norm_copies_on_cuda(exact_fp32):
+    """Under CUDA bf16 autocast the folded model dispatches fewer copies and adds, and no float32
+    layer norm (the counts the GPU benefit comes from; docs/performance.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: dict[str, int] = {}
+            self.float_norms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            if name == "native_layer_norm" and args[0].dtype == torch.float32:
+                self.float_norms += 1
+            return func(*args, **(kwargs or {}))
+
+    model = rmt.create_model("rmt_t").eval().cuda()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+
+    def run() -> tuple[torch.Tensor, Count]:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), Count() as count:
+            return model(x).float(), count
+
+    reference, before = run()
+    model.reparameterize()
+    folded, after = run()
+    blocks = sum(len(s.blocks) for s in model.stages)
+    assert before.float_norms == 2 * blocks and after.float_norms == 0
+    copies = lambda c: c.ops.get("_to_copy", 0) + c.ops.get("copy_", 0)  # noqa: E731
+    # per block: the norms' two float32 input copies and three bf16 output casts, and the two
+    # folded conv biases' casts
+    assert copies(after) <= copies(before) - 5 * blocks
+    assert ((folded - reference).norm() / reference.norm()).item() <= 3e-2
