@@ -131,8 +131,7 @@ def _print_bench(report: dict[str, Any]) -> None:
     title = (
         f"{env.get('device_name')} | {settings['dtype']}"
         f"{' | compile=' + settings['compile_mode'] if settings.get('compile_mode') else ''}"
-        f"{' | channels_last' if settings.get('channels_last') else ''}"
-        f"{' | reparameterized' if settings.get('reparameterize') else ''} | torch {env['torch']} | "
+        f"{' | channels_last' if settings.get('channels_last') else ''} | torch {env['torch']} | "
         f"ratios to {settings['baseline']}"
     )
     table = Table(title=title, title_style="bold")
@@ -145,7 +144,7 @@ def _print_bench(report: dict[str, Any]) -> None:
         latency = r["latency_ms"] or {}
         status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['error']}"
         cells = [
-            r["model"], str(r["batch"]), f"{r['img_size'][0]}x{r['img_size'][1]}", _fmt(r["throughput"]),
+            r["model"] + (" (folded)" if r.get("reparameterized") else ""), str(r["batch"]), f"{r['img_size'][0]}x{r['img_size'][1]}", _fmt(r["throughput"]),
             _fmt(r.get("ratio_to_baseline"), 2), _fmt(latency.get("median"), 2), _fmt(latency.get("p90"), 2),
             _fmt(latency.get("p99"), 2), _fmt(latency.get("iqr"), 2), _fmt(r["peak_memory_mb"]),
             _fmt(r["params"] / 1e6 if r["params"] else None), _fmt(r["gmacs"], 3),
@@ -249,7 +248,7 @@ def profile(
 
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam)
-    folded = ", reparameterized" if summary["reparameterized"] else ""
+    folded = ", folded for inference" if summary["reparameterized"] else ""
     table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype}{folded})", title_style="bold")
     for column in ("operator", "ms/step", "share", "calls/step") + (("self MB",) if memory else ()):
         table.add_column(column, justify="left" if column == "operator" else "right")

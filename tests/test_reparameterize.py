@@ -9,6 +9,7 @@ import torch
 from timm.layers import LayerScale
 from timm.utils import reparameterize_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rmt
 from rmt.errors import CheckpointError
@@ -22,6 +23,23 @@ TINY = RMTConfig(
     decomposed_stages=(True, True, False, False), layer_scale_stages=(False, False, True, True),
     head_hidden_size=64, num_classes=10, token_label=True,
 )
+
+
+class Count(TorchDispatchMode):
+    """Counts the ATen operators a forward pass dispatches, and its float32 layer norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+        self.float_norms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        # layer_norm as the dispatch mode sees it (native_layer_norm where it is decomposed)
+        if name in ("layer_norm", "native_layer_norm") and args[0].dtype == torch.float32:
+            self.float_norms += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _tiny(seed: int = 0) -> rmt.RMT:
@@ -73,12 +91,35 @@ def test_what_is_folded_and_what_stays():
         assert isinstance(block.norm1, AffineFreeLayerNorm) and isinstance(block.norm2, AffineFreeLayerNorm)
         assert block.attn.lce.bias is None and block.mlp.dwconv.bias is None
         assert block.cpe.bias is not None  # it feeds the residual stream, not a linear
+        assert block.cpe.identity_folded and block.mlp.dwconv.identity_folded
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     # eval mode everywhere: the new modules must not switch off eval-only paths (CPU chunks)
     assert not any(m.training for m in model.modules())
     params = sum(p.numel() for p in model.parameters())
     assert params < sum(p.numel() for p in _tiny().parameters())
+
+
+def test_folded_model_dispatches_fewer_operators():
+    """On the CPU (where conv biases are added inside the conv): per block, the two residual adds
+    around the depthwise convs and, in layer-scale stages, the two scalings; every batch norm."""
+    model = _tiny()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)  # builds the position tables, so that the counts below are forward passes alone
+    counts = []
+    for _ in range(2):
+        with torch.inference_mode(), Count() as count:
+            model(x)
+        counts.append(count.ops)
+        model.reparameterize()
+    before, after = counts
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    scaled = sum(stage_scaled for stage_scaled, stage in zip(TINY.layer_scale_stages, model.stages) for _ in stage.blocks)
+    assert before["add_"] - after.get("add_", 0) == 2 * len(blocks)
+    assert before.get("mul", 0) - after.get("mul", 0) == 2 * scaled > 0
+    batch_norms = lambda ops: sum(n for name, n in ops.items() if "batch_norm" in name)  # noqa: E731
+    assert batch_norms(before) == 8 and batch_norms(after) == 0  # stem 4, downsampling 3, head 1
 
 
 def test_reparameterize_twice_changes_nothing():
@@ -139,7 +180,11 @@ def test_affine_free_norm_runs_in_its_input_dtype_under_autocast():
 
 
 def test_training_after_reparameterize_takes_gradients():
-    model = _tiny().reparameterize().train()
+    model = _tiny()
+    with torch.inference_mode():  # folded parameters must still be normal, trainable tensors
+        model.reparameterize()
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
     logits, aux = model(torch.randn(2, 3, 64, 64))
     logits.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("aux_head"))
@@ -166,21 +211,6 @@ def test_checkpoints_and_export_refuse_a_folded_model_clearly():
 def test_reparameterize_removes_the_float32_norm_copies_on_cuda(exact_fp32):
     """Under CUDA bf16 autocast the folded model dispatches fewer copies and adds, and no float32
     layer norm (the counts the GPU benefit comes from; docs/performance.md)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: dict[str, int] = {}
-            self.float_norms = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            self.ops[name] = self.ops.get(name, 0) + 1
-            if name == "native_layer_norm" and args[0].dtype == torch.float32:
-                self.float_norms += 1
-            return func(*args, **(kwargs or {}))
-
     model = rmt.create_model("rmt_t").eval().cuda()
     x = torch.randn(2, 3, 224, 224, device="cuda")
 
@@ -195,6 +225,7 @@ def test_reparameterize_removes_the_float32_norm_copies_on_cuda(exact_fp32):
     assert before.float_norms == 2 * blocks and after.float_norms == 0
     copies = lambda c: c.ops.get("_to_copy", 0) + c.ops.get("copy_", 0)  # noqa: E731
     # per block: the norms' two float32 input copies and three bf16 output casts, and the two
-    # folded conv biases' casts
+    # folded conv biases' casts; the two residual adds folded into the depthwise convs
     assert copies(after) <= copies(before) - 5 * blocks
+    assert after.ops["add_"] <= before.ops["add_"] - 2 * blocks
     assert ((folded - reference).norm() / reference.norm()).item() <= 3e-2

@@ -9,9 +9,8 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import DTYPES, build_model, precision, quiet_stderr
-from rmt.bench.runner import reparameterize as reparameterize_model
-from rmt.errors import RMTError
+from rmt.bench.runner import DTYPES, build_model, fold_for_inference, precision, quiet_stderr
+from rmt.errors import RMTError, first_line
 
 
 def profile_model(
@@ -33,7 +32,7 @@ def profile_model(
 
     Returns the trace files, the top operators by self time (device time on CUDA) and, with
     ``memory``, their memory use. ``reparameterize`` folds the model for inference first
-    (:func:`rmt.bench.runner.reparameterize`).
+    (:func:`rmt.bench.runner.fold_for_inference`).
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -49,7 +48,12 @@ def profile_model(
     if model is None:
         model = build_model(name, img_size)
     model = model.eval()
-    folded = reparameterize_model(model) if reparameterize else False
+    folded = False
+    if reparameterize:
+        try:
+            folded = fold_for_inference(model)
+        except Exception as e:  # a timm model's own fold
+            raise RMTError(f"cannot fold {name} for inference: {first_line(e)}") from None
     model = model.to(dev)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]

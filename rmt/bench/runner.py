@@ -53,7 +53,7 @@ class BenchSettings:
     warmup: Optional[int] = None  # None: 10 on CUDA, 1 on CPU
     iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
     attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
-    reparameterize: bool = False  # fold every model for inference first (timm's reparameterize_model)
+    reparameterize: bool = False  # fold every model for inference first (fold_for_inference)
     time_budget_s: float = CPU_TIME_BUDGET_S
     retry_oom: bool = False
     baseline: Optional[str] = None  # ratios are to this model (default: the first one)
@@ -247,14 +247,15 @@ def build_model(name: str, size: tuple[int, int], attn_kernel: Optional[str] = N
 _FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
 
 
-def reparameterize(model: nn.Module) -> bool:
+def fold_for_inference(model: nn.Module) -> bool:
     """Fold ``model`` for inference in place, as ``timm.utils.reparameterize_model`` does (RMT's
-    norms, batch norms, conv biases and layer scales; RepVGG-style branches of timm models).
-    Returns whether it had anything to fold."""
+    norms, batch norms, conv biases, layer scales and depthwise-conv residuals; RepVGG-style
+    branches of timm models). Returns whether it had anything to fold."""
     from timm.utils import reparameterize_model
 
     foldable = any(hasattr(m, name) for m in model.modules() if m is not model for name in _FOLD_METHODS)
-    reparameterize_model(model, inplace=True)
+    with torch.inference_mode(False):  # folded parameters stay normal tensors
+        reparameterize_model(model, inplace=True)
     return foldable
 
 
@@ -272,7 +273,10 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmark every model at every (image size, batch) setting; returns the schema-1 report.
 
-    ``builders`` maps model names to constructors taking the image size (default: the zoo).
+    ``builders`` maps model names to constructors taking the image size (default: the zoo); each
+    call must return a new model (``reparameterize`` folds it in place). With ``compile_mode``,
+    each setting starts with ``torch.compiler.reset()``, which drops every compiled function of
+    this process, not only the benchmark's.
     """
     settings.validate()
     device = resolve_device(settings.device)
@@ -419,7 +423,7 @@ def _prepare(
         row["gmacs"] = round(flops_cache[key] / 1e9, 4)
         row["attn_kernel"] = getattr(model, "attn_kernel", None)
         if settings.reparameterize:  # params and GMACs above stay those of the published model
-            row["reparameterized"] = reparameterize(model)
+            row["reparameterized"] = fold_for_inference(model)
         model = model.to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -485,14 +489,21 @@ def _own_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _significant(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits: a CPU run's 0.0527 img/s keeps its precision,
+    which a fixed number of decimals would round away."""
+    return float(f"{value:.{digits}g}")
+
+
 def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) -> None:
     row = c.row
     stats = latency_stats(c.times_ms)
     row["latency_ms"] = stats
     row["iters"] = len(c.times_ms)
-    row["throughput"] = round(row["batch"] / (stats["median"] / 1000), 2)
+    throughput = row["batch"] / (stats["median"] / 1000)
+    row["throughput"] = _significant(throughput)
     if row["gmacs"] is not None:
-        row["tflops"] = round(2 * row["gmacs"] * 1e9 * row["throughput"] / 1e12, 3)
+        row["tflops"] = _significant(2 * row["gmacs"] * 1e9 * throughput / 1e12, 4)
     if device.type == "cuda":
         try:
             # RMT's cached position tables and decay masks are the model's memory too: rebuilt

@@ -49,6 +49,7 @@ _BLOCK_RENAMES = {
     "ffn.dwconv.conv": "mlp.dwconv",
 }
 _QK = ("q_proj", "k_proj")
+_REPARAMETERIZED = "the model is reparameterized for inference; load checkpoints before calling reparameterize()"
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -199,9 +200,6 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
         out[f"layers.{i}.Relpos.angle"] = stage.position.angle.detach().clone()
         out[f"layers.{i}.Relpos.decay"] = stage.position.decay.detach().clone()
     return out
-
-
-_REPARAMETERIZED = "the model is reparameterized for inference; load checkpoints before calling reparameterize()"
 
 
 def _refuse_reparameterized(model: nn.Module) -> None:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+T = TypeVar("T")
+
+
+def _folding(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run a fold without autograd and outside inference mode, so that a model folded under
+    ``torch.inference_mode()`` keeps normal, trainable parameters."""
+
+    @functools.wraps(fn)
+    def run_outside_inference_mode(*args: Any, **kwargs: Any) -> T:
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run_outside_inference_mode
 
 
 class DepthwiseConvNHWC(nn.Conv2d):
@@ -20,7 +35,36 @@ class DepthwiseConvNHWC(nn.Conv2d):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+class ResidualDepthwiseConvNHWC(DepthwiseConvNHWC):
+    """``x + depthwise_conv(x)`` on (B, H, W, C) tokens; the parameters are the conv's alone.
+
+    ``reparameterize()`` folds the identity into the kernel, RepVGG-style: adding the input is a
+    1 at the centre tap of each channel's kernel (padding never reaches the centre), so one conv
+    computes the sum and the elementwise add over the whole activation is gone.
+    """
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__(dim, kernel_size)
+        self.identity_folded = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if self.identity_folded:
+            return out
+        # in place on the fresh output (autograd-safe: the conv's backward needs its input, not its output)
+        return out.add_(x)
+
+    @_folding
+    def reparameterize(self) -> None:
+        if not self.identity_folded:
+            centre = self.kernel_size[0] // 2
+            weight = self.weight.clone()  # keeps the channels-last layout
+            weight[:, 0, centre, centre] += 1
+            replace_parameter(self, "weight", weight)
+            self.identity_folded = True
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", identity_folded=True" if self.identity_folded else "")
 
 
 class AffineFreeLayerNorm(nn.Module):
@@ -33,14 +77,15 @@ class AffineFreeLayerNorm(nn.Module):
     accumulates in float32 either way (timm's fast_norm and apex's fused layer norm do the same).
     """
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.normalized_shape, self.eps = (dim,), eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # (asking about autocast on a device type without it, "meta" say, is an error)
-        if x.device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
+        # (asking whether autocast is on for a device type without it, "meta" say, is an error)
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
                 return F.layer_norm(x, self.normalized_shape, eps=self.eps)
         return F.layer_norm(x, self.normalized_shape, eps=self.eps)
 
@@ -49,10 +94,11 @@ class AffineFreeLayerNorm(nn.Module):
 
 
 # --- folds: each rewrites a module so that it computes the same function without a neighbour ---
-# (the sums are formed in float64 so that a fold adds no error beyond the final rounding)
+# The layer-norm, bias and scale folds compute in float64 and round once per fold; batch norms
+# fold through torch's fuse helpers in the weights' dtype.
 
 
-@torch.no_grad()
+@_folding
 def fold_layer_norm_affine(norm: nn.LayerNorm, *linears: nn.Linear) -> AffineFreeLayerNorm:
     """Fold ``norm``'s scale and shift into the linears reading its output; returns the plain norm.
 
@@ -63,11 +109,11 @@ def fold_layer_norm_affine(norm: nn.LayerNorm, *linears: nn.Linear) -> AffineFre
         if norm.bias is not None:
             add_to_bias(linear, weight @ norm.bias.double())
         if norm.weight is not None:
-            linear.weight.copy_(weight * norm.weight.double())
+            replace_parameter(linear, "weight", weight * norm.weight.double())
     return AffineFreeLayerNorm(norm.normalized_shape[-1], norm.eps)
 
 
-@torch.no_grad()
+@_folding
 def fold_bias_into_linear(source: nn.Module, linear: nn.Linear) -> None:
     """Move ``source``'s bias into the linear that its output (plus bias-free terms) feeds:
     ``linear(y + b) == linear'(y)`` with ``b' = b_linear + W b``; ``source`` is left without bias."""
@@ -77,16 +123,16 @@ def fold_bias_into_linear(source: nn.Module, linear: nn.Linear) -> None:
     source.bias = None
 
 
-@torch.no_grad()
+@_folding
 def fold_output_scale(linear: nn.Linear, scale: Tensor) -> None:
     """``scale * linear(x) == linear'(x)``: the per-channel scale (a layer scale) enters W and b."""
     scale = scale.double()
-    linear.weight.copy_(linear.weight.double() * scale[:, None])
+    replace_parameter(linear, "weight", linear.weight.double() * scale[:, None])
     if linear.bias is not None:
-        linear.bias.copy_(linear.bias.double() * scale)
+        replace_parameter(linear, "bias", linear.bias.double() * scale)
 
 
-@torch.no_grad()
+@_folding
 def fold_batch_norm(layer: nn.Module, norm: nn.BatchNorm2d) -> None:
     """Fold an eval-mode batch norm (its running statistics) into the conv or linear before it."""
     args = (norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
@@ -101,7 +147,14 @@ def fold_batch_norm(layer: nn.Module, norm: nn.BatchNorm2d) -> None:
 def add_to_bias(module: nn.Module, delta: Tensor) -> None:
     """``module.bias += delta``, creating the bias if the module has none."""
     bias: Optional[Tensor] = module.bias
-    if bias is None:
-        module.bias = nn.Parameter(delta.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
-    else:
-        bias.copy_(bias.double() + delta)
+    replace_parameter(module, "bias", delta if bias is None else bias.double() + delta, like=module.weight)
+
+
+def replace_parameter(module: nn.Module, name: str, value: Tensor, like: Optional[Tensor] = None) -> None:
+    """Set a new parameter with the old one's dtype and ``requires_grad`` (or ``like``'s).
+
+    New tensors rather than in-place updates: a model copied under ``torch.inference_mode()``
+    holds inference tensors, which cannot be updated in place outside it.
+    """
+    like = getattr(module, name) if like is None else like
+    setattr(module, name, nn.Parameter(value.to(like.dtype), requires_grad=like.requires_grad))

@@ -27,7 +27,7 @@ from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, reso
 from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
-    DepthwiseConvNHWC,
+    ResidualDepthwiseConvNHWC,
     fold_batch_norm,
     fold_bias_into_linear,
     fold_layer_norm_affine,
@@ -112,7 +112,7 @@ class ConvFFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.dwconv = DepthwiseConvNHWC(hidden_dim, 3)
+        self.dwconv = ResidualDepthwiseConvNHWC(hidden_dim, 3)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,10 +120,7 @@ class ConvFFN(nn.Module):
         # in place when no backward pass needs GELU's input: on the CPU every fresh allocation
         # of this, the largest activation, can cost page faults
         x = self.act(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x, approximate=self.act.approximate)
-        # in-place adds on fresh outputs save an allocation (autograd-safe: conv backward needs
-        # its input, not its output)
-        x = self.dwconv(x).add_(x)
-        return self.fc2(x)
+        return self.fc2(self.dwconv(x))
 
 
 class RMTBlock(nn.Module):
@@ -138,7 +135,7 @@ class RMTBlock(nn.Module):
         attn_kernel: str = "auto",
     ):
         super().__init__()
-        self.cpe = DepthwiseConvNHWC(dim, 3)  # conditional position encoding
+        self.cpe = ResidualDepthwiseConvNHWC(dim, 3)  # conditional position encoding, x + conv(x)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ManhattanSelfAttention(dim, num_heads, decomposed, attn_kernel)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
@@ -149,7 +146,8 @@ class RMTBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, position: ManhattanPosition) -> Tensor:
-        x = self.cpe(x).add_(x)
+        x = self.cpe(x)
+        # in-place adds on fresh outputs save an allocation (autograd-safe)
         x = self.drop_path1(self.ls1(self.attn(self.norm1(x), position))).add_(x)
         x = self.drop_path2(self.ls2(self.mlp(self.norm2(x)))).add_(x)
         return x
@@ -158,6 +156,7 @@ class RMTBlock(nn.Module):
         """Fold for inference (see :func:`RMT.reparameterize`): the norms' affines into the
         projections they feed, the LCE and FFN conv biases into the linears after them, and the
         layer scales into those linears. The CPE conv keeps its bias: it feeds the residual stream.
+        (The CPE and FFN convs fold their own residual adds.)
         """
         attn, mlp = self.attn, self.mlp
         if isinstance(self.norm1, nn.LayerNorm):
@@ -167,7 +166,7 @@ class RMTBlock(nn.Module):
         # proj reads lce(v) + attention, fc2 reads dwconv(x) + x: the conv biases pass straight in
         fold_bias_into_linear(attn.lce, attn.proj)
         fold_bias_into_linear(mlp.dwconv, mlp.fc2)
-        if isinstance(self.ls1, LayerScale):  # after the bias folds: the scale applies to the whole output
+        if isinstance(self.ls1, LayerScale):
             fold_output_scale(attn.proj, self.ls1.gamma)
             self.ls1 = nn.Identity()
         if isinstance(self.ls2, LayerScale):
@@ -324,12 +323,13 @@ class RMT(nn.Module):
 
         Batch norms (stem, downsampling, head) go into the conv or linear before them; each
         block's layer-norm scale and shift into the projections the norm feeds; the LCE and FFN
-        depthwise-conv biases and the layer scales into the linears after them. In fp32 the
-        outputs stay within 1e-5 of the unfolded model's; under autocast the norms then run in the
-        autocast dtype, with no float32 copies (:class:`~rmt.models.layers.AffineFreeLayerNorm`).
-        Batch norms fold with their running statistics (eval-mode semantics), and the state dict
-        changes layout, so load checkpoints first. ``timm.utils.reparameterize_model(model)`` does
-        the same on a copy. Returns the model.
+        depthwise-conv biases and the layer scales into the linears after them; the residual
+        ``x + conv(x)`` of the CPE and FFN depthwise convs into the conv's centre tap. In fp32 the
+        logits stay within about 1e-6 relative (1e-5 absolute) of the unfolded model's; under
+        autocast the norms then run in the autocast dtype, with no float32 copies
+        (:class:`~rmt.models.layers.AffineFreeLayerNorm`). Batch norms fold with their running
+        statistics (eval-mode semantics), and the state dict changes layout, so load checkpoints
+        first. ``timm.utils.reparameterize_model(model)`` does the same on a copy. Returns the model.
         """
         for module in [m for m in self.modules() if m is not self and hasattr(m, "reparameterize")]:
             module.reparameterize()
