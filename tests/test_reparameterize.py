@@ -122,6 +122,18 @@ def test_folded_model_dispatches_fewer_operators():
     assert batch_norms(before) == 8 and batch_norms(after) == 0  # stem 4, downsampling 3, head 1
 
 
+def test_folded_modules_keep_each_module_s_own_mode():
+    """A replacement takes the mode of the module it replaces; the others keep theirs (a model
+    may mix modes, say one norm re-estimating statistics in an otherwise frozen model)."""
+    model = _tiny()
+    block = model.stages[0].blocks[0]
+    block.norm1.train()
+    model.stem[1].train()
+    model.reparameterize()
+    assert block.norm1.training and model.stem[1].training
+    assert not block.attn.training and not block.norm2.training and not model.stem[4].training
+
+
 def test_reparameterize_twice_changes_nothing():
     model = _tiny().reparameterize()
     state = {k: v.clone() for k, v in model.state_dict().items()}

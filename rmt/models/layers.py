@@ -110,7 +110,7 @@ def fold_layer_norm_affine(norm: nn.LayerNorm, *linears: nn.Linear) -> AffineFre
             add_to_bias(linear, weight @ norm.bias.double())
         if norm.weight is not None:
             replace_parameter(linear, "weight", weight * norm.weight.double())
-    return AffineFreeLayerNorm(norm.normalized_shape[-1], norm.eps)
+    return AffineFreeLayerNorm(norm.normalized_shape[-1], norm.eps).train(norm.training)
 
 
 @_folding
@@ -133,8 +133,9 @@ def fold_output_scale(linear: nn.Linear, scale: Tensor) -> None:
 
 
 @_folding
-def fold_batch_norm(layer: nn.Module, norm: nn.BatchNorm2d) -> None:
-    """Fold an eval-mode batch norm (its running statistics) into the conv or linear before it."""
+def fold_batch_norm(layer: nn.Module, norm: nn.BatchNorm2d) -> nn.Identity:
+    """Fold an eval-mode batch norm (its running statistics) into the conv or linear before it;
+    returns what takes the norm's place."""
     args = (norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
     if isinstance(layer, nn.Conv2d):
         weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *args)
@@ -142,6 +143,13 @@ def fold_batch_norm(layer: nn.Module, norm: nn.BatchNorm2d) -> None:
         layer.weight, layer.bias = weight, bias
     else:
         layer.weight, layer.bias = fuse_linear_bn_weights(layer.weight, layer.bias, *args)
+    return identity_like(norm)
+
+
+def identity_like(module: nn.Module) -> nn.Identity:
+    """An identity in ``module``'s train/eval mode, to take the place of a folded module (CPU
+    chunking checks every submodule's mode, and other submodules keep theirs)."""
+    return nn.Identity().train(module.training)
 
 
 def add_to_bias(module: nn.Module, delta: Tensor) -> None:

@@ -32,6 +32,7 @@ from rmt.models.layers import (
     fold_bias_into_linear,
     fold_layer_norm_affine,
     fold_output_scale,
+    identity_like,
 )
 
 
@@ -81,9 +82,7 @@ class ConvStem(nn.Sequential):
         """Fold each batch norm into the conv before it (inference; see :func:`RMT.reparameterize`)."""
         for i in range(len(self) - 1):
             if isinstance(self[i], nn.Conv2d) and isinstance(self[i + 1], nn.BatchNorm2d):
-                fold_batch_norm(self[i], self[i + 1])
-                self[i + 1] = nn.Identity()
-        self.train(self.training)  # the new modules join this one's mode (CPU chunking checks it)
+                self[i + 1] = fold_batch_norm(self[i], self[i + 1])
 
 
 class Downsample(nn.Module):
@@ -100,9 +99,7 @@ class Downsample(nn.Module):
     def reparameterize(self) -> None:
         """Fold the batch norm into the conv (inference; see :func:`RMT.reparameterize`)."""
         if isinstance(self.norm, nn.BatchNorm2d):
-            fold_batch_norm(self.conv, self.norm)
-            self.norm = nn.Identity()
-        self.train(self.training)
+            self.norm = fold_batch_norm(self.conv, self.norm)
 
 
 class ConvFFN(nn.Module):
@@ -168,11 +165,10 @@ class RMTBlock(nn.Module):
         fold_bias_into_linear(mlp.dwconv, mlp.fc2)
         if isinstance(self.ls1, LayerScale):
             fold_output_scale(attn.proj, self.ls1.gamma)
-            self.ls1 = nn.Identity()
+            self.ls1 = identity_like(self.ls1)
         if isinstance(self.ls2, LayerScale):
             fold_output_scale(mlp.fc2, self.ls2.gamma)
-            self.ls2 = nn.Identity()
-        self.train(self.training)
+            self.ls2 = identity_like(self.ls2)
 
 
 class RMTStage(nn.Module):
@@ -235,9 +231,7 @@ class ClassifierHead(nn.Module):
     def reparameterize(self) -> None:
         """Fold the batch norm into ``proj`` (inference; see :func:`RMT.reparameterize`)."""
         if isinstance(self.norm, nn.BatchNorm2d):
-            fold_batch_norm(self.proj, self.norm)
-            self.norm = nn.Identity()
-        self.train(self.training)
+            self.norm = fold_batch_norm(self.proj, self.norm)
 
 
 class RMT(nn.Module):
