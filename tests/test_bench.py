@@ -105,7 +105,7 @@ def test_tiny_bench_rmt_t_and_swin_t_json(tmp_path):
     assert rows["rmt_t"]["gmacs"] == pytest.approx(2.6506, abs=1e-3)
     assert rows["swin_t"]["ratio_to_baseline"] == 1.0
     assert rows["rmt_t"]["attn_kernel"] == "auto"
-    assert any("scaled_dot_product" in op for op in rows["rmt_t"]["attention_ops"])
+    assert "rmt::deferred_normalisation_attention" in rows["rmt_t"]["attention_ops"]
     assert rows["rmt_t"]["memory_kind"] == "cpu_peak_rss_growth" and rows["rmt_t"]["iters"] == 2
     assert report["env"]["dtype"] == "fp32"  # CPU default
     path = tmp_path / "bench.json"

@@ -28,12 +28,16 @@ def _randomize_norms(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, size",
-    # between them every CPU choice of auto: rmt_s's 14-token keys-first and 28/56-token matmul
-    # passes, rmt_t's 196-token SDPA
-    [("rmt_t", (224, 224)), ("rmt_t", (160, 224)), ("rmt_t", (256, 96)), ("rmt_s", (224, 224))],
+    "name, size, deferred_max_bytes",
+    # both CPU choices of auto: the deferred normalisation (every pass at these sizes) and, with
+    # its size limit at 0, SDPA
+    [("rmt_t", (224, 224), None), ("rmt_t", (160, 224), 0), ("rmt_t", (256, 96), None), ("rmt_s", (224, 224), None)],
 )
-def test_fast_path_equals_reference_path(name, size):
+def test_fast_path_equals_reference_path(name, size, deferred_max_bytes, monkeypatch):
+    from rmt.models import attention
+
+    if deferred_max_bytes is not None:
+        monkeypatch.setattr(attention, "CPU_DEFERRED_MAX_SCORE_BYTES", deferred_max_bytes)
     torch.manual_seed(0)
     model = rmt.create_model(name).eval()
     _randomize_norms(model)
@@ -116,7 +120,7 @@ def _decayed_attention_by_definition(q, k, v, decay, distance):
 
 
 @pytest.mark.parametrize("kernel", ["auto", "sdpa", "reference"])
-@pytest.mark.parametrize("size", [(12, 20), (40, 9), (7, 72)])  # every CPU choice of auto: L <= 16, <= 64, longer
+@pytest.mark.parametrize("size", [(12, 20), (40, 9), (7, 72)])
 def test_decomposed_attention_by_definition(kernel, size):
     from rmt.models.attention import decomposed_attention
 
@@ -150,6 +154,53 @@ def test_full_attention_by_definition(kernel, size):
         *(t.double().reshape(2, h * w, 4, 16) for t in (q, k, v)), position.decay.double(), manhattan
     )
     assert (out.double() - expected.reshape(2, h, w, 4, 16)).abs().max().item() < 1e-5
+
+
+def _deferred_and_reference(q, k, v, mask):
+    from rmt.models.attention import DecayBias, _attend_deferred_normalisation, _attend_reference
+
+    bias = DecayBias(mask, torch.zeros(mask.shape[1]), 0)
+    return _attend_deferred_normalisation(q, k, v, bias), _attend_reference(q, k, v, bias)
+
+
+@pytest.mark.parametrize(
+    "scale, shift",
+    [
+        (1.0, 0.0),  # ordinary scores
+        (30.0, 0.0),  # scores past exp's float32 range: the max-subtracted softmax redoes the call
+        (1.0, -200.0),  # every weight of a row subnormal or zero: likewise
+    ],
+)
+def test_deferred_normalisation_is_the_softmax_attention(scale, shift):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 14, 16) for _ in range(3))
+    line = (torch.arange(14)[:, None] - torch.arange(14)[None, :]).abs().float()
+    mask = (line * torch.tensor([-0.3, -0.05])[:, None, None]).unsqueeze(0) + shift
+    deferred, reference = _deferred_and_reference(q * scale, k, v, mask)
+    assert torch.isfinite(deferred).all()
+    assert (deferred - reference).abs().max().item() < 1e-5
+
+
+def test_deferred_normalisation_passes_nan_through_and_half_precision_to_the_reference():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
+    mask = torch.zeros(1, 2, 9, 9)
+    q[0, 1, 3, 5] = float("nan")
+    deferred, reference = _deferred_and_reference(q, k, v, mask)
+    assert torch.equal(deferred.isnan(), reference.isnan()) and deferred.isnan().any()
+    half, expected = _deferred_and_reference(*(t.bfloat16() for t in (q.nan_to_num(), k, v, mask)))
+    assert torch.equal(half, expected)
+
+
+def test_deferred_normalisation_backward_matches_the_softmax():
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, 11, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    mask = -torch.rand(1, 3, 11, 11, dtype=torch.float64)
+    grads = []
+    for out in _deferred_and_reference(*inputs, mask):
+        grads.append(torch.autograd.grad(out.square().sum(), inputs))
+    for deferred, reference in zip(*grads):
+        assert (deferred - reference).abs().max().item() < 1e-10
 
 
 def test_cpu_inference_in_chunks_of_images_gives_the_same_numbers(monkeypatch):
@@ -189,17 +240,16 @@ def test_cpu_inference_in_chunks_of_images_gives_the_same_numbers(monkeypatch):
     assert stem_norm.num_batches_tracked.item() == before + 1  # one batch, not one per chunk
 
 
-def test_auto_picks_the_cpu_kernel_by_sequence_length():
-    from rmt.models.attention import _KERNELS, _resolve
+def test_auto_picks_the_kernel_by_device_and_score_size():
+    from rmt.models.attention import _KERNELS, CPU_DEFERRED_MAX_SCORE_BYTES, _resolve
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _resolve("auto", cpu, 14) is _KERNELS["cpu_keys_first"]
-    assert _resolve("auto", cpu, 16) is _KERNELS["cpu_keys_first"]
-    assert _resolve("auto", cpu, 28) is _KERNELS["cpu_matmul"]
-    assert _resolve("auto", cpu, 56) is _KERNELS["cpu_matmul"]
-    assert _resolve("auto", cpu, 196) is _KERNELS["sdpa"]
-    assert _resolve("auto", cuda, 14) is _KERNELS["cuda_sdpa_efficient_first"]
-    assert _resolve("reference", cpu, 14) is _KERNELS["reference"]
+    assert _resolve("auto", cpu, 1024) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", cpu, CPU_DEFERRED_MAX_SCORE_BYTES) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", cpu, CPU_DEFERRED_MAX_SCORE_BYTES + 1) is _KERNELS["sdpa"]
+    assert _resolve("auto", cuda, 1024) is _KERNELS["cuda_sdpa_efficient_first"]
+    assert _resolve("reference", cpu, 1024) is _KERNELS["reference"]
+    assert _resolve("triton", cpu, 1024) is _KERNELS["cpu_deferred_normalisation"]
 
 
 def test_tables_are_built_once_per_size(monkeypatch):

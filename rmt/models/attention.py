@@ -19,18 +19,21 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   64 tokens, every pass of RMT at 224 px: the rotary fused into its loads, the decay computed from
   the token indices, q, k and v read in place through their strides. Forward only: with autograd
   recording, and for longer sequences, it falls back to ``auto``'s choice.
-* ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU it depends on
-  the sequence length L of each pass (2-thread AVX-512 measurements in docs/performance.md):
-  L <= 16, the matmul math with the scores laid out keys-first, so that the softmax reduces over
-  a non-innermost dimension and is vectorised across queries (a 14-long innermost softmax wastes
-  most of a 16-lane vector); L <= 64, the plain matmul math with k stored transposed (the fastest
-  batched-GEMM operand layout); longer, SDPA's fused flash kernel. On CUDA (sm80+), eager
-  inference (no autograd) runs the Triton kernel where it applies (the least GPU time per
-  attention call measured; whole eager models at batch 64 are bound by launch overhead instead,
-  where it made rmt_t 10% slower than SDPA), and otherwise SDPA with the memory-efficient backend
-  first (as dispatched, about 1.4x slower at stage 1); under ``torch.compile`` the reference
-  math, which inductor fuses with the surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms
-  with the Triton kernel, batch 64 bf16, H200). docs/performance.md has the measurements.
+* ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU
+  (2-thread AVX-512 measurements in docs/performance.md), while a pass's scores take at most
+  ``CPU_DEFERRED_MAX_SCORE_BYTES`` (every pass at 224 px, in chunks of images): the matmul math
+  with k stored transposed (the fastest batched-GEMM operand layout) and the softmax normalised
+  at the end, ``exp(scores) @ v / row_sums``, which skips torch.softmax's passes over the scores
+  (few of a 16-lane vector's lanes are used on 14- to 56-token rows) and falls back to the
+  max-subtracted softmax if anything leaves exp's range; larger, SDPA's fused flash kernel,
+  which never holds all the scores. On CUDA (sm80+), eager inference (no autograd) runs the
+  Triton kernel where it applies (the least GPU time per attention call measured; whole eager
+  models at batch 64 are bound by launch overhead instead, where it made rmt_t 10% slower than
+  SDPA), and otherwise SDPA with the memory-efficient backend first (as dispatched, about 1.4x
+  slower at stage 1). Under ``torch.compile`` it is the reference math on CUDA, and on the CPU
+  in place of the deferred normalisation (whose range check would break the graph): inductor
+  fuses it with the surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms with the Triton
+  kernel, batch 64 bf16, H200). docs/performance.md has the measurements.
 
 Every kernel receives k already scaled by ``head_dim ** -0.5``: the official code scales k before
 its theta shift, and we fold the scale into the rotary tables of k, so it costs nothing.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt.models import fused_attention
-from rmt.models.layers import DepthwiseConvNHWC
+from rmt.models.layers import DepthwiseConvNHWC, profiler_label
 
 ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex", "triton")
 
@@ -212,11 +216,29 @@ def _attend_reference(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tenso
     return torch.softmax(scores.add_(bias.mask), dim=-1) @ v
 
 
-def _attend_keys_first(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
-    # scores transposed, (..., keys, queries): the softmax over keys runs along dim -2, vectorised
-    # across queries; the decay is symmetric in query and key, so the mask is its own transpose
-    scores_t = k @ q.transpose(-2, -1)
-    return torch.softmax(scores_t.add_(bias.mask), dim=-2).transpose(-2, -1) @ v
+def _attend_deferred_normalisation(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
+    """The softmax attention normalised at the end: ``(exp(scores) @ v) / row_sums``.
+
+    The same function as :func:`_attend_reference` up to rounding, with two passes over the
+    (L, L) scores fewer on the CPU: no running maximum (subtracting it only keeps exp in range)
+    and the division applied to the (L, head_dim) output instead of the weights. torch's softmax
+    also uses few of a 16-lane vector's lanes on RMT's 14- to 56-token rows; exp and the sums
+    use them all. If a row's sum underflows (its largest weight would be subnormal) or anything
+    overflows or is NaN, the call is redone with the max-subtracted softmax. Float32 and float64
+    only: in half precision exp overflows at a score of 11.
+    """
+    if q.dtype not in (torch.float32, torch.float64):
+        return _attend_reference(q, k, v, bias)
+    with profiler_label("rmt::deferred_normalisation_attention"):
+        weights = (q @ k.transpose(-2, -1)).add_(bias.mask).exp_()
+        sums = weights.sum(-1, keepdim=True)
+        out = weights @ v
+        out = out / sums if out.requires_grad else out.div_(sums)
+    # the largest weight of a row is at least its sum / L: normal (full precision) if the sum is
+    # at least L * tiny. An inf or NaN anywhere in the output makes its sum inf or NaN (a cheap
+    # reduction; isfinite is several elementwise passes)
+    in_range = sums.amin().item() >= torch.finfo(sums.dtype).tiny * weights.shape[-1]
+    return out if in_range and math.isfinite(out.sum().item()) else _attend_reference(q, k, v, bias)
 
 
 def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
@@ -276,11 +298,11 @@ def _attend_flex(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
 
 @dataclass(frozen=True)
 class _Kernel:
-    """An attention function and the operand it wants stored transposed, (..., head_dim, L)
-    in memory (so its product with the other operand is a plain, fast GEMM)."""
+    """An attention function, and whether it wants k stored transposed, (..., head_dim, L) in
+    memory (so that q @ k^T is a plain, fast GEMM on the CPU)."""
 
     attend: Callable[[Tensor, Tensor, Tensor, DecayBias], Tensor]
-    transposed: Optional[str] = None  # "q", "k" or None
+    k_transposed: bool = False
 
 
 _KERNELS: dict[str, _Kernel] = {
@@ -288,16 +310,19 @@ _KERNELS: dict[str, _Kernel] = {
     "sdpa": _Kernel(_attend_sdpa),
     "flex": _Kernel(_attend_flex),
     "cuda_sdpa_efficient_first": _Kernel(_attend_sdpa_efficient_first),
-    "cpu_keys_first": _Kernel(_attend_keys_first, transposed="q"),
-    "cpu_matmul": _Kernel(_attend_reference, transposed="k"),
+    "cpu_deferred_normalisation": _Kernel(_attend_deferred_normalisation, k_transposed=True),
 }
 
-# the CPU choice of ``auto`` by sequence length (see the module docstring and docs/performance.md)
-CPU_KEYS_FIRST_MAX_LENGTH = 16
-CPU_MATMUL_MAX_LENGTH = 64
+# the CPU choice of ``auto``: the deferred normalisation while a pass's scores stay this small
+# (they are written and read several times), SDPA's fused flash kernel, which never holds them
+# all, beyond. Measured (docs/performance.md): rmt_l's 4.9 MB stage-1 passes run faster
+# deferred, rmt_t's 9.8 MB stage-3 passes (8 images of 196 tokens) faster on SDPA
+CPU_DEFERRED_MAX_SCORE_BYTES = 8 * 2**20
 
 
-def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
+def _resolve(kernel: str, device: torch.device, score_bytes: int) -> _Kernel:
+    """The kernel for one attention pass whose scores, all sequences and heads together, would
+    take ``score_bytes``."""
     if kernel == "triton":  # a pass the Triton kernel does not run (see manhattan_attention)
         kernel = "auto"
     if kernel != "auto":
@@ -305,11 +330,9 @@ def _resolve(kernel: str, device: torch.device, length: int) -> _Kernel:
     if device.type == "cuda":
         # compiled, the plain math: inductor fuses it with the surrounding ops
         return _KERNELS["reference" if torch.compiler.is_compiling() else "cuda_sdpa_efficient_first"]
-    if device.type == "cpu":
-        if length <= CPU_KEYS_FIRST_MAX_LENGTH:
-            return _KERNELS["cpu_keys_first"]
-        if length <= CPU_MATMUL_MAX_LENGTH:
-            return _KERNELS["cpu_matmul"]
+    if device.type == "cpu" and score_bytes <= CPU_DEFERRED_MAX_SCORE_BYTES:
+        # compiled, the plain math too: the deferred normalisation's range check would break the graph
+        return _KERNELS["reference" if torch.compiler.is_compiling() else "cpu_deferred_normalisation"]
     return _KERNELS["sdpa"]
 
 
@@ -317,16 +340,14 @@ def _attend_sequences(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias, kernel: 
     """Attention over sequences along dim 2 of (B, G, L, heads, head_dim) inputs, for each of
     the B * G groups; returns (B, G, heads, L, head_dim)."""
     b, g, length, n, d = q.shape
-    chosen = _resolve(kernel, q.device, length)
+    chosen = _resolve(kernel, q.device, b * g * n * length * length * q.element_size())
 
     def sequences(t: Tensor, transposed: bool) -> Tensor:
         if transposed:
             return t.permute(0, 1, 3, 4, 2).reshape(b * g, n, d, length).transpose(-2, -1)
         return t.permute(0, 1, 3, 2, 4).reshape(b * g, n, length, d)
 
-    out = chosen.attend(
-        sequences(q, chosen.transposed == "q"), sequences(k, chosen.transposed == "k"), sequences(v, False), bias
-    )
+    out = chosen.attend(sequences(q, False), sequences(k, chosen.k_transposed), sequences(v, False), bias)
     return out.view(b, g, n, length, d)
 
 

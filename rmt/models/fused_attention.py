@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rmt.models.layers import profiler_label
+
 try:
     import triton
     import triton.language as tl
@@ -150,10 +152,8 @@ def decayed_attention(
     """
     if torch.compiler.is_compiling():
         return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin)
-    if torch.autograd.profiler._is_profiler_enabled:  # named in profiles (and `rmt bench`'s attention_ops)
-        with torch.profiler.record_function("rmt::decayed_attention"):
-            return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
-    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
+    with profiler_label("rmt::decayed_attention"):
+        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
 
 
 def _launch(

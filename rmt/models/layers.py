@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Optional, TypeVar
 
@@ -23,6 +24,15 @@ def _folding(fn: Callable[..., T]) -> Callable[..., T]:
             return fn(*args, **kwargs)
 
     return run_outside_inference_mode
+
+
+def profiler_label(name: str) -> contextlib.AbstractContextManager:
+    """``record_function(name)`` while a profiler records (so profiles, and ``rmt bench``'s
+    attention_ops, name the code it wraps), a no-op otherwise: the label costs CPU time on
+    every call."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 class DepthwiseConvNHWC(nn.Conv2d):
