@@ -2,9 +2,9 @@
 
 Runs each model once (eval mode, inference_mode, fp32) to capture the rotated q, k and v that
 the first block of every stage passes to its attention, with the shapes of eval-mode CPU
-inference (chunks of images), then times the attention alone on them: each kernel in turn,
-interleaved over ROUNDS rounds, the median per call. The rotary and the projections are not
-included.
+inference (chunks of images), then times the attention alone on them: each kernel in turn, in
+an order rotating every round, ROUNDS rounds, the median per call; and says which kernel
+``auto`` runs. The rotary and the projections are not included.
 
     python scripts/cpu_attention_kernels.py --models rmt_t rmt_s rmt_b --kernels auto reference sdpa
 """
@@ -35,7 +35,10 @@ def capture_stage_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]
 
     def capturing(attend):
         def call(q, k, v, tables, kernel):
-            captured.setdefault(current[0], (current[0], attend, q.clone(), k.clone(), v.clone(), tables))
+            if current[0] not in captured:
+                # q and k as strided views of one stacked tensor, like the projection's output
+                q_copy, k_copy = torch.stack((q, k), dim=3).unbind(3)
+                captured[current[0]] = (current[0], attend, q_copy, k_copy, v.clone(), tables)
             return attend(q, k, v, tables, kernel)
 
         return call
@@ -51,6 +54,12 @@ def capture_stage_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]
         for hook in hooks:
             hook.remove()
     return [captured[stage] for stage in sorted(captured)]
+
+
+def auto_choice(q: torch.Tensor) -> str:
+    """The kernel ``auto`` runs for a pass over the sequences of q, (B, G, L, heads, head_dim)."""
+    chosen = attention._resolve("auto", q)
+    return next(name for name, kernel in attention._KERNELS.items() if kernel is chosen)
 
 
 def main() -> None:
@@ -76,15 +85,21 @@ def main() -> None:
             times: dict[str, list[float]] = {kernel: [] for kernel in args.kernels}
             with torch.inference_mode():
                 for round_ in range(args.rounds + 3):
-                    for kernel in args.kernels:
+                    # each kernel in turn, the order rotating every round: a kernel's time also
+                    # depends on what the one before it left in the caches and the allocator
+                    shift = round_ % len(args.kernels)
+                    for kernel in args.kernels[shift:] + args.kernels[:shift]:
                         start = time.perf_counter()
                         attend(q, k, v, tables, kernel)
                         if round_ >= 3:  # warm-up rounds
                             times[kernel].append((time.perf_counter() - start) * 1000)
             medians = {kernel: round(statistics.median(t), 4) for kernel, t in times.items()}
-            results.append({"model": name, "stage": stage + 1, "q_shape": list(q.shape),
-                            "decomposed": attend is attention.decomposed_attention, "ms": medians})
-            print(f"{name:8s} {stage + 1:5d} {str(tuple(q.shape)):>30s} " + " ".join(f"{medians[k]:10.3f}" for k in args.kernels))
+            decomposed = attend is attention.decomposed_attention
+            auto = auto_choice(q if decomposed else q.flatten(1, 2).unsqueeze(1))
+            results.append({"model": name, "stage": stage + 1, "q_shape": list(q.shape), "decomposed": decomposed,
+                            "auto_runs": auto, "ms": medians})
+            print(f"{name:8s} {stage + 1:5d} {str(tuple(q.shape)):>30s} "
+                  + " ".join(f"{medians[k]:10.3f}" for k in args.kernels) + f"   auto = {auto}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "img_size": args.img_size, "threads": args.threads, "rounds": args.rounds,

@@ -152,10 +152,13 @@ def test_training_with_the_triton_kernel_falls_back_and_gets_gradients(official_
     model.zero_grad()
     model.set_attn_kernel("reference")
     model(x).square().sum().backward()
-    # atol: the conv biases before training-mode batch norms have a zero gradient in exact
-    # arithmetic, so theirs is rounding noise (about 1e-6 here) that differs between kernels
+    # the conv biases before training-mode batch norms have a zero gradient in exact arithmetic:
+    # theirs is rounding noise (about 1e-6 here) that differs between kernels
+    before_batch_norm = {f"stem.{i}.bias" for i in range(0, len(model.stem), 3)}
+    before_batch_norm |= {name for name, _ in model.named_parameters() if name.endswith("downsample.conv.bias")}
     for name, p in model.named_parameters():
-        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=5e-6), name
+        atol = 5e-6 if name in before_batch_norm else 1e-6
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=atol), name
 
 
 def test_bench_names_the_triton_kernel_among_the_attention_ops(official_mini):

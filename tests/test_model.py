@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -164,32 +167,51 @@ def _deferred_and_reference(q, k, v, mask):
 
 
 @pytest.mark.parametrize(
-    "scale, shift",
+    "dtype, scale, shift",
     [
-        (1.0, 0.0),  # ordinary scores
-        (30.0, 0.0),  # scores past exp's float32 range: the max-subtracted softmax redoes the call
-        (1.0, -200.0),  # every weight of a row subnormal or zero: likewise
+        (torch.float32, 1.0, 0.0),  # ordinary scores
+        (torch.float64, 1.0, 0.0),
+        # the max-subtracted softmax redoes the call when:
+        (torch.float32, 30.0, 0.0),  # scores past exp's range
+        (torch.float32, 0.0, 87.0),  # every weight finite, their sums past float32's largest number
+        (torch.float64, 0.0, 708.0),  # the same in float64
+        (torch.float32, 1.0, -200.0),  # every weight of a row subnormal or zero
     ],
 )
-def test_deferred_normalisation_is_the_softmax_attention(scale, shift):
+def test_deferred_normalisation_is_the_softmax_attention(dtype, scale, shift):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 14, 16) for _ in range(3))
-    line = (torch.arange(14)[:, None] - torch.arange(14)[None, :]).abs().float()
-    mask = (line * torch.tensor([-0.3, -0.05])[:, None, None]).unsqueeze(0) + shift
+    q, k, v = (torch.randn(3, 2, 14, 16, dtype=dtype) for _ in range(3))
+    line = (torch.arange(14)[:, None] - torch.arange(14)[None, :]).abs().to(dtype)
+    mask = (line * torch.tensor([-0.3, -0.05], dtype=dtype)[:, None, None]).unsqueeze(0) + shift
     deferred, reference = _deferred_and_reference(q * scale, k, v, mask)
     assert torch.isfinite(deferred).all()
     assert (deferred - reference).abs().max().item() < 1e-5
 
 
-def test_deferred_normalisation_passes_nan_through_and_half_precision_to_the_reference():
+def test_deferred_normalisation_falls_back_before_flushed_subnormals_matter():
+    # one weight of 14 * tiny and thirteen just below tiny: flushed to zero, 13/27 of the row is lost
+    tiny = torch.finfo(torch.float32).tiny
+    row = torch.full((14,), math.log(0.99 * tiny))
+    row[0] = math.log(14 * tiny)
+    mask = row.expand(1, 1, 14, 14).contiguous()
+    q, k = torch.zeros(1, 1, 14, 16), torch.zeros(1, 1, 14, 16)
+    v = torch.randn(1, 1, 14, 16)
+    previous = torch.set_flush_denormal(True)
+    try:
+        deferred, reference = _deferred_and_reference(q, k, v, mask)
+    finally:
+        torch.set_flush_denormal(previous)
+    assert (deferred - reference).abs().max().item() < 1e-5
+
+
+def test_deferred_normalisation_passes_nan_through_and_takes_empty_inputs():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
-    mask = torch.zeros(1, 2, 9, 9)
     q[0, 1, 3, 5] = float("nan")
-    deferred, reference = _deferred_and_reference(q, k, v, mask)
+    deferred, reference = _deferred_and_reference(q, k, v, torch.zeros(1, 2, 9, 9))
     assert torch.equal(deferred.isnan(), reference.isnan()) and deferred.isnan().any()
-    half, expected = _deferred_and_reference(*(t.bfloat16() for t in (q.nan_to_num(), k, v, mask)))
-    assert torch.equal(half, expected)
+    empty = torch.zeros(0, 2, 9, 16)
+    assert _deferred_and_reference(empty, empty, empty, torch.zeros(1, 2, 9, 9))[0].shape == (0, 2, 9, 16)
 
 
 def test_deferred_normalisation_backward_matches_the_softmax():
@@ -240,16 +262,34 @@ def test_cpu_inference_in_chunks_of_images_gives_the_same_numbers(monkeypatch):
     assert stem_norm.num_batches_tracked.item() == before + 1  # one batch, not one per chunk
 
 
-def test_auto_picks_the_kernel_by_device_and_score_size():
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # torch.jit.trace
+def test_auto_picks_the_kernel_by_device_dtype_and_score_size():
     from rmt.models.attention import _KERNELS, CPU_DEFERRED_MAX_SCORE_BYTES, _resolve
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _resolve("auto", cpu, 1024) is _KERNELS["cpu_deferred_normalisation"]
-    assert _resolve("auto", cpu, CPU_DEFERRED_MAX_SCORE_BYTES) is _KERNELS["cpu_deferred_normalisation"]
-    assert _resolve("auto", cpu, CPU_DEFERRED_MAX_SCORE_BYTES + 1) is _KERNELS["sdpa"]
-    assert _resolve("auto", cuda, 1024) is _KERNELS["cuda_sdpa_efficient_first"]
-    assert _resolve("reference", cpu, 1024) is _KERNELS["reference"]
-    assert _resolve("triton", cpu, 1024) is _KERNELS["cpu_deferred_normalisation"]
+    def q(length, groups=1, dtype=torch.float32, device="cpu"):  # (B, G, L, heads, d), no memory behind it
+        return torch.empty(1, dtype=dtype, device=device).expand(1, groups, length, 4, 16)
+
+    largest = CPU_DEFERRED_MAX_SCORE_BYTES // (4 * 4 * 56 * 56)  # groups of 56-token sequences that fit
+    assert _resolve("auto", q(14)) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", q(56, largest)) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", q(56, largest + 1)) is _KERNELS["sdpa"]
+    assert _resolve("auto", q(14, dtype=torch.float64)) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", q(64, dtype=torch.bfloat16)) is _KERNELS["cpu_matmul"]
+    assert _resolve("auto", q(65, dtype=torch.bfloat16)) is _KERNELS["sdpa"]
+    assert _resolve("auto", q(14, device="meta")) is _KERNELS["sdpa"]
+    assert _resolve("reference", q(14)) is _KERNELS["reference"]
+    assert _resolve("triton", q(14)) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", SimpleNamespace(device=torch.device("cuda"))) is _KERNELS["cuda_sdpa_efficient_first"]
+
+    # a trace would freeze the range check's outcome for its example input: the plain math instead
+    chosen = []
+
+    def attend(x):
+        chosen.append(_resolve("auto", x.unsqueeze(0).unsqueeze(0).unsqueeze(-2)))
+        return x * 2
+
+    torch.jit.trace(attend, torch.zeros(14, 16), check_trace=False)
+    assert chosen == [_KERNELS["reference"]]
 
 
 def test_tables_are_built_once_per_size(monkeypatch):

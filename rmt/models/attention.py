@@ -20,20 +20,23 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   the token indices, q, k and v read in place through their strides. Forward only: with autograd
   recording, and for longer sequences, it falls back to ``auto``'s choice.
 * ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU
-  (2-thread AVX-512 measurements in docs/performance.md), while a pass's scores take at most
-  ``CPU_DEFERRED_MAX_SCORE_BYTES`` (every pass at 224 px, in chunks of images): the matmul math
-  with k stored transposed (the fastest batched-GEMM operand layout) and the softmax normalised
-  at the end, ``exp(scores) @ v / row_sums``, which skips torch.softmax's passes over the scores
-  (few of a 16-lane vector's lanes are used on 14- to 56-token rows) and falls back to the
-  max-subtracted softmax if anything leaves exp's range; larger, SDPA's fused flash kernel,
-  which never holds all the scores. On CUDA (sm80+), eager inference (no autograd) runs the
-  Triton kernel where it applies (the least GPU time per attention call measured; whole eager
-  models at batch 64 are bound by launch overhead instead, where it made rmt_t 10% slower than
-  SDPA), and otherwise SDPA with the memory-efficient backend first (as dispatched, about 1.4x
-  slower at stage 1). Under ``torch.compile`` it is the reference math on CUDA, and on the CPU
-  in place of the deferred normalisation (whose range check would break the graph): inductor
-  fuses it with the surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms with the Triton
-  kernel, batch 64 bf16, H200). docs/performance.md has the measurements.
+  (2-thread AVX-512 measurements in docs/performance.md), in float32, while a pass's scores take
+  at most ``CPU_DEFERRED_MAX_SCORE_BYTES`` (every decomposed pass at 224 px, whose eval-mode
+  inference runs in chunks of images, and the 49-token stage 4): the matmul math with k stored
+  transposed (the fastest batched-GEMM operand layout) and the softmax normalised at the end,
+  ``exp(scores) @ v / row_sums``, which skips torch.softmax's passes over the scores (few of a
+  16-lane vector's lanes are used on 14- to 56-token rows) and falls back to the max-subtracted
+  softmax if anything leaves exp's range; larger passes (rmt_t's 196-token stage 3 in chunks of
+  8 images), SDPA's fused flash kernel, which never holds all the scores. In half precision (CPU
+  autocast), the plain matmul math up to 64 tokens, SDPA beyond. On CUDA (sm80+), eager
+  inference (no autograd) runs the Triton kernel where it applies (the least GPU time per
+  attention call measured; whole eager models at batch 64 are bound by launch overhead instead,
+  where it made rmt_t 10% slower than SDPA), and otherwise SDPA with the memory-efficient backend
+  first (as dispatched, about 1.4x slower at stage 1). Under ``torch.compile`` it is the
+  reference math on CUDA, and on the CPU in place of the deferred normalisation (whose range
+  check would break the graph; a ``torch.jit.trace`` too): inductor fuses it with the
+  surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms with the Triton kernel, batch 64
+  bf16, H200). docs/performance.md has the measurements.
 
 Every kernel receives k already scaled by ``head_dim ** -0.5``: the official code scales k before
 its theta shift, and we fold the scale into the rotary tables of k, so it costs nothing.
@@ -223,21 +226,24 @@ def _attend_deferred_normalisation(q: Tensor, k: Tensor, v: Tensor, bias: DecayB
     (L, L) scores fewer on the CPU: no running maximum (subtracting it only keeps exp in range)
     and the division applied to the (L, head_dim) output instead of the weights. torch's softmax
     also uses few of a 16-lane vector's lanes on RMT's 14- to 56-token rows; exp and the sums
-    use them all. If a row's sum underflows (its largest weight would be subnormal) or anything
-    overflows or is NaN, the call is redone with the max-subtracted softmax. Float32 and float64
-    only: in half precision exp overflows at a score of 11.
+    use them all. Where exp's range is left, the call is redone with the max-subtracted softmax:
+    a row sum that overflows, one so small that weights lost to subnormals (or flushed to zero)
+    could matter, or an inf or NaN in the output.
     """
-    if q.dtype not in (torch.float32, torch.float64):
+    if q.numel() == 0:  # nothing to check the range of
         return _attend_reference(q, k, v, bias)
     with profiler_label("rmt::deferred_normalisation_attention"):
         weights = (q @ k.transpose(-2, -1)).add_(bias.mask).exp_()
         sums = weights.sum(-1, keepdim=True)
         out = weights @ v
         out = out / sums if out.requires_grad else out.div_(sums)
-    # the largest weight of a row is at least its sum / L: normal (full precision) if the sum is
-    # at least L * tiny. An inf or NaN anywhere in the output makes its sum inf or NaN (a cheap
-    # reduction; isfinite is several elementwise passes)
-    in_range = sums.amin().item() >= torch.finfo(sums.dtype).tiny * weights.shape[-1]
+    # Each weight below the smallest normal number (tiny) is off by at most tiny, zero if
+    # subnormals are flushed: at most L * tiny per row, negligible (eps) against a row sum of at
+    # least L * tiny / eps. A finite largest sum keeps every weight finite; the output's own
+    # overflow (or an inf or NaN in v) shows in its sum, one cheap reduction.
+    finfo = torch.finfo(sums.dtype)
+    smallest, largest = (bound.item() for bound in torch.aminmax(sums))
+    in_range = smallest >= weights.shape[-1] * finfo.tiny / finfo.eps and largest <= finfo.max
     return out if in_range and math.isfinite(out.sum().item()) else _attend_reference(q, k, v, bias)
 
 
@@ -311,28 +317,38 @@ _KERNELS: dict[str, _Kernel] = {
     "flex": _Kernel(_attend_flex),
     "cuda_sdpa_efficient_first": _Kernel(_attend_sdpa_efficient_first),
     "cpu_deferred_normalisation": _Kernel(_attend_deferred_normalisation, k_transposed=True),
+    "cpu_matmul": _Kernel(_attend_reference, k_transposed=True),
 }
 
-# the CPU choice of ``auto``: the deferred normalisation while a pass's scores stay this small
-# (they are written and read several times), SDPA's fused flash kernel, which never holds them
-# all, beyond. Measured (docs/performance.md): rmt_l's 4.9 MB stage-1 passes run faster
-# deferred, rmt_t's 9.8 MB stage-3 passes (8 images of 196 tokens) faster on SDPA
+# The CPU choices of ``auto`` (docs/performance.md). float32 and float64: the deferred
+# normalisation while a pass's scores stay this small (they are written and read several
+# times), SDPA's fused flash kernel, which never holds them all, beyond; measured, rmt_l's 4.9 MB
+# stage-1 passes run faster deferred, rmt_t's 9.8 MB stage-3 passes (8 images of 196 tokens)
+# faster on SDPA. Half precision (CPU autocast): the plain matmul math up to this many tokens
+# (the deferred normalisation was measured in float32 only; in float16 exp overflows at 11).
 CPU_DEFERRED_MAX_SCORE_BYTES = 8 * 2**20
+CPU_HALF_PRECISION_MATMUL_MAX_LENGTH = 64
 
 
-def _resolve(kernel: str, device: torch.device, score_bytes: int) -> _Kernel:
-    """The kernel for one attention pass whose scores, all sequences and heads together, would
-    take ``score_bytes``."""
+def _resolve(kernel: str, q: Tensor) -> _Kernel:
+    """The kernel for one attention pass over the sequences of ``q``, (B, G, L, heads, head_dim)."""
     if kernel == "triton":  # a pass the Triton kernel does not run (see manhattan_attention)
         kernel = "auto"
     if kernel != "auto":
         return _KERNELS[kernel]
-    if device.type == "cuda":
+    if q.device.type == "cuda":
         # compiled, the plain math: inductor fuses it with the surrounding ops
         return _KERNELS["reference" if torch.compiler.is_compiling() else "cuda_sdpa_efficient_first"]
-    if device.type == "cpu" and score_bytes <= CPU_DEFERRED_MAX_SCORE_BYTES:
-        # compiled, the plain math too: the deferred normalisation's range check would break the graph
-        return _KERNELS["reference" if torch.compiler.is_compiling() else "cpu_deferred_normalisation"]
+    if q.device.type == "cpu":
+        b, g, length, n, _ = q.shape
+        if q.dtype in (torch.float32, torch.float64):
+            if b * g * n * length * length * q.element_size() <= CPU_DEFERRED_MAX_SCORE_BYTES:
+                # compiled or traced, the plain math: the range check would break the graph, or
+                # be frozen into the trace with its outcome for the example input
+                in_graph = torch.compiler.is_compiling() or torch.jit.is_tracing()
+                return _KERNELS["reference" if in_graph else "cpu_deferred_normalisation"]
+        elif length <= CPU_HALF_PRECISION_MATMUL_MAX_LENGTH:
+            return _KERNELS["cpu_matmul"]
     return _KERNELS["sdpa"]
 
 
@@ -340,7 +356,7 @@ def _attend_sequences(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias, kernel: 
     """Attention over sequences along dim 2 of (B, G, L, heads, head_dim) inputs, for each of
     the B * G groups; returns (B, G, heads, L, head_dim)."""
     b, g, length, n, d = q.shape
-    chosen = _resolve(kernel, q.device, b * g * n * length * length * q.element_size())
+    chosen = _resolve(kernel, q)
 
     def sequences(t: Tensor, transposed: bool) -> Tensor:
         if transposed:
