@@ -196,11 +196,12 @@ def test_deferred_normalisation_falls_back_before_flushed_subnormals_matter():
     mask = row.expand(1, 1, 14, 14).contiguous()
     q, k = torch.zeros(1, 1, 14, 16), torch.zeros(1, 1, 14, 16)
     v = torch.randn(1, 1, 14, 16)
-    previous = torch.set_flush_denormal(True)
+    if not torch.set_flush_denormal(True):  # returns whether this CPU can flush
+        pytest.skip("this CPU cannot flush subnormals")
     try:
         deferred, reference = _deferred_and_reference(q, k, v, mask)
     finally:
-        torch.set_flush_denormal(previous)
+        torch.set_flush_denormal(False)  # torch's default
     assert (deferred - reference).abs().max().item() < 1e-5
 
 
