@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -126,6 +127,10 @@ def bench(
         out.print(f"wrote {plot_out} ({drawn} models)")
 
 
+# left out, in this order of need, when the table would not fit the terminal (--json has them all)
+_OPTIONAL_COLUMNS = ("p99", "p90", "IQR", "params M", "GMACs", "TFLOP/s")
+
+
 def _print_bench(report: dict[str, Any]) -> None:
     env, settings = report["env"], report["settings"]
     title = (
@@ -134,30 +139,59 @@ def _print_bench(report: dict[str, Any]) -> None:
         f"{' | channels_last' if settings.get('channels_last') else ''} | torch {env['torch']} | "
         f"ratios to {settings['baseline']}"
     )
-    table = Table(title=title, title_style="bold")
     on_cuda = env.get("device_type") == "cuda"
     memory_label = "peak MB" if on_cuda else "RSS+ MB"
-    for column in ("model", "batch", "size", "img/s", "ratio", "median ms", "p90", "p99", "IQR", memory_label,
-                   "params M", "GMACs") + (("TFLOP/s", "MFU") if on_cuda else ()) + ("status",):
-        table.add_column(column, justify="left" if column in ("model", "status") else "right")
+    rows = []
     for r in report["results"]:
         latency = r["latency_ms"] or {}
-        status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['error']}"
-        cells = [
-            r["model"] + (" (folded)" if r.get("reparameterized") else ""), str(r["batch"]), f"{r['img_size'][0]}x{r['img_size'][1]}", _fmt(r["throughput"]),
-            _fmt(r.get("ratio_to_baseline"), 2), _fmt(latency.get("median"), 2), _fmt(latency.get("p90"), 2),
-            _fmt(latency.get("p99"), 2), _fmt(latency.get("iqr"), 2), _fmt(r["peak_memory_mb"]),
-            _fmt(r["params"] / 1e6 if r["params"] else None), _fmt(r["gmacs"], 3),
-        ]
+        row = {
+            "model": r["model"] + (" (folded)" if r.get("reparameterized") else ""), "batch": str(r["batch"]),
+            "size": f"{r['img_size'][0]}x{r['img_size'][1]}", "img/s": _fmt(r["throughput"]),
+            "ratio": _fmt(r.get("ratio_to_baseline"), 2), "median ms": _fmt(latency.get("median"), 2),
+            "p90": _fmt(latency.get("p90"), 2), "p99": _fmt(latency.get("p99"), 2), "IQR": _fmt(latency.get("iqr"), 2),
+            memory_label: _fmt(r["peak_memory_mb"]), "params M": _fmt(r["params"] / 1e6 if r["params"] else None),
+            "GMACs": _fmt(r["gmacs"], 3),
+        }
         if on_cuda:
-            cells += [_fmt(r["tflops"], 1), f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"]
-        table.add_row(*cells, status)
+            row.update({"TFLOP/s": _fmt(r["tflops"], 1), "MFU": f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"})
+        row["status"] = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['error']}"
+        rows.append(row)
+    columns = ["model", "batch", "size", "img/s", "ratio", "median ms", "p90", "p99", "IQR", memory_label,
+               "params M", "GMACs"] + (["TFLOP/s", "MFU"] if on_cuda else []) + ["status"]
+    # too wide for the terminal: leave out secondary columns, then move a batch or size shared by
+    # every row into the title, rather than let rich shrink numbers into ellipses
+    shared = [column for column in ("size", "batch") if len({row[column] for row in rows}) == 1]
+    left_out = []
+    table = _bench_table(title, columns, rows)
+    for column in [c for c in _OPTIONAL_COLUMNS if c in columns] + shared:
+        # the width the table takes unconstrained (measured against the terminal, it is clamped to it)
+        if Measurement.get(out, out.options.update_width(2**16), table).maximum <= out.width:
+            break
+        columns.remove(column)
+        if column in shared:
+            title += f" | {'batch ' if column == 'batch' else ''}{rows[0][column]}"
+        else:
+            left_out.append(column)
+        table = _bench_table(title, columns, rows)
     out.print(table)
+    if left_out:
+        out.print(f"[yellow]note:[/] left out for {out.width} columns: {', '.join(left_out)}")
     sizes = sorted({tuple(r["img_size"]) for r in report["results"]}, key=lambda s: s[0] * s[1])
     if len(sizes) > 1:
         _print_sweep(report, sizes, memory_label)
     for note in report["notes"]:
         out.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _bench_table(title: str, columns: list[str], rows: list[dict[str, str]]) -> Table:
+    table = Table(title=title, title_style="bold")
+    for column in columns:
+        # numbers never wrap or shrink into an ellipsis; the model and status columns wrap instead
+        text = column in ("model", "status")
+        table.add_column(column, justify="left" if text else "right", no_wrap=not text, overflow="fold")
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    return table
 
 
 def _print_sweep(report: dict[str, Any], sizes: list[tuple[int, int]], memory_label: str) -> None:

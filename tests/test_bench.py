@@ -422,6 +422,30 @@ def test_bench_cli_sweep_table(tmp_path):
     assert "resolution sweep" in result.stdout and "96x128" in result.stdout
 
 
+@pytest.mark.parametrize("width, left_out", [(200, None), (80, "p99, p90, IQR, params M, GMACs, TFLOP/s")])
+def test_bench_table_leaves_out_secondary_columns_rather_than_truncate_numbers(monkeypatch, width, left_out):
+    from rich.console import Console
+
+    import rmt_cli.bench as bench_cli
+
+    console = Console(width=width, record=True)
+    monkeypatch.setattr(bench_cli, "out", console)
+    row = {**_row("rmt_s", 2105.96, 30.39, 1605.8), "params": 26967240, "gmacs": 4.7995,
+           "tflops": 20.2, "mfu": 0.0204, "ratio_to_baseline": 0.4, "reparameterized": True}
+    row["latency_ms"] = {"median": 30.39, "p90": 30.6, "p99": 30.9, "iqr": 0.2}
+    report = _report([row], device_type="cuda")
+    report.update(settings={"dtype": "bf16", "baseline": "swin_t", "models": ["rmt_s"]}, notes=[])
+    bench_cli._print_bench(report)
+    text = console.export_text()
+    assert "…" not in text and "2,106.0" in text and "30.39" in text and "rmt_s (folded)" in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    if left_out:
+        assert f"left out for {width} columns: {left_out}\n" in text and "4.800" not in text
+        assert "| 224x224 | batch 64" in text  # shared by every row: moved into the title
+    else:
+        assert "left out" not in text and "4.800" in text and "30.90" in text
+
+
 def test_error_lines_keep_square_brackets(tmp_path):
     """Rich markup must not eat text such as 'rmt[plot]' or a path with brackets."""
     missing = tmp_path / "run[1].json"
