@@ -453,18 +453,11 @@ def _warm_up(
             passes = max(warmup, 1) if device.type == "cpu" else warmup
             update: dict[str, Any] = {"batch": batch, "warmup": passes}
             for i in range(passes):
-                with precision(device, settings.dtype):
-                    if i == 0 and device.type == "cpu":
-                        with _PeakRSS() as rss:
-                            begin = time.perf_counter()
-                            c.model(x)
-                            c.warm_ms = (time.perf_counter() - begin) * 1000
-                        update["peak_memory_mb"] = rss.growth_mb
-                    else:
-                        begin = time.perf_counter()
-                        c.model(x)
-                        _sync(device)
-                        c.warm_ms = (time.perf_counter() - begin) * 1000
+                measures_rss = i == 0 and device.type == "cpu"
+                with precision(device, settings.dtype), (_PeakRSS() if measures_rss else contextlib.nullcontext()) as rss:
+                    c.warm_ms = _timed_forward(c.model, x, device)
+                if measures_rss:
+                    update["peak_memory_mb"] = rss.growth_mb
             _sync(device)
             c.x = x
             return update
