@@ -167,23 +167,25 @@ def _deferred_and_reference(q, k, v, mask):
 
 
 @pytest.mark.parametrize(
-    "dtype, scale, shift",
+    "dtype, scale, shift, v_scale",
     [
-        (torch.float32, 1.0, 0.0),  # ordinary scores
-        (torch.float64, 1.0, 0.0),
+        (torch.float32, 1.0, 0.0, 1.0),  # ordinary scores
+        (torch.float64, 1.0, 0.0, 1.0),
         # the max-subtracted softmax redoes the call when:
-        (torch.float32, 30.0, 0.0),  # scores past exp's range
-        (torch.float32, 0.0, 87.0),  # every weight finite, their sums past float32's largest number
-        (torch.float64, 0.0, 708.0),  # the same in float64
-        (torch.float32, 1.0, -200.0),  # every weight of a row subnormal or zero
+        (torch.float32, 30.0, 0.0, 1.0),  # scores past exp's range
+        # every weight finite, their sums past the largest number; small values keep weights @ v
+        # finite too, so that only the sums show it (the output would be all zeros)
+        (torch.float32, 0.0, 87.0, 0.01),
+        (torch.float64, 0.0, 708.0, 0.01),
+        (torch.float32, 1.0, -200.0, 1.0),  # every weight of a row subnormal or zero
     ],
 )
-def test_deferred_normalisation_is_the_softmax_attention(dtype, scale, shift):
+def test_deferred_normalisation_is_the_softmax_attention(dtype, scale, shift, v_scale):
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 14, 16, dtype=dtype) for _ in range(3))
     line = (torch.arange(14)[:, None] - torch.arange(14)[None, :]).abs().to(dtype)
     mask = (line * torch.tensor([-0.3, -0.05], dtype=dtype)[:, None, None]).unsqueeze(0) + shift
-    deferred, reference = _deferred_and_reference(q * scale, k, v, mask)
+    deferred, reference = _deferred_and_reference(q * scale, k, v * v_scale, mask)
     assert torch.isfinite(deferred).all()
     assert (deferred - reference).abs().max().item() < 1e-5
 
