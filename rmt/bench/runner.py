@@ -178,11 +178,6 @@ class _PeakRSS:
             self.growth_mb = round(max(peak - self._before, 0) / 1024, 1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
     """Milliseconds for one forward pass of one batch."""
     if device.type == "cuda":
@@ -458,7 +453,6 @@ def _warm_up(
                     c.warm_ms = _timed_forward(c.model, x, device)
                 if measures_rss:
                     update["peak_memory_mb"] = rss.growth_mb
-            _sync(device)
             c.x = x
             return update
         except Exception as e:
