@@ -8,6 +8,8 @@ over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
     python scripts/cpu_latency_vs_swin.py --kernels auto reference ...   (each RMT model on each kernel)
     python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile)
     python scripts/cpu_latency_vs_swin.py --reparam ...   (each RMT model also reparameterized, RMT.reparameterize)
+    python scripts/cpu_latency_vs_swin.py --dtype bf16 --reparam --weight-cache-ab ...
+        (bf16 autocast; each folded model also without its weight cache, AutocastWeightCache)
 """
 
 from __future__ import annotations
@@ -37,35 +39,47 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model, Swin-T included")
     parser.add_argument("--reparam", action="store_true", help="also run each RMT model reparameterized for inference")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: CPU autocast")
+    parser.add_argument("--weight-cache-ab", action="store_true",
+                        help="with --reparam: also run each folded model with autocast's cache off, casting its weights every pass")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     models = {BASELINE: timm.create_model(BASELINE).eval()}
+    no_cache = set()  # labels run with autocast's cache off
     for name in args.models:
         for kernel in args.kernels:
             label = name if kernel == "auto" else f"{name}[{kernel}]"
             models[label] = timm.create_model(name, attn_kernel=kernel).eval()
             if args.reparam:
                 models[f"{label}[reparam]"] = timm.create_model(name, attn_kernel=kernel).eval().reparameterize()
+                if args.weight_cache_ab:
+                    models[f"{label}[reparam,no-cache]"] = models[f"{label}[reparam]"]
+                    no_cache.add(f"{label}[reparam,no-cache]")
     if args.compile:
         models = {label: torch.compile(model) for label, model in models.items()}
     names = list(models)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     times: dict[str, list[float]] = {n: [] for n in names}
+
+    def run(name: str) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16", cache_enabled=name not in no_cache):
+            models[name](x)
+
     with torch.inference_mode():
         for _ in range(args.warmup):
             for name in names:
-                models[name](x)
+                run(name)
         for _ in range(args.rounds):
             for name in names:
                 start = time.perf_counter()
-                models[name](x)
+                run(name)
                 times[name].append((time.perf_counter() - start) * 1000)
     base = statistics.median(times[BASELINE])
     results = []
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, "
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, {args.dtype}, "
           f"median of {args.rounds} interleaved rounds{', compiled' if args.compile else ''}")
     for name in names:
         med = statistics.median(times[name])
@@ -76,7 +90,7 @@ def main() -> None:
             json.dump({"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
                        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                       "kernels": args.kernels, "compiled": args.compile, "reparam": args.reparam,
+                       "kernels": args.kernels, "compiled": args.compile, "reparam": args.reparam, "dtype": args.dtype,
                        "results": results}, f, indent=2)
 
 

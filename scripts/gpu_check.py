@@ -28,6 +28,8 @@ JOBS = [
     ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
     # folded for inference (RMT.reparameterize): no float32 layer norms and their copies, fewer bias adds
     ("eager_reparam_bf16", dict(models=RMT + ["swin_t"], batches=[64, 256], reparameterize=True), None),
+    # the folded models casting their weights on every pass, without their weight cache (autocast's cache off)
+    ("eager_reparam_no_weight_cache_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64, 256], reparameterize=True, autocast_cache=False), None),
     # the official-style plain path, and SDPA as torch dispatches it, on the same card
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
     ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of docs/performance.md: the CUDA tests, the attention kernels alone, then the
 # benchmark matrix (rmt_t/s/b and swin_t/s/b, bf16, batch 64 and 256, eager and compiled, the
-# plain reference path, the reparameterized models, SDPA, a profile, CUDA graphs, the resolution
-# curve), inside 7.5 minutes on an H100/H200 (each step has a hard limit); the matrix skips the
-# jobs its budget cannot start.
+# plain reference path, the reparameterized models, RMT without its weight cache, SDPA, a
+# profile, CUDA graphs, the resolution curve), inside 7.5 minutes on an H100/H200 (each step has
+# a hard limit); the matrix skips the jobs its budget cannot start.
 # Everything lands under $OUT: log.txt, pytest.txt, attention.json and gpu_check.json.
 #
 #   OUT=runs/gpu bash scripts/gpu_check.sh
@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
   $PY -c "import torch, timm, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
   echo "== CUDA tests"
-  timeout 150 $PY -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py tests/test_fused_attention.py tests/test_reparameterize.py::test_reparameterize_removes_the_float32_norm_copies_on_cuda 2>&1 | tee "$OUT/pytest.txt" | tail -25
+  timeout 150 $PY -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py tests/test_fused_attention.py tests/test_reparameterize.py::test_reparameterize_removes_the_float32_norm_copies_on_cuda tests/test_autocast_weight_cache.py::test_cuda_cached_pass_is_bitwise_the_same_with_one_cast 2>&1 | tee "$OUT/pytest.txt" | tail -25
   echo "== attention kernels alone"
   timeout 60 $PY scripts/gpu_attention_variants.py --budget "${ATTENTION_BUDGET:-30}"
   echo "== benchmark matrix"

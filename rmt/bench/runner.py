@@ -31,6 +31,7 @@ from rmt.bench.env import environment, resolve_device
 from rmt.bench.flops import count_flops
 from rmt.errors import RMTError, first_line, is_out_of_memory
 from rmt.models.attention import ManhattanPosition, resolve_attention_kernel
+from rmt.models.layers import AutocastWeightCache
 
 SCHEMA_VERSION = 1
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
@@ -54,6 +55,9 @@ class BenchSettings:
     iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
     attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
     reparameterize: bool = False  # fold every model for inference first (fold_for_inference)
+    # False: torch.autocast(cache_enabled=False), which also turns off RMT's weight cache, so RMT
+    # casts its weights on every pass as timm models do (rmt.models.layers.AutocastWeightCache)
+    autocast_cache: bool = True
     time_budget_s: float = CPU_TIME_BUDGET_S
     retry_oom: bool = False
     baseline: Optional[str] = None  # ratios are to this model (default: the first one)
@@ -129,13 +133,15 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def precision(device: torch.device, dtype: str) -> Iterator[None]:
-    """fp32 with TF32 off or on, or bf16/fp16 autocast; flags restored afterwards."""
+def precision(device: torch.device, dtype: str, autocast_cache: bool = True) -> Iterator[None]:
+    """fp32 with TF32 off or on, or bf16/fp16 autocast (with its cast cache on or off); flags
+    restored afterwards."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
     try:
         if dtype in ("bf16", "fp16"):
-            with torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16):
+            low = torch.bfloat16 if dtype == "bf16" else torch.float16
+            with torch.autocast(device.type, dtype=low, cache_enabled=autocast_cache):
                 yield
         else:
             yield
@@ -325,7 +331,7 @@ def run_benchmark(
                     if c.row["status"] != "ok":
                         continue
                     try:
-                        with precision(device, settings.dtype):
+                        with precision(device, settings.dtype, settings.autocast_cache):
                             c.times_ms.append(_timed_forward(c.model, c.x, device))
                     except Exception as e:  # keep going with the other models
                         _fail(c.row, e)
@@ -422,7 +428,7 @@ def _prepare(
         model = model.to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        with precision(device, settings.dtype):
+        with precision(device, settings.dtype, settings.autocast_cache):
             row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
         if settings.compile_mode:
             # static shapes: each setting measures the kernels specialised for its own size and batch
@@ -449,7 +455,7 @@ def _warm_up(
             update: dict[str, Any] = {"batch": batch, "warmup": passes}
             for i in range(passes):
                 measures_rss = i == 0 and device.type == "cpu"
-                with precision(device, settings.dtype), (_PeakRSS() if measures_rss else contextlib.nullcontext()) as rss:
+                with precision(device, settings.dtype, settings.autocast_cache), (_PeakRSS() if measures_rss else contextlib.nullcontext()) as rss:
                     c.warm_ms = _timed_forward(c.model, x, device)
                 if measures_rss:
                     update["peak_memory_mb"] = rss.growth_mb
@@ -493,18 +499,21 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) ->
         row["tflops"] = _significant(2 * row["gmacs"] * 1e9 * throughput / 1e12, 4)
     if device.type == "cuda":
         try:
-            # RMT's cached position tables and decay masks are the model's memory too: rebuilt
-            # inside the measured pass (a compiled graph keeps its own copy as constants)
+            # RMT's cached position tables, decay masks and autocast-dtype weights are the model's
+            # memory too: rebuilt inside the measured pass (a compiled graph keeps its own tables
+            # as constants)
             for module in c.model.modules():
                 if isinstance(module, ManhattanPosition):
                     module.clear_tables()
+                elif isinstance(module, AutocastWeightCache):
+                    module.clear_autocast_copies()
             torch.cuda.empty_cache()
             torch.cuda.synchronize(device)
             # the models measured after this one (and their inputs) stay resident: count only
             # this model's growth over what is allocated now, plus its own weights and input
             resident = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            with precision(device, settings.dtype):
+            with precision(device, settings.dtype, settings.autocast_cache):
                 c.model(c.x)
             torch.cuda.synchronize(device)
             growth = torch.cuda.max_memory_allocated(device) - resident

@@ -27,6 +27,8 @@ from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, reso
 from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
+    Conv2d,
+    Linear,
     ResidualDepthwiseConvNHWC,
     fold_batch_norm,
     fold_bias_into_linear,
@@ -65,10 +67,10 @@ class ConvStem(nn.Sequential):
     def __init__(self, in_chans: int, dim: int):
         half = dim // 2
         super().__init__(
-            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU(),
-            nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
+            Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU(),
+            Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -90,7 +92,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.conv = Conv2d(in_dim, out_dim, 3, 2, 1)
         self.norm = nn.BatchNorm2d(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,10 +109,10 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.dwconv = ResidualDepthwiseConvNHWC(hidden_dim, 3)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)
@@ -216,11 +218,11 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden_size: int, num_classes: int, drop_rate: float = 0.0):
         super().__init__()
-        self.proj = nn.Linear(in_dim, hidden_size)
+        self.proj = Linear(in_dim, hidden_size)
         self.norm = nn.BatchNorm2d(hidden_size)
         self.act = nn.SiLU()
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (B, hidden, H, W), channels-last view
@@ -286,7 +288,7 @@ class RMT(nn.Module):
         self.head = ClassifierHead(self.num_features, cfg.head_hidden_size, cfg.num_classes, drop_rate)
         # token labelling: a classifier on every stage-4 token
         self.aux_head = (
-            (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity())
+            (Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity())
             if cfg.token_label else None
         )
         self.apply(self._init_weights)
@@ -321,7 +323,10 @@ class RMT(nn.Module):
         ``x + conv(x)`` of the CPE and FFN depthwise convs into the conv's centre tap. In fp32 the
         logits stay within about 1e-6 relative (1e-5 absolute) of the unfolded model's; under
         autocast the norms then run in the autocast dtype, with no float32 copies
-        (:class:`~rmt.models.layers.AffineFreeLayerNorm`). Batch norms fold with their running
+        (:class:`~rmt.models.layers.AffineFreeLayerNorm`), and in inference the linears and convs
+        keep their autocast-dtype weights from one pass to the next instead of casting them on
+        every pass (:class:`~rmt.models.layers.AutocastWeightCache`; change a folded model's
+        weights through its parameters, not in place through ``.data``). Batch norms fold with their running
         statistics (eval-mode semantics), and the state dict changes layout, so load checkpoints
         first. ``timm.utils.reparameterize_model(model)`` does the same on a copy. Returns the model.
         """
@@ -355,9 +360,9 @@ class RMT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.fc = Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
-            self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.aux_head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,

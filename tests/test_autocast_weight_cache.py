@@ -1,0 +1,166 @@
+"""The autocast weight cache (rmt.models.layers.AutocastWeightCache): in autocast inference a
+folded RMT's linears and convs keep their bf16 weights from one forward pass to the next, with
+outputs bitwise those of autocast's own per-pass casts, and fresh copies whenever a parameter
+changes."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rmt
+from rmt.bench.runner import BenchSettings, precision, run_benchmark
+from rmt.models.layers import AutocastWeightCache, Conv2d, Linear
+
+
+class Casts(TorchDispatchMode):
+    """Counts the float32 tensors cast to another dtype (autocast's casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("to", "_to_copy") and args[0].dtype == torch.float32 and out.dtype != torch.float32:
+            self.count += 1
+        return out
+
+
+def _bf16(cache: bool = True) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache)
+
+
+@pytest.fixture(scope="module")
+def model() -> rmt.RMT:
+    torch.manual_seed(0)
+    return rmt.create_model("rmt_t", num_classes=10).eval().reparameterize()
+
+
+def _folded(layer: nn.Module) -> nn.Module:
+    layer.reparameterize()
+    return layer
+
+
+def test_cached_weights_give_bitwise_the_logits_of_per_pass_casts(model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        with _bf16(cache=False):
+            reference = model(x)
+        with _bf16():
+            first, second = model(x), model(x)  # the first pass fills the cache, the second reads it
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    layers = [m for m in model.modules() if isinstance(m, AutocastWeightCache)]
+    assert len(layers) > 50 and all(m._autocast_copies is not None for m in layers)
+
+
+def _casts_in_a_second_pass(model: nn.Module, x: torch.Tensor, cache: bool = True) -> int:
+    with torch.inference_mode(), _bf16(cache):
+        model(x)
+        with Casts() as casts:
+            model(x)
+    return casts.count
+
+
+def test_a_cached_pass_casts_only_its_input(model):
+    x = torch.randn(1, 3, 64, 64)
+    layers = [m for m in model.modules() if isinstance(m, AutocastWeightCache)]
+    assert _casts_in_a_second_pass(model, x) == 1  # the image, for the stem's first conv
+    # without: every weight and every bias (folding removed some), on every pass
+    parameters = sum(1 + (m.bias is not None) for m in layers)
+    assert _casts_in_a_second_pass(model, x, cache=False) == 1 + parameters
+
+
+def test_an_unfolded_model_casts_its_weights_on_every_pass():
+    """The cache is opt-in: an in-place change through ``.data`` bumps no version, so a model
+    that may still be trained that way keeps autocast's per-pass casts."""
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t", num_classes=10).eval()
+    layers = [m for m in model.modules() if isinstance(m, AutocastWeightCache)]
+    assert _casts_in_a_second_pass(model, torch.randn(1, 3, 64, 64)) == 1 + 2 * len(layers)
+    assert all(m._autocast_copies is None for m in layers)
+
+
+def _check(layer: nn.Module, x: torch.Tensor) -> None:
+    """The layer's output in cached autocast inference is what per-pass casts give."""
+    with torch.inference_mode():
+        with _bf16():
+            cached = layer(x)
+        with _bf16(cache=False):
+            expected = layer(x)
+    assert torch.equal(cached, expected)
+
+
+@pytest.mark.parametrize("make", [lambda: Linear(16, 8), lambda: Conv2d(4, 8, 3, padding=1)], ids=["linear", "conv"])
+def test_copies_follow_every_change_of_the_parameters(make):
+    torch.manual_seed(0)
+    layer = _folded(make())
+    x = torch.randn(2, 16) if isinstance(layer, Linear) else torch.randn(2, 4, 6, 6)
+    _check(layer, x)
+
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)  # an in-place update: a new version
+    layer(x).square().sum().backward()
+    optimizer.step()
+    _check(layer, x)
+
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    _check(layer, x)
+
+    layer.weight.data = torch.randn_like(layer.weight)  # a new storage under the same parameter
+    _check(layer, x)
+
+    layer.bias = nn.Parameter(torch.randn_like(layer.bias))  # a new parameter, as folds set them
+    _check(layer, x)
+
+    layer.double()  # .to() drops the copies; float64 is not cast by autocast
+    assert layer._autocast_copies is None
+    _check(layer, x.double())
+    layer.float()
+    _check(layer, x)
+
+
+def test_not_used_while_autograd_records():
+    layer = _folded(Linear(16, 8))
+    with _bf16():
+        layer(torch.randn(2, 16)).float().sum().backward()
+    assert layer.weight.grad is not None and layer._autocast_copies is None
+
+
+def test_copies_stay_behind_when_pickled_or_deep_copied():
+    layer = _folded(Linear(16, 8))
+    with torch.inference_mode(), _bf16():
+        layer(torch.randn(2, 16))
+    assert layer._autocast_copies is not None
+    assert copy.deepcopy(layer)._autocast_copies is None
+    assert pickle.loads(pickle.dumps(layer))._autocast_copies is None
+    assert layer._autocast_copies is not None  # the original keeps its own
+
+
+def test_bench_can_turn_the_cache_off():
+    with precision(torch.device("cpu"), "bf16", autocast_cache=False):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+    settings = BenchSettings(models=["rmt_t"], batches=[1], img_sizes=[(64, 64)], device="cpu", dtype="bf16",
+                             warmup=1, iters=1, reparameterize=True, autocast_cache=False)
+    report = run_benchmark(settings)
+    assert report["settings"]["autocast_cache"] is False and report["results"][0]["status"] == "ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cached_pass_is_bitwise_the_same_with_one_cast():
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t").eval().cuda().reparameterize()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    outputs, casts = {}, {}
+    for cache in (False, True):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
+            model(x)
+            with Casts() as counter:
+                outputs[cache] = model(x)
+        casts[cache] = counter.count
+    assert torch.equal(outputs[True], outputs[False])
+    assert casts[True] == 1 and casts[False] > 100
