@@ -1,12 +1,16 @@
 """CPU time of one Manhattan self-attention call per stage, for each attention kernel.
 
-Runs each model once (eval mode, inference_mode, fp32) to capture the rotated q, k and v that
+Runs each model once (eval mode, inference_mode, fp32 or bf16 autocast) to capture the rotated q, k and v that
 the first block of every stage passes to its attention, with the shapes of eval-mode CPU
 inference (chunks of images), then times the attention alone on them: each kernel in turn, in
 an order rotating every round, ROUNDS rounds, the median per call; and says which kernel
 ``auto`` runs. The rotary and the projections are not included.
 
     python scripts/cpu_attention_kernels.py --models rmt_t rmt_s rmt_b --kernels auto reference sdpa
+    python scripts/cpu_attention_kernels.py --dtype bf16 --kernels cpu_matmul sdpa cpu_deferred_normalisation
+
+Besides the public kernels, ``auto``'s internal CPU choices can be named: ``cpu_deferred_normalisation``
+and ``cpu_matmul`` (the plain math with k stored transposed).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import rmt  # noqa: F401  (registers the RMT variants with timm)
 from rmt.models import attention
 
 
-def capture_stage_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]:
+def capture_stage_inputs(model: torch.nn.Module, x: torch.Tensor, dtype: str = "fp32") -> list[tuple]:
     """(stage, attention function, q, k, v, tables) of the first attention call of each stage."""
     captured: dict[int, tuple] = {}
     current = [0]
@@ -46,7 +50,7 @@ def capture_stage_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]
     try:
         for name, attend in originals.items():
             setattr(attention, name, capturing(attend))
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             model(x)
     finally:
         for name, attend in originals.items():
@@ -70,18 +74,19 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: q, k and v from CPU autocast")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, "
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, {args.dtype}, "
           f"median of {args.rounds} interleaved calls, ms per call")
     print(f"{'model':8s} {'stage':>5s} {'q shape (B, H, W, heads, d)':>30s} " + " ".join(f"{k:>10s}" for k in args.kernels))
     results = []
     for name in args.models:
-        for stage, attend, q, k, v, tables in capture_stage_inputs(timm.create_model(name).eval(), x):
+        for stage, attend, q, k, v, tables in capture_stage_inputs(timm.create_model(name).eval(), x, args.dtype):
             times: dict[str, list[float]] = {kernel: [] for kernel in args.kernels}
             with torch.inference_mode():
                 for round_ in range(args.rounds + 3):
@@ -102,7 +107,7 @@ def main() -> None:
                   + " ".join(f"{medians[k]:10.3f}" for k in args.kernels) + f"   auto = {auto}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "img_size": args.img_size, "threads": args.threads, "rounds": args.rounds,
+            json.dump({"batch": args.batch, "img_size": args.img_size, "threads": args.threads, "rounds": args.rounds, "dtype": args.dtype,
                        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "results": results}, f, indent=2)
 

@@ -20,15 +20,16 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   the token indices, q, k and v read in place through their strides. Forward only: with autograd
   recording, and for longer sequences, it falls back to ``auto``'s choice.
 * ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU
-  (2-thread AVX-512 measurements in docs/performance.md), in float32, while a pass's scores take
-  at most ``CPU_DEFERRED_MAX_SCORE_BYTES`` (every decomposed pass at 224 px, whose eval-mode
-  inference runs in chunks of images, and the 49-token stage 4): the matmul math with k stored
-  transposed (the fastest batched-GEMM operand layout) and the softmax normalised at the end,
-  ``exp(scores) @ v / row_sums``, which skips torch.softmax's passes over the scores (few of a
-  16-lane vector's lanes are used on 14- to 56-token rows) and falls back to the max-subtracted
-  softmax if anything leaves exp's range; larger passes (rmt_t's 196-token stage 3 in chunks of
-  8 images), SDPA's fused flash kernel, which never holds all the scores. In half precision (CPU
-  autocast), the plain matmul math up to 64 tokens, SDPA beyond. On CUDA (sm80+), eager
+  (2-thread AVX-512 measurements in docs/performance.md), in float32 and bfloat16, while a
+  pass's scores would take at most ``CPU_DEFERRED_MAX_SCORE_BYTES`` in float32 (every
+  decomposed pass at 224 px, whose eval-mode inference runs in chunks of images, and the
+  49-token stage 4): the matmul math with k stored transposed (the fastest batched-GEMM operand
+  layout) and the softmax normalised at the end, ``exp(scores) @ v / row_sums``, which skips
+  torch.softmax's passes over the scores (few of a 16-lane vector's lanes are used on 14- to
+  56-token rows) and falls back to the max-subtracted softmax if anything leaves exp's range;
+  larger passes (rmt_t's 196-token stage 3 in chunks of 8 images), SDPA's fused flash kernel,
+  which never holds all the scores. In float16 (CPU autocast), the plain matmul math up to 64
+  tokens, SDPA beyond. On CUDA (sm80+), eager
   inference (no autograd) runs the Triton kernel where it applies (the least GPU time per
   attention call measured; whole eager models at batch 64 are bound by launch overhead instead,
   where it made rmt_t 10% slower than SDPA), and otherwise SDPA with the memory-efficient backend
@@ -320,14 +321,15 @@ _KERNELS: dict[str, _Kernel] = {
     "cpu_matmul": _Kernel(_attend_reference, k_transposed=True),
 }
 
-# The CPU choices of ``auto`` (docs/performance.md). float32 and float64: the deferred
+# The CPU choices of ``auto`` (docs/performance.md). float32, float64 and bfloat16: the deferred
 # normalisation while a pass's scores stay this small (they are written and read several
 # times), SDPA's fused flash kernel, which never holds them all, beyond; measured, rmt_l's 4.9 MB
 # stage-1 passes run faster deferred, rmt_t's 9.8 MB stage-3 passes (8 images of 196 tokens)
-# faster on SDPA. Half precision (CPU autocast): the plain matmul math up to this many tokens
-# (the deferred normalisation was measured in float32 only; in float16 exp overflows at 11).
+# faster on SDPA, in bfloat16 too, where they take half the bytes: bfloat16 scores count 4
+# bytes each here. float16 (CPU autocast): the plain matmul math up to this many tokens (exp
+# overflows at 11 in float16, so the deferred normalisation would fall back all the time).
 CPU_DEFERRED_MAX_SCORE_BYTES = 8 * 2**20
-CPU_HALF_PRECISION_MATMUL_MAX_LENGTH = 64
+CPU_FLOAT16_MATMUL_MAX_LENGTH = 64
 
 
 def _resolve(kernel: str, q: Tensor) -> _Kernel:
@@ -341,13 +343,13 @@ def _resolve(kernel: str, q: Tensor) -> _Kernel:
         return _KERNELS["reference" if torch.compiler.is_compiling() else "cuda_sdpa_efficient_first"]
     if q.device.type == "cpu":
         b, g, length, n, _ = q.shape
-        if q.dtype in (torch.float32, torch.float64):
-            if b * g * n * length * length * q.element_size() <= CPU_DEFERRED_MAX_SCORE_BYTES:
+        if q.dtype in (torch.float32, torch.float64, torch.bfloat16):
+            if b * g * n * length * length * max(q.element_size(), 4) <= CPU_DEFERRED_MAX_SCORE_BYTES:
                 # compiled or traced, the plain math: the range check would break the graph, or
                 # be frozen into the trace with its outcome for the example input
                 in_graph = torch.compiler.is_compiling() or torch.jit.is_tracing()
                 return _KERNELS["reference" if in_graph else "cpu_deferred_normalisation"]
-        elif length <= CPU_HALF_PRECISION_MATMUL_MAX_LENGTH:
+        elif length <= CPU_FLOAT16_MATMUL_MAX_LENGTH:
             return _KERNELS["cpu_matmul"]
     return _KERNELS["sdpa"]
 
