@@ -9,13 +9,14 @@ import copy
 import pickle
 
 import pytest
+import timm
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rmt
 from rmt.bench.runner import BenchSettings, precision, run_benchmark
-from rmt.models.layers import AutocastWeightCache, Conv2d, Linear
+from rmt.models.layers import AutocastWeightCache, CachedLinear, keep_autocast_weights
 
 
 class Casts(TorchDispatchMode):
@@ -43,7 +44,7 @@ def model() -> rmt.RMT:
 
 
 def _folded(layer: nn.Module) -> nn.Module:
-    layer.reparameterize()
+    keep_autocast_weights(layer)
     return layer
 
 
@@ -81,9 +82,9 @@ def test_an_unfolded_model_casts_its_weights_on_every_pass():
     that may still be trained that way keeps autocast's per-pass casts."""
     torch.manual_seed(0)
     model = rmt.create_model("rmt_t", num_classes=10).eval()
-    layers = [m for m in model.modules() if isinstance(m, AutocastWeightCache)]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert _casts_in_a_second_pass(model, torch.randn(1, 3, 64, 64)) == 1 + 2 * len(layers)
-    assert all(m._autocast_copies is None for m in layers)
+    assert not any(isinstance(m, AutocastWeightCache) for m in layers)
 
 
 def _check(layer: nn.Module, x: torch.Tensor) -> None:
@@ -96,11 +97,11 @@ def _check(layer: nn.Module, x: torch.Tensor) -> None:
     assert torch.equal(cached, expected)
 
 
-@pytest.mark.parametrize("make", [lambda: Linear(16, 8), lambda: Conv2d(4, 8, 3, padding=1)], ids=["linear", "conv"])
+@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 8), lambda: nn.Conv2d(4, 8, 3, padding=1)], ids=["linear", "conv"])
 def test_copies_follow_every_change_of_the_parameters(make):
     torch.manual_seed(0)
     layer = _folded(make())
-    x = torch.randn(2, 16) if isinstance(layer, Linear) else torch.randn(2, 4, 6, 6)
+    x = torch.randn(2, 16) if isinstance(layer, nn.Linear) else torch.randn(2, 4, 6, 6)
     _check(layer, x)
 
     optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)  # an in-place update: a new version
@@ -124,15 +125,64 @@ def test_copies_follow_every_change_of_the_parameters(make):
     _check(layer, x)
 
 
+def test_the_same_storage_in_another_layout_is_a_change():
+    """``.data = weight.t()`` keeps the parameter, its version and its storage address."""
+    layer = _folded(nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    _check(layer, x)
+    layer.weight.data = layer.weight.data.t()
+    _check(layer, x)
+
+
+def test_parameters_made_under_inference_mode_are_cast_every_pass():
+    """Inference tensors have no version to check, so they are left to autocast."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = rmt.create_model("rmt_t", num_classes=10).eval().reparameterize()
+        x = torch.randn(1, 3, 64, 64)
+        with _bf16():
+            cached = model(x)
+        with _bf16(cache=False):
+            expected = model(x)
+    assert torch.equal(cached, expected)
+
+
+def test_unfolded_models_keep_plain_torch_layers():
+    """Tools matching exact layer types (dynamic quantization, FX leaf modules) see nn.Linear and
+    nn.Conv2d until the model is folded."""
+    model = rmt.create_model("rmt_t", num_classes=10).eval()
+    attention = model.stages[0].blocks[0].attn
+    assert type(attention.qk) is nn.Linear and type(model.stem[0]) is nn.Conv2d
+    # timm's reparameterize_model (what rmt bench --reparam runs) reaches every layer too
+    for folded in (timm.utils.reparameterize_model(model), model.reparameterize()):
+        layers = [m for m in folded.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert all(isinstance(m, AutocastWeightCache) for m in layers)
+    assert type(attention.qk) is CachedLinear and isinstance(attention.qk, nn.Linear)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # torch.jit.trace
+def test_compiled_and_traced_models_do_not_read_the_cache():
+    layer = _folded(nn.Linear(16, 8))
+    x = torch.randn(2, 16)
+    with torch.inference_mode(), _bf16():
+        expected = layer(x)  # fills the cache
+        key, sources, weight, bias = layer._autocast_copies
+        layer._autocast_copies = (key, sources, torch.zeros_like(weight), torch.zeros_like(bias))  # poisoned
+        assert not torch.equal(layer(x), expected)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        traced = torch.jit.trace(layer, x, check_trace=False)(x)
+    assert torch.equal(compiled, expected) and torch.equal(traced, expected)
+
+
 def test_not_used_while_autograd_records():
-    layer = _folded(Linear(16, 8))
+    layer = _folded(nn.Linear(16, 8))
     with _bf16():
         layer(torch.randn(2, 16)).float().sum().backward()
     assert layer.weight.grad is not None and layer._autocast_copies is None
 
 
 def test_copies_stay_behind_when_pickled_or_deep_copied():
-    layer = _folded(Linear(16, 8))
+    layer = _folded(nn.Linear(16, 8))
     with torch.inference_mode(), _bf16():
         layer(torch.randn(2, 16))
     assert layer._autocast_copies is not None

@@ -441,6 +441,17 @@ def _prepare(
     return row
 
 
+def _drop_model_caches(model: nn.Module) -> None:
+    """Drop RMT's cached position tables, decay masks and autocast-dtype weights (made in the
+    attention-ops pass and the warmup), so that the pass measuring memory makes them again and
+    counts them: they are the model's memory too. A compiled graph keeps its own tables as constants."""
+    for module in model.modules():
+        if isinstance(module, ManhattanPosition):
+            module.clear_tables()
+        elif isinstance(module, AutocastWeightCache):
+            module.clear_autocast_copies()
+
+
 def _warm_up(
     c: _Candidate, settings: BenchSettings, device: torch.device, size: tuple[int, int], batch: int, warmup: int
 ) -> dict[str, Any]:
@@ -455,6 +466,8 @@ def _warm_up(
             update: dict[str, Any] = {"batch": batch, "warmup": passes}
             for i in range(passes):
                 measures_rss = i == 0 and device.type == "cpu"
+                if measures_rss:
+                    _drop_model_caches(c.model)
                 with precision(device, settings.dtype, settings.autocast_cache), (_PeakRSS() if measures_rss else contextlib.nullcontext()) as rss:
                     c.warm_ms = _timed_forward(c.model, x, device)
                 if measures_rss:
@@ -499,14 +512,7 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) ->
         row["tflops"] = _significant(2 * row["gmacs"] * 1e9 * throughput / 1e12, 4)
     if device.type == "cuda":
         try:
-            # RMT's cached position tables, decay masks and autocast-dtype weights are the model's
-            # memory too: rebuilt inside the measured pass (a compiled graph keeps its own tables
-            # as constants)
-            for module in c.model.modules():
-                if isinstance(module, ManhattanPosition):
-                    module.clear_tables()
-                elif isinstance(module, AutocastWeightCache):
-                    module.clear_autocast_copies()
+            _drop_model_caches(c.model)
             torch.cuda.empty_cache()
             torch.cuda.synchronize(device)
             # the models measured after this one (and their inputs) stay resident: count only

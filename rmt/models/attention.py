@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt.models import fused_attention
-from rmt.models.layers import DepthwiseConvNHWC, Linear, profiler_label
+from rmt.models.layers import DepthwiseConvNHWC, profiler_label
 
 ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex", "triton")
 
@@ -447,10 +447,10 @@ class ManhattanSelfAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.decomposed = decomposed
         self.kernel = resolve_attention_kernel(kernel)
-        self.qk = Linear(dim, 2 * dim)
-        self.v = Linear(dim, dim)
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.v = nn.Linear(dim, dim)
         self.lce = DepthwiseConvNHWC(dim, 5)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, position: ManhattanPosition) -> Tensor:
         b, h, w, c = x.shape

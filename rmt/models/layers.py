@@ -35,95 +35,7 @@ def profiler_label(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _stamp(t: Optional[Tensor]) -> Optional[tuple[int, int, int]]:
-    # the tensor's identity, in-place version and storage: any update, load or swap changes one
-    return None if t is None else (id(t), t._version, t.data_ptr())
-
-
-class AutocastWeightCache:
-    """For a layer with ``weight`` and ``bias``, once folded for inference (``reparameterize()``):
-    under autocast without autograd, the autocast-dtype copies of both are kept from one forward
-    pass to the next.
-
-    Autocast casts every float32 weight and bias again on each forward pass, because its own
-    cache lasts only one ``autocast`` region. For folded rmt_s in bf16 that is 424 of the 1,016
-    operators in a forward pass (``scripts/op_counts.py``). On CUDA each is a kernel launch, and
-    eager inference at batch 64 is bound by launches. The copies are the casts autocast makes, so
-    outputs are bitwise the same. A copy is made again when its parameter is updated in place
-    through autograd's view of it (an optimizer step, ``load_state_dict``, ``torch.no_grad()``
-    updates), replaced (a fold, ``.data = ...``), or moved (``.to()``).
-    An in-place change made through ``.data`` goes unseen: autograd counts no version for it,
-    hence opt-in, with folding, rather than always on. The cache is not used:
-    - with autograd recording;
-    - under ``torch.compile`` or ``torch.jit.trace``;
-    - with autocast's cache turned off (``torch.autocast(..., cache_enabled=False)``, the switch to
-      compare without it);
-    - on devices other than CPU and CUDA, whose autocast op lists were not checked.
-    A CUDA graph captured around the eager model reads the copies as they were at capture.
-    """
-
-    keeps_autocast_copies = False  # set by reparameterize()
-    _autocast_copies: Optional[tuple] = None
-
-    def autocast_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
-        """``(weight, bias)`` as this forward pass should use them: cached autocast-dtype copies
-        in autocast inference, the parameters themselves otherwise."""
-        weight, bias = self.weight, self.bias
-        if not self.keeps_autocast_copies:
-            return weight, bias
-        device = weight.device.type
-        if (  # compiling first: a compiled graph makes its own casts, and never reads the cache
-            torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()
-            or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
-            or not torch.is_autocast_cache_enabled()
-        ):
-            return weight, bias
-        dtype = torch.get_autocast_dtype(device)
-        key = (dtype, _stamp(weight), _stamp(bias))
-        cached = self._autocast_copies
-        if cached is None or cached[0] != key:
-            # which tensors autocast casts: floating point but not float64
-            def cast(t: Optional[Tensor]) -> Optional[Tensor]:
-                return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-
-            # the sources are kept so that their ids in the key cannot be reused by new tensors
-            cached = (key, (weight, bias), cast(weight), cast(bias))
-            self._autocast_copies = cached
-        return cached[2], cached[3]
-
-    def reparameterize(self) -> None:
-        """The inference form: keep autocast-dtype copies of the weights between passes."""
-        self.keeps_autocast_copies = True
-
-    def clear_autocast_copies(self) -> None:
-        """Drop the cached copies (made again on the next autocast pass), e.g. to measure the memory they take."""
-        self._autocast_copies = None
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the old copies are freed now
-        self.clear_autocast_copies()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:  # pickling and deepcopy leave the copies behind
-        state = super().__getstate__()
-        state.pop("_autocast_copies", None)
-        return state
-
-
-class Linear(AutocastWeightCache, nn.Linear):
-    """``nn.Linear`` that, folded, keeps its autocast-dtype weights across inference passes (:class:`AutocastWeightCache`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, *self.autocast_parameters())
-
-
-class Conv2d(AutocastWeightCache, nn.Conv2d):
-    """``nn.Conv2d`` that, folded, keeps its autocast-dtype weights across inference passes (:class:`AutocastWeightCache`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, *self.autocast_parameters())
-
-
-class DepthwiseConvNHWC(Conv2d):
+class DepthwiseConvNHWC(nn.Conv2d):
     """Depthwise conv on (B, H, W, C) tokens (a channels-last view, so no copy either way)."""
 
     def __init__(self, dim: int, kernel_size: int):
@@ -154,7 +66,6 @@ class ResidualDepthwiseConvNHWC(DepthwiseConvNHWC):
 
     @_folding
     def reparameterize(self) -> None:
-        super().reparameterize()
         if not self.identity_folded:
             centre = self.kernel_size[0] // 2
             weight = self.weight.clone()  # keeps the channels-last layout
@@ -164,6 +75,135 @@ class ResidualDepthwiseConvNHWC(DepthwiseConvNHWC):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", identity_folded=True" if self.identity_folded else "")
+
+
+def _stamp(t: Optional[Tensor]) -> Optional[tuple]:
+    """What a cached copy of ``t`` was made from: the tensor object, its in-place version and its
+    data (address, layout, dtype). An optimizer step or ``load_state_dict`` moves the version; a
+    new parameter, or ``.data = ...``, changes the object or the data."""
+    if t is None:
+        return None
+    return (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+class AutocastWeightCache:
+    """For a layer with ``weight`` and ``bias``, folded for inference: under autocast without
+    autograd, the autocast-dtype copies of both are kept from one forward pass to the next.
+
+    Autocast casts every float32 weight and bias again on each forward pass, because its own
+    cache lasts only one ``autocast`` region. For folded rmt_s in bf16 that is 424 of the 1,016
+    operators in a forward pass (``scripts/op_counts.py``). On CUDA each is a kernel launch, and
+    eager inference at batch 64 is bound by launches. The copies are the casts autocast makes, so
+    outputs are bitwise the same. A copy is made again when its parameter changes:
+    - an in-place update through autograd's view of it (an optimizer step, ``load_state_dict``,
+      ``torch.no_grad()`` updates);
+    - a new parameter, or ``.data = ...``;
+    - ``.to()``, which drops the copies.
+    On CUDA each stream gets its own copy, made on that stream.
+
+    An in-place change made through ``.data`` goes unseen, because autograd counts no version for
+    it. That is why the cache is opt-in: :func:`keep_autocast_weights` turns a layer into its
+    caching class when the model is folded. The cache is not used:
+    - with autograd recording;
+    - under ``torch.compile`` or ``torch.jit.trace``;
+    - for inference tensors (parameters made under ``torch.inference_mode()``), which have no version;
+    - with autocast's cache turned off (``torch.autocast(..., cache_enabled=False)``, the switch to
+      compare without it);
+    - on devices other than CPU and CUDA, whose autocast op lists were not checked.
+    A CUDA graph captured around the eager model reads the copies as they were at capture.
+    """
+
+    _autocast_copies: Optional[tuple] = None
+
+    def autocast_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
+        """``(weight, bias)`` as this forward pass should use them: cached autocast-dtype copies
+        in autocast inference, the parameters themselves otherwise."""
+        weight, bias = self.weight, self.bias
+        device = weight.device.type
+        if (  # compiling first: a compiled graph makes its own casts, and never reads the cache
+            torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()
+            or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
+            or not torch.is_autocast_cache_enabled()
+            or weight.is_inference() or (bias is not None and bias.is_inference())
+        ):
+            return weight, bias
+        dtype = torch.get_autocast_dtype(device)
+        # a copy made on one CUDA stream is not ready on another: one per stream (the raw stream
+        # handle, as inductor's generated code reads it: torch.cuda.current_stream() costs more
+        # CPU time, on the path whose speed is the CPU's launch rate)
+        stream = torch._C._cuda_getCurrentRawStream(weight.device.index) if device == "cuda" else None
+        key = (dtype, stream, _stamp(weight), _stamp(bias))
+        cached = self._autocast_copies
+        if cached is None or cached[0] != key:
+            # which tensors autocast casts: floating point but not float64
+            def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+                return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+            # the sources' tensors and storages are held, so that no new tensor takes their ids or addresses
+            sources = (weight, bias, weight.detach(), None if bias is None else bias.detach())
+            cached = (key, sources, cast(weight), cast(bias))
+            self._autocast_copies = cached
+        return cached[2], cached[3]
+
+    def clear_autocast_copies(self) -> None:
+        """Drop the cached copies (made again on the next autocast pass), e.g. to measure the memory they take."""
+        self._autocast_copies = None
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the old copies are freed now
+        self.clear_autocast_copies()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # pickling and deepcopy leave the copies behind
+        state = super().__getstate__()
+        state.pop("_autocast_copies", None)
+        return state
+
+
+class CachedLinear(AutocastWeightCache, nn.Linear):
+    """``nn.Linear`` keeping its autocast-dtype weights across inference passes (:class:`AutocastWeightCache`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, *self.autocast_parameters())
+
+
+class _CachedConv(AutocastWeightCache):
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if weight is self.weight and bias is self.bias:
+            weight, bias = self.autocast_parameters()
+        return super()._conv_forward(x, weight, bias)
+
+
+class CachedConv2d(_CachedConv, nn.Conv2d):
+    """``nn.Conv2d`` keeping its autocast-dtype weights across inference passes (:class:`AutocastWeightCache`)."""
+
+
+class CachedDepthwiseConvNHWC(_CachedConv, DepthwiseConvNHWC):
+    """:class:`DepthwiseConvNHWC` keeping its autocast-dtype weights across inference passes."""
+
+
+class CachedResidualDepthwiseConvNHWC(_CachedConv, ResidualDepthwiseConvNHWC):
+    """:class:`ResidualDepthwiseConvNHWC` keeping its autocast-dtype weights across inference passes."""
+
+
+_CACHING_CLASSES: dict[type, type] = {
+    nn.Linear: CachedLinear,
+    nn.Conv2d: CachedConv2d,
+    DepthwiseConvNHWC: CachedDepthwiseConvNHWC,
+    ResidualDepthwiseConvNHWC: CachedResidualDepthwiseConvNHWC,
+}
+
+
+def keep_autocast_weights(root: nn.Module) -> None:
+    """Give every linear and conv in ``root`` the weight cache of :class:`AutocastWeightCache`.
+
+    Part of folding for inference. An unfolded model keeps plain ``nn.Linear`` and ``nn.Conv2d``
+    layers, which tools that match exact types expect: dynamic quantization, FX leaf modules.
+    The change is of class only: parameters and state dict stay as they are.
+    """
+    for module in root.modules():
+        caching = _CACHING_CLASSES.get(type(module))
+        if caching is not None:
+            module.__class__ = caching
 
 
 class AffineFreeLayerNorm(nn.Module):

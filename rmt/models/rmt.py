@@ -27,14 +27,13 @@ from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, reso
 from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
-    Conv2d,
-    Linear,
     ResidualDepthwiseConvNHWC,
     fold_batch_norm,
     fold_bias_into_linear,
     fold_layer_norm_affine,
     fold_output_scale,
     identity_like,
+    keep_autocast_weights,
 )
 
 
@@ -67,10 +66,10 @@ class ConvStem(nn.Sequential):
     def __init__(self, in_chans: int, dim: int):
         half = dim // 2
         super().__init__(
-            Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
-            Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-            Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU(),
-            Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
+            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,6 +84,7 @@ class ConvStem(nn.Sequential):
         for i in range(len(self) - 1):
             if isinstance(self[i], nn.Conv2d) and isinstance(self[i + 1], nn.BatchNorm2d):
                 self[i + 1] = fold_batch_norm(self[i], self[i + 1])
+        keep_autocast_weights(self)
 
 
 class Downsample(nn.Module):
@@ -92,7 +92,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.conv = Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
         self.norm = nn.BatchNorm2d(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,6 +102,7 @@ class Downsample(nn.Module):
         """Fold the batch norm into the conv (inference; see :func:`RMT.reparameterize`)."""
         if isinstance(self.norm, nn.BatchNorm2d):
             self.norm = fold_batch_norm(self.conv, self.norm)
+        keep_autocast_weights(self)
 
 
 class ConvFFN(nn.Module):
@@ -109,10 +110,10 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.dwconv = ResidualDepthwiseConvNHWC(hidden_dim, 3)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)
@@ -171,6 +172,7 @@ class RMTBlock(nn.Module):
         if isinstance(self.ls2, LayerScale):
             fold_output_scale(mlp.fc2, self.ls2.gamma)
             self.ls2 = identity_like(self.ls2)
+        keep_autocast_weights(self)
 
 
 class RMTStage(nn.Module):
@@ -218,11 +220,11 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden_size: int, num_classes: int, drop_rate: float = 0.0):
         super().__init__()
-        self.proj = Linear(in_dim, hidden_size)
+        self.proj = nn.Linear(in_dim, hidden_size)
         self.norm = nn.BatchNorm2d(hidden_size)
         self.act = nn.SiLU()
         self.drop = nn.Dropout(drop_rate)
-        self.fc = Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (B, hidden, H, W), channels-last view
@@ -234,6 +236,7 @@ class ClassifierHead(nn.Module):
         """Fold the batch norm into ``proj`` (inference; see :func:`RMT.reparameterize`)."""
         if isinstance(self.norm, nn.BatchNorm2d):
             self.norm = fold_batch_norm(self.proj, self.norm)
+        keep_autocast_weights(self)
 
 
 class RMT(nn.Module):
@@ -288,7 +291,7 @@ class RMT(nn.Module):
         self.head = ClassifierHead(self.num_features, cfg.head_hidden_size, cfg.num_classes, drop_rate)
         # token labelling: a classifier on every stage-4 token
         self.aux_head = (
-            (Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity())
+            (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity())
             if cfg.token_label else None
         )
         self.apply(self._init_weights)
@@ -326,12 +329,13 @@ class RMT(nn.Module):
         (:class:`~rmt.models.layers.AffineFreeLayerNorm`), and in inference the linears and convs
         keep their autocast-dtype weights from one pass to the next instead of casting them on
         every pass (:class:`~rmt.models.layers.AutocastWeightCache`; change a folded model's
-        weights through its parameters, not in place through ``.data``). Batch norms fold with their running
-        statistics (eval-mode semantics), and the state dict changes layout, so load checkpoints
+        weights through its parameters, not in place through ``.data``). Batch norms fold with
+        their running statistics (eval-mode semantics), and the state dict changes layout, so load checkpoints
         first. ``timm.utils.reparameterize_model(model)`` does the same on a copy. Returns the model.
         """
         for module in [m for m in self.modules() if m is not self and hasattr(m, "reparameterize")]:
             module.reparameterize()
+        keep_autocast_weights(self)  # the layers outside the parts above (a token-label aux head)
         return self
 
     @property
@@ -360,9 +364,9 @@ class RMT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.fc = Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
-            self.aux_head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
