@@ -147,6 +147,20 @@ def test_parameters_made_under_inference_mode_are_cast_every_pass():
     assert torch.equal(cached, expected)
 
 
+def test_vmap_over_stacked_parameters_is_left_to_autocast():
+    """Model ensembling: torch.func.vmap over parameters stacked from several layers."""
+    layers = [_folded(nn.Linear(16, 8)) for _ in range(3)]
+    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in layers]) for name in ("weight", "bias")}
+    x = torch.randn(2, 16)
+    ensemble = torch.func.vmap(lambda p: torch.func.functional_call(layers[0], p, (x,)))
+    with torch.no_grad():
+        with _bf16():
+            cached = ensemble(params)  # before the guard: an error (a wrapped tensor has no data pointer)
+        with _bf16(cache=False):
+            expected = ensemble(params)
+    assert torch.equal(cached, expected)
+
+
 def test_unfolded_models_keep_plain_torch_layers():
     """Tools matching exact layer types (dynamic quantization, FX leaf modules) see nn.Linear and
     nn.Conv2d until the model is folded."""

@@ -106,7 +106,8 @@ class AutocastWeightCache:
     caching class when the model is folded. The cache is not used:
     - with autograd recording;
     - under ``torch.compile`` or ``torch.jit.trace``;
-    - for inference tensors (parameters made under ``torch.inference_mode()``), which have no version;
+    - for inference tensors (parameters made under ``torch.inference_mode()``), which have no
+      version, and for ``torch.func`` transforms' wrapped tensors (``vmap`` over parameters);
     - with autocast's cache turned off (``torch.autocast(..., cache_enabled=False)``, the switch to
       compare without it);
     - on devices other than CPU and CUDA, whose autocast op lists were not checked.
@@ -124,7 +125,8 @@ class AutocastWeightCache:
             torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()
             or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
             or not torch.is_autocast_cache_enabled()
-            or weight.is_inference() or (bias is not None and bias.is_inference())
+            or any(t is not None and (t.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(t))
+                   for t in (weight, bias))
         ):
             return weight, bias
         dtype = torch.get_autocast_dtype(device)
