@@ -330,8 +330,9 @@ class RMT(nn.Module):
         keep their autocast-dtype weights from one pass to the next instead of casting them on
         every pass (:class:`~rmt.models.layers.AutocastWeightCache`; change a folded model's
         weights through its parameters, not in place through ``.data``). Batch norms fold with
-        their running statistics (eval-mode semantics), and the state dict changes layout, so load checkpoints
-        first. ``timm.utils.reparameterize_model(model)`` does the same on a copy. Returns the model.
+        their running statistics (eval-mode semantics), and the state dict changes layout, so
+        load checkpoints first. ``timm.utils.reparameterize_model(model)`` does the same on a
+        copy. Returns the model.
         """
         for module in [m for m in self.modules() if m is not self and hasattr(m, "reparameterize")]:
             module.reparameterize()
