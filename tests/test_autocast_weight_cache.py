@@ -125,6 +125,27 @@ def test_copies_follow_every_change_of_the_parameters(make):
     _check(layer, x)
 
 
+def test_a_fused_optimizer_step_is_seen():
+    """Fused optimizers update parameters without bumping their version: the training pass before
+    the step drops the copies, and so do .train() and .eval()."""
+    torch.manual_seed(0)
+    layer = _folded(nn.Linear(16, 8))
+    x = torch.randn(2, 16)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    _check(layer, x)
+    versions = layer.weight._version
+    layer(x).square().sum().backward()
+    optimizer.step()
+    assert layer.weight._version == versions  # what the version counter cannot see
+    _check(layer, x)
+    _check(layer, x)  # the copies were made again after the step
+    with torch.inference_mode(), _bf16():
+        layer(x)
+    assert layer._autocast_copies is not None
+    layer.eval()
+    assert layer._autocast_copies is None
+
+
 def test_the_same_storage_in_another_layout_is_a_change():
     """``.data = weight.t()`` keeps the parameter, its version and its storage address."""
     layer = _folded(nn.Linear(8, 8))

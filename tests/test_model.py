@@ -283,9 +283,12 @@ def test_auto_picks_the_kernel_by_device_dtype_and_score_size():
     assert _resolve("auto", q(56, largest)) is _KERNELS["cpu_deferred_normalisation"]
     assert _resolve("auto", q(56, largest + 1)) is _KERNELS["sdpa"]
     assert _resolve("auto", q(14, dtype=torch.float64)) is _KERNELS["cpu_deferred_normalisation"]
-    # bfloat16 by the same limit, its scores counted as float32's: rmt_t's stage 3 stays on SDPA
+    # bfloat16 by the same limit, its scores counted as float32's, and only up to 64 tokens:
+    # rmt_t's 196-token stage 3 stays on SDPA at every batch size
     assert _resolve("auto", q(56, largest, dtype=torch.bfloat16)) is _KERNELS["cpu_deferred_normalisation"]
     assert _resolve("auto", q(56, largest + 1, dtype=torch.bfloat16)) is _KERNELS["sdpa"]
+    assert _resolve("auto", q(64, dtype=torch.bfloat16)) is _KERNELS["cpu_deferred_normalisation"]
+    assert _resolve("auto", q(65, dtype=torch.bfloat16)) is _KERNELS["sdpa"]
     # float16, whose exp overflows at 11: the plain math on short sequences
     assert _resolve("auto", q(64, dtype=torch.float16)) is _KERNELS["cpu_matmul"]
     assert _resolve("auto", q(65, dtype=torch.float16)) is _KERNELS["sdpa"]

@@ -20,10 +20,10 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   the token indices, q, k and v read in place through their strides. Forward only: with autograd
   recording, and for longer sequences, it falls back to ``auto``'s choice.
 * ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU
-  (2-thread AVX-512 measurements in docs/performance.md), in float32 and bfloat16, while a
-  pass's scores would take at most ``CPU_DEFERRED_MAX_SCORE_BYTES`` in float32 (every
-  decomposed pass at 224 px, whose eval-mode inference runs in chunks of images, and the
-  49-token stage 4): the matmul math with k stored transposed (the fastest batched-GEMM operand
+  (2-thread AVX-512 measurements in docs/performance.md), in float32 and, up to 64 tokens,
+  bfloat16, while a pass's scores would take at most ``CPU_DEFERRED_MAX_SCORE_BYTES`` in
+  float32 (every decomposed pass at 224 px, whose eval-mode inference runs in chunks of images,
+  and the 49-token stage 4): the matmul math with k stored transposed (the fastest batched-GEMM operand
   layout) and the softmax normalised at the end, ``exp(scores) @ v / row_sums``, which skips
   torch.softmax's passes over the scores (few of a 16-lane vector's lanes are used on 14- to
   56-token rows) and falls back to the max-subtracted softmax if anything leaves exp's range;
@@ -326,10 +326,12 @@ _KERNELS: dict[str, _Kernel] = {
 # times), SDPA's fused flash kernel, which never holds them all, beyond; measured, rmt_l's 4.9 MB
 # stage-1 passes run faster deferred, rmt_t's 9.8 MB stage-3 passes (8 images of 196 tokens)
 # faster on SDPA, in bfloat16 too, where they take half the bytes: bfloat16 scores count 4
-# bytes each here. float16 (CPU autocast): the plain matmul math up to this many tokens (exp
-# overflows at 11 in float16, so the deferred normalisation would fall back all the time).
+# bytes each here, and only sequences of at most the length below take the deferred
+# normalisation (rmt_t's 196-token stage 3 at batch 1 ran 1.6x faster on SDPA). float16 (CPU
+# autocast): the plain matmul math up to that length (exp overflows at 11 in float16, so the
+# deferred normalisation would fall back all the time).
 CPU_DEFERRED_MAX_SCORE_BYTES = 8 * 2**20
-CPU_FLOAT16_MATMUL_MAX_LENGTH = 64
+CPU_HALF_PRECISION_MAX_LENGTH = 64
 
 
 def _resolve(kernel: str, q: Tensor) -> _Kernel:
@@ -343,13 +345,15 @@ def _resolve(kernel: str, q: Tensor) -> _Kernel:
         return _KERNELS["reference" if torch.compiler.is_compiling() else "cuda_sdpa_efficient_first"]
     if q.device.type == "cpu":
         b, g, length, n, _ = q.shape
-        if q.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        if q.dtype in (torch.float32, torch.float64) or (
+            q.dtype == torch.bfloat16 and length <= CPU_HALF_PRECISION_MAX_LENGTH
+        ):
             if b * g * n * length * length * max(q.element_size(), 4) <= CPU_DEFERRED_MAX_SCORE_BYTES:
                 # compiled or traced, the plain math: the range check would break the graph, or
                 # be frozen into the trace with its outcome for the example input
                 in_graph = torch.compiler.is_compiling() or torch.jit.is_tracing()
                 return _KERNELS["reference" if in_graph else "cpu_deferred_normalisation"]
-        elif length <= CPU_FLOAT16_MATMUL_MAX_LENGTH:
+        elif q.dtype == torch.float16 and length <= CPU_HALF_PRECISION_MAX_LENGTH:
             return _KERNELS["cpu_matmul"]
     return _KERNELS["sdpa"]
 

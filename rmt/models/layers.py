@@ -98,7 +98,8 @@ class AutocastWeightCache:
     - an in-place update through autograd's view of it (an optimizer step, ``load_state_dict``,
       ``torch.no_grad()`` updates);
     - a new parameter, or ``.data = ...``;
-    - ``.to()``, which drops the copies.
+    - ``.to()``, ``.train()`` or ``.eval()``, and any pass with autograd recording, which drop
+      the copies (fused optimizers update parameters without a version bump, after such a pass).
     On CUDA each stream gets its own copy, made on that stream.
 
     An in-place change made through ``.data`` goes unseen, because autograd counts no version for
@@ -121,8 +122,13 @@ class AutocastWeightCache:
         in autocast inference, the parameters themselves otherwise."""
         weight, bias = self.weight, self.bias
         device = weight.device.type
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # a training pass: fused optimizers (fused=True) update parameters without a version
+            # bump, and every step follows such a pass, so the copies go now
+            self._autocast_copies = None
+            return weight, bias
         if (  # compiling first: a compiled graph makes its own casts, and never reads the cache
-            torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()
+            torch.compiler.is_compiling() or torch.jit.is_tracing()
             or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
             or not torch.is_autocast_cache_enabled()
             or any(t is not None and (t.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(t))
@@ -154,6 +160,10 @@ class AutocastWeightCache:
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the old copies are freed now
         self.clear_autocast_copies()
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):  # .train() / .eval(): a switch of mode starts afresh
+        self.clear_autocast_copies()
+        return super().train(mode)
 
     def __getstate__(self) -> dict:  # pickling and deepcopy leave the copies behind
         state = super().__getstate__()
