@@ -30,6 +30,10 @@ JOBS = [
     ("eager_reparam_bf16", dict(models=RMT + ["swin_t"], batches=[64, 256], reparameterize=True), None),
     # the folded models casting their weights on every pass, without their weight cache (autocast's cache off)
     ("eager_reparam_no_weight_cache_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64, 256], reparameterize=True, autocast_cache=False), None),
+    # the folded models compiled, not yet measured on a GPU (compiling three models took 277 s on
+    # an H100: with the default budget these two may need a call of their own, --only ...)
+    ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
+    ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
     # the official-style plain path, and SDPA as torch dispatches it, on the same card
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
     ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),
@@ -39,8 +43,6 @@ JOBS = [
     ("compiled_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="default"), "triton"),
     # CUDA graphs: no CPU time per kernel launch, which bounds RMT's eager speed at batch 64
     ("cuda_graphs_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead"), None),
-    ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
-    ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
     ("cuda_graphs_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="reduce-overhead"), "triton"),
     ("resolution_bf16", dict(models=["rmt_s", "swin_t"], batches=[1, 8], img_sizes=[(512, 512), (768, 768), (1024, 1024)]), None),
     ("cuda_graphs_small_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[1, 8], compile_mode="reduce-overhead"), None),
