@@ -121,15 +121,16 @@ class AutocastWeightCache:
         """``(weight, bias)`` as this forward pass should use them: cached autocast-dtype copies
         in autocast inference, the parameters themselves otherwise."""
         weight, bias = self.weight, self.bias
-        device = weight.device.type
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # a compiled graph makes its own casts, and never reads the cache
+            return weight, bias
+        if torch.is_grad_enabled():
             # a training pass: fused optimizers (fused=True) update parameters without a version
             # bump, and every step follows such a pass, so the copies go now
             self._autocast_copies = None
             return weight, bias
-        if (  # compiling first: a compiled graph makes its own casts, and never reads the cache
-            torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
+        device = weight.device.type
+        if (
+            torch.jit.is_tracing() or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
             or not torch.is_autocast_cache_enabled()
             or any(t is not None and (t.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(t))
                    for t in (weight, bias))
