@@ -24,6 +24,7 @@ import timm
 import torch
 
 import rmt  # noqa: F401  (registers the RMT variants with timm)
+from rmt.bench.runner import precision
 from rmt.models import attention
 
 
@@ -50,7 +51,7 @@ def capture_stage_inputs(model: torch.nn.Module, x: torch.Tensor, dtype: str = "
     try:
         for name, attend in originals.items():
             setattr(attention, name, capturing(attend))
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.inference_mode(), precision(torch.device("cpu"), dtype):
             model(x)
     finally:
         for name, attend in originals.items():

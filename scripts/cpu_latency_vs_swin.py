@@ -24,6 +24,7 @@ import timm
 import torch
 
 import rmt  # noqa: F401  (registers the RMT variants with timm)
+from rmt.bench.runner import precision
 
 BASELINE = "swin_tiny_patch4_window7_224"
 
@@ -65,7 +66,7 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in names}
 
     def run(name: str) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16", cache_enabled=name not in no_cache):
+        with precision(torch.device("cpu"), args.dtype, autocast_cache=name not in no_cache):
             models[name](x)
 
     with torch.inference_mode():

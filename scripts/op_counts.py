@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from rmt.bench.runner import build_model, fold_for_inference
+from rmt.bench.runner import build_model, fold_for_inference, precision
 
 
 class OperatorCounter(TorchDispatchMode):
@@ -51,8 +51,7 @@ def _shares_storage(out, args) -> bool:
 
 
 def count_operators(model: torch.nn.Module, x: torch.Tensor, dtype: str, weight_cache: bool = True) -> collections.Counter[str]:
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16", cache_enabled=weight_cache)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), precision(torch.device("cpu"), dtype, autocast_cache=weight_cache):
         model(x)  # first call: position tables and other caches are built outside the count
         with OperatorCounter() as counter:
             model(x)
