@@ -87,6 +87,15 @@ def test_an_unfolded_model_casts_its_weights_on_every_pass():
     assert not any(isinstance(m, AutocastWeightCache) for m in layers)
 
 
+def test_a_new_classifier_of_a_folded_model_caches_too():
+    model = rmt.create_model("rmt_s_tl", num_classes=10).eval()
+    model.reset_classifier(4)
+    assert type(model.head.fc) is nn.Linear  # not folded: plain layers
+    model.reparameterize().reset_classifier(3)
+    assert type(model.head.fc) is CachedLinear and type(model.aux_head) is CachedLinear
+    assert _casts_in_a_second_pass(model, torch.randn(1, 3, 64, 64)) == 1
+
+
 def _check(layer: nn.Module, x: torch.Tensor) -> None:
     """The layer's output in cached autocast inference is what per-pass casts give."""
     with torch.inference_mode():
@@ -95,6 +104,19 @@ def _check(layer: nn.Module, x: torch.Tensor) -> None:
         with _bf16(cache=False):
             expected = layer(x)
     assert torch.equal(cached, expected)
+
+
+def test_another_autocast_dtype_gets_its_own_copies():
+    layer = _folded(nn.Linear(16, 8))
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        with _bf16():
+            layer(x)  # fills the cache with bf16 copies
+        with torch.autocast("cpu", dtype=torch.float16):
+            cached = layer(x)
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+            expected = layer(x)
+    assert cached.dtype == torch.float16 and torch.equal(cached, expected)
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Linear(16, 8), lambda: nn.Conv2d(4, 8, 3, padding=1)], ids=["linear", "conv"])
@@ -201,8 +223,8 @@ def test_compiled_and_traced_models_do_not_read_the_cache():
     x = torch.randn(2, 16)
     with torch.inference_mode(), _bf16():
         expected = layer(x)  # fills the cache
-        key, sources, weight, bias = layer._autocast_copies
-        layer._autocast_copies = (key, sources, torch.zeros_like(weight), torch.zeros_like(bias))  # poisoned
+        copies = layer._autocast_copies
+        layer._autocast_copies = copies._replace(weight=torch.zeros_like(copies.weight), bias=torch.zeros_like(copies.bias))  # poisoned
         assert not torch.equal(layer(x), expected)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
         traced = torch.jit.trace(layer, x, check_trace=False)(x)

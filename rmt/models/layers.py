@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -78,12 +78,38 @@ class ResidualDepthwiseConvNHWC(DepthwiseConvNHWC):
 
 
 def _stamp(t: Optional[Tensor]) -> Optional[tuple]:
-    """What a cached copy of ``t`` was made from: the tensor object, its in-place version and its
-    data (address, layout, dtype). An optimizer step or ``load_state_dict`` moves the version; a
-    new parameter, or ``.data = ...``, changes the object or the data."""
+    """What a cached copy of ``t`` was made from: the tensor itself, its in-place version and its
+    data (address, dtype, shape, strides). An optimizer step or ``load_state_dict`` moves the
+    version; a new parameter, or ``.data = ...``, changes the object or the data."""
     if t is None:
         return None
-    return (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+    return (t, t._version, t.data_ptr(), t.dtype, t.shape, t.stride())
+
+
+def _unchanged(t: Optional[Tensor], stamp: Optional[tuple]) -> bool:
+    """Whether ``t`` is the tensor ``stamp`` was taken of, with the same version and data."""
+    if t is None or stamp is None:
+        return t is None and stamp is None
+    # the object first: the same object passed the guards when its copy was made
+    return (
+        t is stamp[0] and t._version == stamp[1] and t.data_ptr() == stamp[2]
+        and t.dtype == stamp[3] and t.shape == stamp[4] and t.stride() == stamp[5]
+    )
+
+
+class _AutocastCopies(NamedTuple):
+    """One layer's cached autocast-dtype parameters and what they were made from."""
+
+    device: str  # the parameters' device type
+    index: Optional[int]  # and CUDA device index
+    dtype: torch.dtype  # autocast's dtype
+    stream: Optional[int]  # the raw CUDA stream the copies were made on
+    # _stamp(weight), _stamp(bias): they hold the sources' tensors, and the storages through
+    # their detached views, so that no new tensor takes their ids or addresses
+    stamps: tuple
+    storages: tuple
+    weight: Tensor
+    bias: Optional[Tensor]
 
 
 class AutocastWeightCache:
@@ -115,7 +141,7 @@ class AutocastWeightCache:
     A CUDA graph captured around the eager model reads the copies as they were at capture.
     """
 
-    _autocast_copies: Optional[tuple] = None
+    _autocast_copies: Optional[_AutocastCopies] = None
 
     def autocast_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
         """``(weight, bias)`` as this forward pass should use them: cached autocast-dtype copies
@@ -128,31 +154,45 @@ class AutocastWeightCache:
             # bump, and every step follows such a pass, so the copies go now
             self._autocast_copies = None
             return weight, bias
-        device = weight.device.type
+        # every layer asks on every pass, and eager CUDA inference at batch 64 is bound by CPU
+        # time: the checks of a hit are the few that can change between passes
+        copies = self._autocast_copies
         if (
-            torch.jit.is_tracing() or device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device)
+            copies is not None and torch.is_autocast_enabled(copies.device) and torch.is_autocast_cache_enabled()
+            and torch.get_autocast_dtype(copies.device) == copies.dtype and not torch.jit.is_tracing()
+            and _unchanged(weight, copies.stamps[0]) and _unchanged(bias, copies.stamps[1])
+            # a copy made on one CUDA stream is not ready on another: one per stream (the raw
+            # stream handle, as inductor's generated code reads it: torch.cuda.current_stream()
+            # costs more CPU time)
+            and (copies.stream is None or torch._C._cuda_getCurrentRawStream(copies.index) == copies.stream)
+        ):
+            return copies.weight, copies.bias
+        return self._cast_parameters(weight, bias)
+
+    def _cast_parameters(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """A miss: the full guards, and new copies where they apply."""
+        device = weight.device
+        if (
+            torch.jit.is_tracing() or device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type)
             or not torch.is_autocast_cache_enabled()
             or any(t is not None and (t.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(t))
                    for t in (weight, bias))
         ):
             return weight, bias
-        dtype = torch.get_autocast_dtype(device)
-        # a copy made on one CUDA stream is not ready on another: one per stream (the raw stream
-        # handle, as inductor's generated code reads it: torch.cuda.current_stream() costs more
-        # CPU time, on the path whose speed is the CPU's launch rate)
-        stream = torch._C._cuda_getCurrentRawStream(weight.device.index) if device == "cuda" else None
-        key = (dtype, stream, _stamp(weight), _stamp(bias))
-        cached = self._autocast_copies
-        if cached is None or cached[0] != key:
-            # which tensors autocast casts: floating point but not float64
-            def cast(t: Optional[Tensor]) -> Optional[Tensor]:
-                return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        dtype = torch.get_autocast_dtype(device.type)
 
-            # the sources' tensors and storages are held, so that no new tensor takes their ids or addresses
-            sources = (weight, bias, weight.detach(), None if bias is None else bias.detach())
-            cached = (key, sources, cast(weight), cast(bias))
-            self._autocast_copies = cached
-        return cached[2], cached[3]
+        def cast(t: Optional[Tensor]) -> Optional[Tensor]:  # which tensors autocast casts: floating point but not float64
+            return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+        copies = _AutocastCopies(
+            device.type, device.index, dtype,
+            torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None,
+            (_stamp(weight), _stamp(bias)),
+            (weight.detach(), None if bias is None else bias.detach()),
+            cast(weight), cast(bias),
+        )
+        self._autocast_copies = copies
+        return copies.weight, copies.bias
 
     def clear_autocast_copies(self) -> None:
         """Drop the cached copies (made again on the next autocast pass), e.g. to measure the memory they take."""

@@ -368,6 +368,8 @@ class RMT(nn.Module):
         self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
             self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if self.is_reparameterized:  # a folded model's new classifier keeps its weights under autocast too
+            keep_autocast_weights(self)
 
     def forward_intermediates(
         self,
