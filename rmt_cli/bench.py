@@ -273,6 +273,9 @@ def profile(
     active: int = typer.Option(3, help="Profiled steps (after 1 wait and 1 warmup step)."),
     top: int = typer.Option(15, help="Operators to list."),
     reparam: bool = typer.Option(False, "--reparam", help="Fold the model for inference first (as rmt bench --reparam)."),
+    compile_mode: Optional[str] = typer.Option(
+        None, "--compile", help="Profile the model compiled (as rmt bench --compile); optional MODE: default, reduce-overhead, max-autotune.",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary here."),
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
@@ -281,8 +284,10 @@ def profile(
     from rmt.bench.runner import parse_img_size
 
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
-                            dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam)
+                            dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam,
+                            compile_mode=compile_mode)
     folded = ", folded for inference" if summary["reparameterized"] else ""
+    folded += f", compiled ({compile_mode})" if compile_mode else ""
     table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype}{folded})", title_style="bold")
     for column in ("operator", "ms/step", "share", "calls/step") + (("self MB",) if memory else ()):
         table.add_column(column, justify="left" if column == "operator" else "right")

@@ -22,8 +22,8 @@ from rmt.io import write_json_atomic
 RMT = ["rmt_t", "rmt_s", "rmt_b"]
 SWIN = ["swin_t", "swin_s", "swin_b"]
 
-# (job name, settings, RMT attention kernel); most important first. "profile" is the top device
-# operators of rmt_s and swin_t (eager, batch 64).
+# (job name, settings, RMT attention kernel); most important first. The profile jobs list the
+# top device operators, batch 64, of (model, folded, compile mode) each.
 JOBS = [
     ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
     # folded for inference (RMT.reparameterize): no float32 layer norms and their copies, fewer bias adds
@@ -34,10 +34,12 @@ JOBS = [
     # an H100: with the default budget these two may need a call of their own, --only ...)
     ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
     ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
+    # where the GPU time of the compiled models goes: inductor's fused kernels by name
+    ("profile_compiled", dict(profiles=[("rmt_s", True, "default"), ("swin_t", False, "default")]), None),
     # the official-style plain path, and SDPA as torch dispatches it, on the same card
     ("reference_bf16", dict(models=RMT, batches=[64, 256]), "reference"),
     ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),
-    ("profile", None, None),
+    ("profile", dict(profiles=[("rmt_s", False, None), ("rmt_s", True, None), ("swin_t", False, None)]), None),
     ("compiled_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default"), None),
     # the Triton kernel inside a compiled graph (auto compiles the plain math instead)
     ("compiled_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="default"), "triton"),
@@ -50,16 +52,17 @@ JOBS = [
 ]
 
 
-def _profile(device: str) -> dict:
-    """Top operators by device time for rmt_s (as built and reparameterized) and swin_t (eager,
-    bf16, batch 64): where time goes. The traces go to a temporary folder; only the tables are kept."""
+def _profile(device: str, profiles: list[tuple[str, bool, str | None]], batch: int, size: int) -> dict:
+    """Top operators by device time (bf16) for each (model, folded, compile mode): where time
+    goes. The traces go to a temporary folder; only the tables are kept."""
     from rmt.bench.profile import profile_model
 
     tables = {}
     with tempfile.TemporaryDirectory() as traces:
-        for name, folded in (("rmt_s", False), ("rmt_s", True), ("swin_t", False)):
-            summary = profile_model(name, traces, batch=64, device=device, dtype="bf16", top=20, reparameterize=folded)
-            label = f"{name}[reparam]" if folded else name
+        for name, folded, compile_mode in profiles:
+            summary = profile_model(name, traces, batch=batch, img_size=(size, size), device=device, dtype="bf16", top=20,
+                                    reparameterize=folded, compile_mode=compile_mode)
+            label = name + ("[reparam]" if folded else "") + (f"[compiled:{compile_mode}]" if compile_mode else "")
             tables[label] = summary["top_ops"]
             print(f"-- {label}: top ops by {summary['time']} per step")
             for op in summary["top_ops"]:
@@ -67,9 +70,11 @@ def _profile(device: str) -> dict:
     return tables
 
 
-def _run_job(name: str, spec: dict | None, kernel: str | None, args: argparse.Namespace, results: dict) -> None:
-    if spec is None:
-        results["profiles"] = _profile(args.device)
+def _run_job(name: str, spec: dict, kernel: str | None, args: argparse.Namespace, results: dict) -> None:
+    if "profiles" in spec:
+        profiles = [p for p in spec["profiles"] if not args.models or p[0] in args.models]
+        batch, size = (args.batches or [64])[0], (args.img_sizes or [224])[0]
+        results["profiles"].update(_profile(args.device, profiles, batch, size))
         return
     if args.models:
         spec = {**spec, "models": [m for m in spec["models"] if m in args.models]}

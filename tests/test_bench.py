@@ -306,6 +306,27 @@ def test_profile_reparam_shows_the_folded_ops_gone(tmp_path):
     assert ops[False].get("aten::native_batch_norm", 0) > 0 and "aten::native_batch_norm" not in ops[True]
 
 
+def test_profile_of_a_compiled_model_lists_its_compiled_graph(tmp_path):
+    from rmt.bench.profile import profile_model
+
+    summary = profile_model("tiny", tmp_path / "prof", batch=1, img_size=(64, 64), device="cpu",
+                            model=rmt.RMT(TINY), active=1, top=1000, reparameterize=True, compile_mode="default")
+    assert summary["compile"] == "default" and summary["reparameterized"]
+    # the profiled step ran the compiled graph, not the eager model (compiled on the wait step)
+    ops = {op["op"] for op in summary["top_ops"]}
+    assert any("Compiled" in op for op in ops) and "aten::native_layer_norm" not in ops
+
+
+def test_profile_rejects_an_unknown_compile_mode_before_writing(tmp_path):
+    from rmt.bench.profile import profile_model
+
+    with pytest.raises(RMTError, match="unknown compile mode 'fastest'"):
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", compile_mode="fastest")
+    with pytest.raises(RMTError, match="wait \\+ warmup >= 2"):
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", compile_mode="default", warmup=0)
+    assert not (tmp_path / "prof").exists()
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     settings = BenchSettings(models=["tiny", "rmt_t"], batches=[1], img_sizes=[(64, 64)], device="cpu", warmup=0, iters=1)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import DTYPES, build_model, fold_for_inference, precision, quiet_stderr
+from rmt.bench.runner import COMPILE_MODES, DTYPES, build_model, fold_for_inference, precision, quiet_stderr
 from rmt.errors import RMTError, first_line
 
 
@@ -27,17 +27,25 @@ def profile_model(
     top: int = 15,
     model: Optional[torch.nn.Module] = None,
     reparameterize: bool = False,
+    compile_mode: Optional[str] = None,
 ) -> dict[str, Any]:
     """Profile ``wait + warmup + active`` forward passes on a schedule and write the trace to ``out_dir``.
 
     Returns the trace files, the top operators by self time (device time on CUDA) and, with
     ``memory``, their memory use. ``reparameterize`` folds the model for inference first
-    (:func:`rmt.bench.runner.fold_for_inference`).
+    (:func:`rmt.bench.runner.fold_for_inference`). ``compile_mode`` profiles the model compiled
+    with that ``torch.compile`` mode and static shapes, as ``rmt bench --compile`` runs it: the
+    first (wait) step compiles, and the fused kernels are the operators listed.
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if batch <= 0 or min(wait, warmup) < 0 or active <= 0:
         raise RMTError("batch and active steps must be positive, wait and warmup >= 0")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise RMTError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if compile_mode is not None and wait + warmup < 2:
+        # CUDA graphs are recorded on a model's second call: profiled steps should replay them
+        raise RMTError("a compiled model needs wait + warmup >= 2 steps before the profiled ones")
     dev = resolve_device(device)
     out = Path(out_dir)
     try:
@@ -55,6 +63,8 @@ def profile_model(
         except Exception as e:  # a timm model's own fold
             raise RMTError(f"cannot fold {name} for inference: {first_line(e)}") from None
     model = model.to(dev)
+    if compile_mode is not None:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
@@ -96,6 +106,7 @@ def profile_model(
         "batch": batch,
         "img_size": list(img_size),
         "reparameterized": folded,
+        "compile": compile_mode,
         "steps": {"wait": wait, "warmup": warmup, "active": active},
         "time": "device (CUDA) self time" if on_cuda else "CPU self time",
         "trace_files": [str(t) for t in traces],
