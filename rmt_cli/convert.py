@@ -17,9 +17,11 @@ def register(app: typer.Typer) -> None:
 def convert(
     model: str = typer.Argument(..., help="RMT variant the checkpoint belongs to, e.g. rmt_s."),
     source: Path = typer.Argument(..., help="Checkpoint in any official layout (or ours)."),
-    destination: Path = typer.Argument(..., help="Where to write the converted state dict."),
-    to: str = typer.Option("official", "--to", help="Layout to write: official (for the official code) or rmt."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: EMA when present)."),
+    destination: Path = typer.Argument(..., help="Where to write the converted checkpoint."),
+    to: str = typer.Option("official", "--to", help="Layout to write: official ({'model': state dict}, for the official code) or rmt (a bare state dict)."),
+    ema: Optional[bool] = typer.Option(
+        None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: the published ones, plain for rmt_t, EMA for the others)."
+    ),
 ) -> None:
     """Check a checkpoint tensor by tensor and rewrite it in the official or rmt layout."""
     from rmt.models.checkpoint import convert_checkpoint_file

@@ -42,7 +42,7 @@ def evaluate(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels of a flat folder: val.txt, LOC_val_solution.csv, the devkit ground truth or devkit folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file (any official RMT layout; a state dict for timm models)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass per process (halved on CUDA out-of-memory)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader workers per process [default: this node's CPUs shared, at most 8]."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader workers per process (default: this node's CPUs shared, at most 8)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     amp: str = typer.Option("none", "--amp", help="Autocast: none, bf16 or fp16."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the model in channels-last memory format."),
@@ -52,7 +52,7 @@ def evaluate(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and reported) instead of failing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     expect_top1: Optional[float] = typer.Option(None, "--expect-top1", help="CI gate: exit 1 unless top-1 is within the tolerance of this value."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0, help=f"Gate tolerance in percentage points [default: {DEFAULT_TOLERANCE}]."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0, help=f"Gate tolerance in percentage points (default: {DEFAULT_TOLERANCE})."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Evaluate untrained weights (refused otherwise when no weights are found)."),
 ) -> None:
     """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""

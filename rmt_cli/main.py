@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Optional
+from types import ModuleType
+from typing import NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -46,18 +48,47 @@ for _module in (_zoo, _evaluate, _bench, _convert):
     _module.register(app)
 
 
+def _click_exceptions() -> ModuleType:
+    """click's exception classes as this typer raises them (typer 0.16+ ships its own click)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _error(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Run the app; user errors become one line on stderr and a non-zero exit, never a traceback."""
+    click_errors = _click_exceptions()
     try:
         # two options whose value is optional, which click cannot express: normalised first
         args = _evaluate.optional_real_labels_file(_bench.optional_compile_mode(sys.argv[1:]))
-        app(args=args, prog_name="rmt")
+        code = app(args=args, prog_name="rmt", standalone_mode=False)
+        sys.stdout.flush()  # a full disk or closed pipe shows here, not as a traceback at exit
     except RMTError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        _error(str(e), 2)
+    except click_errors.NoArgsIsHelpError as e:  # bare `rmt` or `rmt COMMAND`: the help was printed
+        sys.exit(e.exit_code)
+    except click_errors.UsageError as e:  # a missing, unknown or malformed argument
+        where = e.ctx.command_path if e.ctx is not None else "rmt"
+        _error(f"{e.format_message()} (see '{where} --help')", e.exit_code)
+    except click_errors.ClickException as e:
+        _error(e.format_message(), e.exit_code)
+    except BrokenPipeError:  # `rmt list | head`: the reader is gone, so is the rest of the output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:  # standard output itself failed (a full disk, say)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _error(f"cannot write the output: {e.strerror or e}", 1)
+    except (KeyboardInterrupt, click_errors.Abort):
         err.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

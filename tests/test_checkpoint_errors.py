@@ -177,5 +177,7 @@ def test_cli_convert_round_trip(tmp_path, rmt_t_state):
         assert result.returncode == 0, result.stderr
         assert "14,334,216 parameters" in result.stdout
     restored = torch.load(back, weights_only=True)
+    assert set(restored) == {"model"}  # what the official scripts read
+    restored = restored["model"]
     assert set(restored) == set(rmt_t_state)
     assert all(torch.equal(restored[k].to(v.dtype), v) for k, v in rmt_t_state.items())

@@ -73,22 +73,34 @@ def test_file_layouts(schema, tmp_path, layout):
     payload, expected = _layouts(state)[layout]
     path = tmp_path / f"{layout}.pth"
     torch.save(payload, path)
-    model = rmt.create_model("rmt_t", checkpoint=path)
+    # the expected weights are the EMA model's where the file has one (rmt_t's default is the plain model's)
+    model = rmt.create_model("rmt_t", checkpoint=path, ema=True if layout in ("deit", "timm") else None)
     exported = export_official_state_dict(model)
     for key, value in expected.items():
         assert torch.equal(exported[key].to(value.dtype), value), key
 
 
-def test_ema_choice(schema, tmp_path):
+def test_ema_choice_is_the_published_one_at_every_entry_point(schema, tmp_path):
+    """rmt_t's published figures are its plain model's, the other variants' their EMA model's:
+    create_model, rmt convert, the zoo and rmt eval all take that state dict unless told."""
+    from rmt import zoo
+    from rmt.models.checkpoint import convert_checkpoint_file, published_state_dict
+
+    assert published_state_dict("rmt_t") is False and published_state_dict("rmt_s") is None
+    assert published_state_dict("rmt_b_tl") is None and published_state_dict("resnet50") is None
     state = official_state_dict(schema["rmt_t"], seed=2)
     payload, _ = _layouts(state)["deit"]
     path = tmp_path / "deit.pth"
     torch.save(payload, path)
     key = "head.weight"
-    ema = rmt.create_model("rmt_t", checkpoint=path)  # default: EMA when present
-    plain = rmt.create_model("rmt_t", checkpoint=path, ema=False)
+    default = rmt.create_model("rmt_t", checkpoint=path)
+    ema = rmt.create_model("rmt_t", checkpoint=path, ema=True)
+    assert torch.equal(export_official_state_dict(default)[key], payload["model"][key])
     assert torch.equal(export_official_state_dict(ema)[key], payload["model_ema"][key])
-    assert torch.equal(export_official_state_dict(plain)[key], payload["model"][key])
+    assert torch.equal(export_official_state_dict(zoo.create_model("rmt_t", checkpoint=path))[key], payload["model"][key])
+    summary = convert_checkpoint_file("rmt_t", path, tmp_path / "converted.pth", layout="official")
+    converted = torch.load(tmp_path / "converted.pth", weights_only=True)["model"]
+    assert summary["source_entry"] == "model" and torch.equal(converted[key], payload["model"][key])
 
 
 def test_our_layout_round_trip(tmp_path):

@@ -112,3 +112,22 @@ def test_the_installed_command_reports_errors_without_a_traceback(zoo_home, tmp_
     )
     assert result.returncode == 2 and "HTML page, not a checkpoint" in _one_error_line(result.stderr)
     assert not (zoo_home / "weights").exists() or not any((zoo_home / "weights").rglob("*"))
+
+
+@pytest.mark.parametrize("args, text", [
+    (["eval", "rmt_t"], "Missing option '--data'. (see 'rmt eval --help')"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["profile", "rmt_t", "--batch", "abc"], "Invalid value for '--batch'"),
+    (["eval", "rmt_t", "--data", ".", "--limit", "0"], "Invalid value for '--limit'"),
+], ids=["missing", "command", "type", "range"])
+def test_argument_errors_are_one_line(capsys, monkeypatch, args, text):
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 2 and text in _one_error_line(err)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failing_standard_output_is_one_line(zoo_home):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "list", "--json"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1 and "cannot write the output: No space left on device" in _one_error_line(result.stderr)

@@ -420,6 +420,20 @@ def _check_relpos(state_dict: Mapping[str, Tensor], model: nn.Module, name: str)
             )
 
 
+def published_state_dict(model_name: str) -> Optional[bool]:
+    """``ema`` choosing, in a training checkpoint of the variant ``model_name``, the state dict its
+    published figures belong to: the zoo entry's ``state_dict`` (the plain model for rmt_t, the
+    EMA model for the others); None (EMA when present) for a name the zoo does not list."""
+    from rmt.errors import ZooError
+    from rmt.zoo.registry import get_entry
+    from rmt.zoo.verify import ema_choice
+
+    try:
+        return ema_choice(get_entry(model_name))
+    except ZooError:  # not a zoo name, or a zoo file that does not load: no published choice
+        return None
+
+
 def load_checkpoint(model: nn.Module, path: PathLike, ema: Optional[bool] = None, model_name: str = "") -> str:
     """Load a checkpoint file into ``model`` strictly. Returns which state dict was used."""
     checkpoint = read_checkpoint(path)
@@ -438,9 +452,12 @@ def save_atomic(obj: Any, path: PathLike) -> None:
 def convert_checkpoint_file(
     model_name: str, source: PathLike, destination: PathLike, layout: str = "official", ema: Optional[bool] = None
 ) -> dict[str, Any]:
-    """Rewrite a checkpoint of ``model_name`` as a bare state dict in the ``official`` or ``rmt`` layout.
+    """Rewrite a checkpoint of ``model_name`` in the ``official`` layout, as ``{"model": state_dict}``
+    (what the official scripts read), or in the ``rmt`` layout, as a bare state dict.
 
-    The source is checked tensor by tensor first; returns a summary (parameters, source entry).
+    The source is checked tensor by tensor first. ``ema=None`` takes the state dict the variant's
+    published figures belong to (:func:`published_state_dict`). Returns a summary (parameters,
+    source entry).
     """
     from rmt.models.factory import create_model
 
@@ -449,9 +466,10 @@ def convert_checkpoint_file(
     if os.path.abspath(os.fspath(source)) == os.path.abspath(os.fspath(destination)):
         raise CheckpointError("destination is the source file: write the converted checkpoint elsewhere")
     model = create_model(model_name)
+    ema = published_state_dict(model_name) if ema is None else ema
     used = load_checkpoint(model, source, ema=ema, model_name=model_name)
     state = export_official_state_dict(model) if layout == "official" else model.state_dict()
-    save_atomic(state, destination)
+    save_atomic({"model": state} if layout == "official" else state, destination)
     return {
         "model": model_name,
         "layout": layout,

@@ -11,7 +11,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from rmt.errors import CheckpointError, UnknownModelError
-from rmt.models.checkpoint import PathLike, load_checkpoint
+from rmt.models.checkpoint import PathLike, load_checkpoint, published_state_dict
 from rmt.models.config import VARIANTS
 
 
@@ -43,9 +43,10 @@ def create_model(
         name: ``rmt_t``, ``rmt_s``, ``rmt_b``, ``rmt_l``, ``rmt_s_tl``, ``rmt_b_tl`` or ``rmt_l_tl``.
         checkpoint: a checkpoint file in any layout the official code writes (or ours); every
             tensor must fit, else CheckpointError says which keys and shapes do not.
-        pretrained: load the published weights from the zoo cache (see ``rmt download NAME``); the
-            zoo entry chooses EMA or plain weights unless ``ema`` is given.
-        ema: which weights of a training checkpoint: None = EMA when present, True/False = force.
+        pretrained: load the published weights from the zoo cache (see ``rmt download NAME``).
+        ema: which weights of a training checkpoint: None = those the variant's published figures
+            belong to (the zoo entry's choice: plain for rmt_t, EMA for the others, or the only
+            state dict of a file that has one), True/False = force.
         **kwargs: timm model arguments (``num_classes``, ``features_only``, ``out_indices``,
             ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field).
     """
@@ -56,15 +57,14 @@ def create_model(
         # the zoo cache's verified file; raises, saying how to get it (Baidu link, code, command), when missing
         from rmt.zoo import pretrained_checkpoint
 
-        checkpoint, zoo_ema = pretrained_checkpoint(name)
-        ema = zoo_ema if ema is None else ema
+        checkpoint = pretrained_checkpoint(name)
     if checkpoint is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     # load the whole network strictly, then (for features_only) wrap it as timm would
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     model = timm.create_model(name, pretrained=False, **kwargs)
-    load_checkpoint(model, checkpoint, ema=ema, model_name=name)
+    load_checkpoint(model, checkpoint, ema=published_state_dict(name) if ema is None else ema, model_name=name)
     if not features_only:
         return model
     pretrained_cfg = model.pretrained_cfg

@@ -20,7 +20,7 @@ from rmt.errors import DownloadError, RMTError, WeightsNotCachedError, ZooError
 from rmt.zoo.cache import CachedFile, WeightsCache, cache_write_error, sha256_file
 from rmt.zoo.registry import SHA256_HEX, ZooEntry, get_entry
 from rmt.zoo.transfer import Notify, Progress, TransferOptions, copy_file, discard_partial, fetch
-from rmt.zoo.verify import check_weights_file, ema_choice
+from rmt.zoo.verify import check_weights_file
 
 
 
@@ -108,8 +108,8 @@ def weights_path(name: str, cache: Optional[WeightsCache] = None) -> Optional[Pa
     return (cache or WeightsCache()).verified_path(entry)
 
 
-def pretrained_checkpoint(name: str) -> tuple[Path, Optional[bool]]:
-    """The verified cached file of an RMT variant and the ``ema`` choice its zoo entry makes.
+def pretrained_checkpoint(name: str) -> Path:
+    """The verified cached file of an RMT variant.
 
     Raises WeightsNotCachedError, saying exactly how to get the file, when it is not cached.
     """
@@ -120,7 +120,7 @@ def pretrained_checkpoint(name: str) -> tuple[Path, Optional[bool]]:
         raise WeightsNotCachedError(
             f"no weights for {name} in the cache ({WeightsCache().weights_dir}): {how['message']}", how
         )
-    return path, ema_choice(entry)
+    return path
 
 
 def download(

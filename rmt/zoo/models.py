@@ -12,7 +12,7 @@ from rmt.errors import CheckpointError, DownloadError, WeightsNotCachedError, Zo
 from rmt.zoo.fetch import how_to_get, weights_path
 from rmt.zoo.registry import ZooEntry, get_entry
 from rmt.zoo.transfer import offline
-from rmt.zoo.verify import check_weights_file, ema_choice, load_state_dict
+from rmt.zoo.verify import check_weights_file, load_state_dict
 
 
 def create_model(
@@ -30,8 +30,6 @@ def create_model(
     if entry.is_rmt:
         import rmt
 
-        if checkpoint is not None:  # the state dict the published figures belong to (EMA or plain)
-            kwargs.setdefault("ema", ema_choice(entry))
         return rmt.create_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     import timm
 
