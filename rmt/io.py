@@ -57,5 +57,9 @@ def check_writable(path: PathLike) -> None:
         raise RMTError(f"cannot write {path}: it is a folder")
     if not parent.is_dir():
         raise RMTError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise RMTError(f"cannot write {path}: folder {parent} is not writable")
+    try:  # what the atomic writers do there: a temporary file, renamed
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
+    except OSError as e:
+        raise RMTError(f"cannot write {path}: folder {parent} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -232,9 +232,11 @@ def flops(
     """Multiply-adds of one image (the papers' 'FLOPs'), by operator and by module."""
     from rmt import zoo
     from rmt.bench.flops import count_flops
-    from rmt.io import write_json_atomic
+    from rmt.io import check_writable, write_json_atomic
     from rmt.bench.runner import build_model, parse_img_size
 
+    if json_out:
+        check_writable(json_out)
     size = parse_img_size(img_size)
     entry = zoo.get_entry(model)
     report = count_flops(build_model(model, size), size, name=model)
@@ -243,7 +245,9 @@ def flops(
     )
     published = entry.measured.get("gmacs") if entry.measured else None
     if published and size == (224, 224):
-        out.print(f"official code measured with fvcore: {published:.3f} GMACs ({(report.gmacs - published) / published:+.2%})")
+        # RMT's figures were measured on the official code; the baselines' are this counter's own
+        source = "official code measured with fvcore" if entry.is_rmt else "zoo figure"
+        out.print(f"{source}: {published:.3f} GMACs ({(report.gmacs - published) / published:+.2%})")
     ops = Table(title="by operator", title_style="bold")
     ops.add_column("operator")
     ops.add_column("GMACs", justify="right")
@@ -264,14 +268,14 @@ def flops(
 
 def profile(
     model: str = typer.Argument(..., help="Zoo name or timm name."),
-    batch: int = typer.Option(8, "--batch", "-b"),
+    batch: int = typer.Option(8, "--batch", "-b", min=1),
     img_size: str = typer.Option("224", "--img-size", help="N or HxW."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
     dtype: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16."),
     out_dir: Path = typer.Option(Path("runs/profile"), "--out", help="Trace directory (TensorBoard logdir)."),
     memory: bool = typer.Option(False, "--memory", help="Also record memory per operator."),
-    active: int = typer.Option(3, help="Profiled steps (after 1 wait and 1 warmup step)."),
-    top: int = typer.Option(15, help="Operators to list."),
+    active: int = typer.Option(3, min=1, help="Profiled steps (after 1 wait and 1 warmup step)."),
+    top: int = typer.Option(15, min=1, help="Operators to list."),
     reparam: bool = typer.Option(False, "--reparam", help="Fold the model for inference first (as rmt bench --reparam)."),
     compile_mode: Optional[str] = typer.Option(
         None, "--compile", help="Profile the model compiled (as rmt bench --compile); optional MODE: default, reduce-overhead, max-autotune.",
@@ -280,9 +284,11 @@ def profile(
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
     from rmt.bench.profile import profile_model
-    from rmt.io import write_json_atomic
+    from rmt.io import check_writable, write_json_atomic
     from rmt.bench.runner import parse_img_size
 
+    if json_out:
+        check_writable(json_out)
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam,
                             compile_mode=compile_mode)
@@ -315,8 +321,10 @@ def compare(
     """Exit 1 when a model got slower, hungrier, failed or went missing beyond the threshold."""
     from rmt.bench.compare import compare_reports, parse_metrics
     from rmt.bench.report import read_report
-    from rmt.io import write_json_atomic
+    from rmt.io import check_writable, write_json_atomic
 
+    if json_out:
+        check_writable(json_out)
     result = compare_reports(read_report(base), read_report(new), threshold, parse_metrics(metric))
     for warning in result.env_warnings:
         err.print(f"[yellow]warning:[/] {warning}")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import timm
@@ -209,9 +210,20 @@ def test_settings_errors():
                 dict(compile_mode="fastest"), dict(baseline="nope")):
         with pytest.raises(RMTError):
             BenchSettings(models=["tiny"], **bad).validate()
+    with pytest.raises(RMTError, match="rmt_t listed more than once"):
+        BenchSettings(models=["rmt_t", "tiny", "rmt_t"]).validate()
+    with pytest.raises(RMTError, match="time budget must be positive, got -5 s"):
+        BenchSettings(models=["tiny"], time_budget_s=-5).validate()
     assert parse_img_size("512x768") == (512, 768) and parse_img_size("224") == (224, 224)
     with pytest.raises(RMTError, match="not N or HxW"):
         parse_img_size("big")
+
+
+def test_a_cpu_run_reports_the_warmup_pass_it_always_makes():
+    settings = BenchSettings(models=["tiny"], batches=[1], img_sizes=[(64, 64)], device="cpu", warmup=0, time_budget_s=5)
+    report = run_benchmark(settings, builders=_builders())
+    assert report["settings"]["warmup"] == 1 and report["results"][0]["warmup"] == 1
+    assert any(note.startswith("CPU run: 1 warmup") for note in report["notes"])
 
 
 def test_latency_stats():
@@ -324,7 +336,30 @@ def test_profile_rejects_an_unknown_compile_mode_before_writing(tmp_path):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", compile_mode="fastest")
     with pytest.raises(RMTError, match="wait \\+ warmup >= 2"):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", compile_mode="default", warmup=0)
+    with pytest.raises(RMTError, match="batch must be at least 1, got 0"):
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", batch=0)
+    with pytest.raises(RMTError, match="top must be at least 1, got -1"):
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", top=-1)
     assert not (tmp_path / "prof").exists()
+
+
+@pytest.mark.parametrize("command", [["profile", "rmt_t", "--device", "cpu"], ["flops", "rmt_t"], ["compare", "a.json", "b.json"]],
+                         ids=["profile", "flops", "compare"])
+def test_an_unwritable_json_path_fails_before_the_work(capsys, monkeypatch, tmp_path, command):
+    from conftest import run_rmt
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_rmt(capsys, monkeypatch, *command, "--json", tmp_path / "missing" / "out.json")
+    assert code == 2 and err.strip() == f"error: cannot write {tmp_path / 'missing' / 'out.json'}: folder {tmp_path / 'missing'} does not exist"
+    assert list(tmp_path.iterdir()) == []  # no trace folder, nothing measured
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs procfs")
+def test_a_folder_that_takes_no_files_is_not_writable():
+    from rmt.io import check_writable
+
+    with pytest.raises(RMTError, match="cannot write /proc/x.json: folder /proc is not writable"):
+        check_writable("/proc/x.json")
 
 
 def test_plot(tmp_path):

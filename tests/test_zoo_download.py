@@ -386,6 +386,31 @@ def test_timms_own_hub_download_failing_is_one_line(zoo_home, monkeypatch, tmp_p
     assert "\n" not in str(e.value)
 
 
+def test_an_unreachable_hub_fails_at_once_or_serves_hugging_faces_cache(zoo_home, monkeypatch, tmp_path, test_vit_weights):
+    """huggingface_hub retries a host it cannot reach for about a minute; rmt asks first (the
+    .invalid domain never resolves), and a copy in Hugging Face's own cache still serves."""
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as e:
+        zoo.create_model("test_vit", pretrained=True)
+    assert time.monotonic() - start < 10 and "cannot resolve hub.invalid" in str(e.value)
+    assert "rmt download test_vit" in str(e.value) and "\n" not in str(e.value)
+
+    state, path = test_vit_weights
+    repo = tmp_path / "hf" / "models--timm--test_vit.r160_in1k"
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "snapshots" / "0123abc" / "model.safetensors").write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    model = zoo.create_model("test_vit", pretrained=True)
+    assert torch.equal(model.head.weight, state["head.weight"])
+
+
 def test_wrong_relpos_buffers_are_refused_at_import(zoo_home, tmp_path, schema):
     from conftest import official_state_dict
 

@@ -39,8 +39,10 @@ def profile_model(
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if batch <= 0 or min(wait, warmup) < 0 or active <= 0:
-        raise RMTError("batch and active steps must be positive, wait and warmup >= 0")
+    for what, value, least in (("batch", batch, 1), ("active steps", active, 1), ("top", top, 1),
+                               ("wait steps", wait, 0), ("warmup steps", warmup, 0)):
+        if value < least:
+            raise RMTError(f"{what} must be at least {least}, got {value}")
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise RMTError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if compile_mode is not None and wait + warmup < 2:

@@ -65,6 +65,11 @@ class BenchSettings:
     def validate(self) -> None:
         if not self.models:
             raise RMTError("no models to benchmark")
+        repeated = sorted({m for m in self.models if list(self.models).count(m) > 1})
+        if repeated:  # two rows of one model would make the baseline and compare's matching ambiguous
+            raise RMTError(f"{', '.join(repeated)} listed more than once")
+        if not self.time_budget_s > 0:
+            raise RMTError(f"the time budget must be positive, got {self.time_budget_s:g} s")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise RMTError(f"unknown compile mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -287,6 +292,8 @@ def run_benchmark(
         builders = {name: _model_builder(name, settings.attn_kernel) for name in settings.models}
     on_cuda = device.type == "cuda"
     warmup = settings.warmup if settings.warmup is not None else (10 if on_cuda else 1)
+    if not on_cuda:  # the first CPU pass measures memory and sizes the time budget: always one
+        warmup = max(warmup, 1)
     budgeted = settings.iters is None and not on_cuda
     notes = []
     if not on_cuda:
@@ -461,10 +468,8 @@ def _warm_up(
             x = torch.randn(batch, 3, *size, device=device)
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # on the CPU the first pass also measures memory and sizes the time budget: always one
-            passes = max(warmup, 1) if device.type == "cpu" else warmup
-            update: dict[str, Any] = {"batch": batch, "warmup": passes}
-            for i in range(passes):
+            update: dict[str, Any] = {"batch": batch, "warmup": warmup}
+            for i in range(warmup):
                 measures_rss = i == 0 and device.type == "cpu"
                 if measures_rss:
                     _drop_model_caches(c.model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from rmt.data.labels import PathLike, read_real_labels, real_label_sets
 from rmt.data.transforms import build_eval_transform
 from rmt.errors import ConfigError
 from rmt.eval.distributed import context_from_env, process_group, resolve_device
-from rmt.eval.loop import AMP_DTYPES, EvalCounts, Progress, evaluate
+from rmt.eval.loop import AMP_DTYPES, EvalCounts, Progress, default_workers, evaluate
 
 
 RANDOM_WEIGHTS_SEED = 0
@@ -174,13 +173,6 @@ def run_imagenet_eval(
         is_main=context.is_main,
         real_labels=real_sets is not None,
     )
-
-
-def default_workers(processes_per_node: int = 1) -> int:
-    """DataLoader workers per process: this node's CPUs shared by its processes, one left for the
-    process itself, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus // max(processes_per_node, 1) - 1))
 
 
 def top1_gate(top1: float, expected: float, tolerance: float) -> Optional[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -54,12 +55,19 @@ class EvalCounts:
         return 100.0 * self.real_top1_correct / self.real_images if self.real_images else None
 
 
+def default_workers(processes_per_node: int = 1) -> int:
+    """DataLoader workers per process: this node's CPUs shared by its processes, one left for the
+    process itself, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(processes_per_node, 1) - 1))
+
+
 def evaluate(
     model: nn.Module,
     dataset: EvalImageDataset,
     *,
     batch_size: int = 128,
-    workers: int = 4,
+    workers: Optional[int] = None,
     device: torch.device = torch.device("cpu"),
     amp: str = "none",
     channels_last: bool = False,
@@ -75,6 +83,7 @@ def evaluate(
         model: a 1000-class classifier (moved to ``device`` and put in eval mode here).
         dataset: yields (image, class index, position, error text) as EvalImageDataset does.
         batch_size: images per forward pass; on CUDA out-of-memory it is halved until it fits.
+        workers: DataLoader workers; None: :func:`default_workers` for this node's processes.
         amp: ``none``, ``bf16`` or ``fp16`` autocast; logits are compared in float32.
         real_labels: the ReaL classes of every image of ``dataset`` (by position) to count ReaL top-1.
         skip_bad: skip unreadable images (listed in ``skipped``) instead of raising DatasetError.
@@ -83,6 +92,8 @@ def evaluate(
     """
     if amp not in AMP_DTYPES:
         raise ConfigError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    if workers is None:
+        workers = default_workers(context.local_world_size)
     if batch_size < 1 or workers < 0:
         raise ConfigError(f"batch size must be at least 1 and workers at least 0, got {batch_size} and {workers}")
     if real_labels is not None and len(real_labels) != len(dataset):

@@ -88,9 +88,9 @@ def read_checkpoint(path: PathLike) -> Any:
             "only torch.save files of tensors, containers and argparse.Namespace are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({size:,} bytes; truncated or corrupt): {first_line(e)}"
-        ) from None
+        # the first sentence: torch appends a paragraph of advice to some of these
+        reason = re.split(r"(?<=\.)\s", first_line(e), maxsplit=1)[0]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({size:,} bytes; truncated or corrupt): {reason}") from None
 
 
 _SAFE_GLOBALS = {"argparse.Namespace", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",

@@ -11,7 +11,7 @@ from torch import nn
 from rmt.errors import CheckpointError, DownloadError, WeightsNotCachedError, ZooError, first_line
 from rmt.zoo.fetch import how_to_get, weights_path
 from rmt.zoo.registry import ZooEntry, get_entry
-from rmt.zoo.transfer import offline
+from rmt.zoo.transfer import TransferOptions, offline, unreachable
 from rmt.zoo.verify import check_weights_file, load_state_dict
 
 
@@ -55,12 +55,31 @@ def _from_timm_hub(entry: ZooEntry, kwargs: dict) -> nn.Module:
     import timm
     from huggingface_hub.errors import HfHubHTTPError
 
+    how = how_to_get(entry)
     if offline():
-        how = how_to_get(entry)
         raise WeightsNotCachedError(f"RMT_OFFLINE is set and {entry.name}'s weights are not in rmt's cache: {how['message']}", how)
+    # huggingface_hub retries a host it cannot reach for about a minute: ask first
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    problem = unreachable(endpoint, TransferOptions.from_env().timeout_s)
+    if problem:
+        hub_file = _hub_cache_file(entry)  # a copy in Hugging Face's own cache still serves offline
+        if hub_file is None:
+            raise DownloadError(f"timm could not fetch the weights of {entry.name} ({problem}); {how['message']}")
+        return timm.create_model(
+            entry.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": load_state_dict(entry, hub_file)}, **kwargs
+        )
     try:
         return timm.create_model(entry.timm_name, pretrained=True, **kwargs)
     except (OSError, HfHubHTTPError) as e:
-        raise DownloadError(
-            f"timm could not fetch the weights of {entry.name} ({first_line(e)}); {how_to_get(entry)['message']}"
-        ) from None
+        raise DownloadError(f"timm could not fetch the weights of {entry.name} ({first_line(e)}); {how['message']}") from None
+
+
+def _hub_cache_file(entry: ZooEntry) -> Optional[Path]:
+    """The entry's file in Hugging Face's hub cache, where timm keeps what it downloaded, if there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    weights = entry.weights
+    if weights.get("source") != "hf-hub":
+        return None
+    found = try_to_load_from_cache(weights["hf_hub_id"], weights["filename"])
+    return Path(found) if isinstance(found, str) else None

@@ -77,6 +77,24 @@ def offline() -> bool:
     return os.environ.get("RMT_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def unreachable(url: str, timeout_s: float) -> Optional[str]:
+    """Why the host of an http(s) ``url`` cannot be reached at all (its name does not resolve, or
+    the connection is refused or has no route), or None: a quick check before handing a download
+    to a library that retries such failures at length. None too when a proxy serves the URL (the
+    proxy resolves the host) and for other kinds of failure (slow, say), which the download meets."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return None
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        failure = _connection_failure(url, e)
+        return str(failure) if failure.unreachable else None
+
+
 def fetch(
     url: str,
     partial: Path,
