@@ -65,6 +65,9 @@ def test_another_variants_checkpoint(tmp_path, schema):
     text = _single_line(e.value)
     assert "it holds 26,967,240 parameters, rmt_t has 14,334,216" in text
     assert "looks like a rmt_s checkpoint" in text
+    ours = _save(tmp_path, "rmt_t_ours.pth", rmt.create_model("rmt_t").state_dict())  # our layout too
+    with pytest.raises(CheckpointError, match="looks like a rmt_t checkpoint"):
+        rmt.create_model("rmt_s", checkpoint=ours)
 
 
 def test_token_label_s_star_release_does_not_fit(tmp_path, schema):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import rmt
@@ -67,11 +68,19 @@ def test_import_with_from_checks_the_architecture_and_trusts_on_first_use(zoo_ho
     again = zoo.download("rmt_t", source_file=source)
     assert again.action == "cached" and not again.trusted_on_first_use
     assert _files_under(zoo_home / "partial") == []
+    other = tmp_path / "other" / "RMT_T.pth"  # another file is not silently ignored
+    other.parent.mkdir()
+    other.write_bytes(rmt_t_checkpoint_bytes + b"\0")
+    with pytest.raises(ZooError, match="rmt_t is already cached .* is another file: nothing was imported; add --force"):
+        zoo.download("rmt_t", source_file=other)
+    assert fetched.path.read_bytes() == rmt_t_checkpoint_bytes
 
 
 def test_pretrained_uses_the_cache_with_the_zoos_state_dict_choice(zoo_home, tmp_path, rmt_t_checkpoint_bytes):
     with pytest.raises(WeightsNotCachedError) as e:
         rmt.create_model("rmt_t", pretrained=True)
+    with pytest.raises(WeightsNotCachedError, match="no weights for rmt_t in the cache"):
+        timm.create_model("rmt_t", pretrained=True)
     assert "no weights for rmt_t in the cache" in str(e.value) and "pwd=vsyv" in str(e.value)
     assert "rmt download rmt_t --from" in str(e.value) and "\n" not in str(e.value)
     source = tmp_path / "RMT_T.pth"
@@ -80,6 +89,10 @@ def test_pretrained_uses_the_cache_with_the_zoos_state_dict_choice(zoo_home, tmp
     saved = torch.load(io.BytesIO(rmt_t_checkpoint_bytes), weights_only=True)
     model = rmt.create_model("rmt_t", pretrained=True)
     assert torch.equal(model.head.fc.weight, saved["model"]["head.weight"])  # plain, not EMA, for RMT-T
+    # timm's own factory takes the same file (timm has no URL for Baidu-only weights)
+    assert torch.equal(timm.create_model("rmt_t", pretrained=True).head.fc.weight, saved["model"]["head.weight"])
+    backbone = timm.create_model("rmt_t", pretrained=True, features_only=True)
+    assert torch.equal(backbone.state_dict()["model.stem.0.weight"], model.stem[0].weight)
     ema_model = zoo.create_model("rmt_t", pretrained=True, ema=True)  # an explicit choice wins
     assert torch.equal(ema_model.head.fc.weight, saved["model_ema"]["head.weight"])
 

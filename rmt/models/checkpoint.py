@@ -338,15 +338,16 @@ def check_fits(
 
 
 def _guess_variant(shapes: Mapping[str, tuple], model_name: str) -> Optional[str]:
-    """The published variant whose official state dict has exactly these keys and shapes."""
+    """The published variant whose state dict, in the official layout or ours, has exactly these
+    keys and shapes."""
     from rmt.models.config import VARIANTS
 
     keys = {k for k in shapes if not _RELPOS.match(k)}
     for name in VARIANTS:
-        ref = official_shapes(name)
-        if name != model_name and keys == {k for k in ref if not _RELPOS.match(k)}:
-            if all(ref[k] == tuple(shapes[k]) for k in keys):
-                return name
+        for ref in (official_shapes(name), _rmt_shapes(name)):
+            if name != model_name and keys == {k for k in ref if not _RELPOS.match(k)}:
+                if all(ref[k] == tuple(shapes[k]) for k in keys):
+                    return name
     return None
 
 
@@ -363,6 +364,11 @@ def _variant_on_meta(name: str) -> nn.Module:
 def official_shapes(name: str) -> dict[str, tuple]:
     """Keys and shapes of a published variant's official state dict."""
     return {k: tuple(v.shape) for k, v in export_official_state_dict(_variant_on_meta(name)).items()}
+
+
+def _rmt_shapes(name: str) -> dict[str, tuple]:
+    """Keys and shapes of a published variant's state dict in our layout."""
+    return {k: tuple(v.shape) for k, v in _variant_on_meta(name).state_dict().items()}
 
 
 def check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> str:

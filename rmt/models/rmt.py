@@ -460,6 +460,13 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
+    if pretrained:
+        # the official weights have no URL timm could fetch (Baidu pan only): they come from rmt's
+        # verified cache, with the state dict the published figures belong to, as with
+        # rmt.create_model(variant, pretrained=True), which builds through here unpretrained
+        from rmt.models.factory import create_model
+
+        return create_model(variant, pretrained=True, **kwargs)
     cfg = VARIANTS[variant]
     out_indices = kwargs.pop("out_indices", tuple(range(cfg.num_stages)))
     return build_model_with_cfg(

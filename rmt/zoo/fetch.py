@@ -199,6 +199,11 @@ def _fetch_locked(
     if not force:
         cached = cache.verified_path(entry)  # a changed file raises: reported, never used or replaced silently
         if cached is not None:  # another process may just have stored it
+            if source_file is not None and record is not None and sha256_file(source_file) != record.sha256:
+                raise ZooError(
+                    f"{entry.name} is already cached (sha256 {record.sha256[:12]}...) and --from {source_file} is "
+                    "another file: nothing was imported; add --force to replace the cached file with it"
+                )
             return _fetched(entry, record, "cached", params=None, trusted=False)
     expected, why = _expected_sha256(entry, sha256, record)
     if source_file is not None:
