@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
@@ -13,6 +14,37 @@ def _width(stream) -> int | None:
     return None if stream.isatty() or "COLUMNS" in os.environ else 220
 
 
-# no file= given: rich writes to whatever sys.stdout / sys.stderr is at the time (pytest's capture too)
-out = Console(width=_width(sys.stdout))
+class StdoutError(OSError):
+    """Standard output itself failed (a full disk, a closed pipe), as opposed to any other OSError."""
+
+
+class _Stdout(io.TextIOBase):
+    """Whatever ``sys.stdout`` is at each call (pytest's capture too), its failures raised as StdoutError."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from e
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from e
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return sys.stdout.encoding
+
+
+stdout = _Stdout()
+out = Console(file=stdout, width=_width(sys.stdout))
+# no file= given: rich writes to whatever sys.stderr is at the time
 err = Console(stderr=True, width=_width(sys.stderr))

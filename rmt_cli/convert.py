@@ -20,7 +20,7 @@ def convert(
     destination: Path = typer.Argument(..., help="Where to write the converted checkpoint."),
     to: str = typer.Option("official", "--to", help="Layout to write: official ({'model': state dict}, for the official code) or rmt (a bare state dict)."),
     ema: Optional[bool] = typer.Option(
-        None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: the published ones, plain for rmt_t, EMA for the others)."
+        None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: of a file holding both, the published ones: plain for rmt_t, EMA for the others)."
     ),
 ) -> None:
     """Check a checkpoint tensor by tensor and rewrite it in the official or rmt layout."""

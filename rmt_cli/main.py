@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from types import ModuleType
@@ -20,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-from rmt_cli.console import err
+from rmt_cli.console import StdoutError, err, stdout
 
 
 def _version(value: bool) -> None:
@@ -65,27 +66,28 @@ def _error(message: str, code: int) -> NoReturn:
 def main() -> None:
     """Run the app; user errors become one line on stderr and a non-zero exit, never a traceback."""
     click_errors = _click_exceptions()
+    # click 8.2 added NoArgsIsHelpError; an absent class matches nothing
+    no_args_is_help = getattr(click_errors, "NoArgsIsHelpError", ())
     try:
         # two options whose value is optional, which click cannot express: normalised first
         args = _evaluate.optional_real_labels_file(_bench.optional_compile_mode(sys.argv[1:]))
         code = app(args=args, prog_name="rmt", standalone_mode=False)
-        sys.stdout.flush()  # a full disk or closed pipe shows here, not as a traceback at exit
+        stdout.flush()
     except RMTError as e:
         _error(str(e), 2)
-    except click_errors.NoArgsIsHelpError as e:  # bare `rmt` or `rmt COMMAND`: the help was printed
+    except no_args_is_help as e:  # bare `rmt` or `rmt COMMAND`: the help was printed
         sys.exit(e.exit_code)
     except click_errors.UsageError as e:  # a missing, unknown or malformed argument
         where = e.ctx.command_path if e.ctx is not None else "rmt"
         _error(f"{e.format_message()} (see '{where} --help')", e.exit_code)
     except click_errors.ClickException as e:
         _error(e.format_message(), e.exit_code)
-    except BrokenPipeError:  # `rmt list | head`: the reader is gone, so is the rest of the output
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except OSError as e:  # standard output itself failed (a full disk, say)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except StdoutError as e:  # standard output itself, not any other file
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        if e.errno == errno.EPIPE:  # `rmt list | head`: the reader is gone, so is the rest
+            sys.exit(1)
         _error(f"cannot write the output: {e.strerror or e}", 1)
-    except (KeyboardInterrupt, click_errors.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -14,7 +14,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from rmt.zoo import ZooEntry
 
-from rmt_cli.console import err, out
+from rmt_cli.console import err, out, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +28,7 @@ def _number(value: Optional[float], digits: int) -> str:
 
 
 def _print_json(payload: object) -> None:
-    typer.echo(json.dumps(payload, indent=2))
+    stdout.write(json.dumps(payload, indent=2) + "\n")
 
 
 def list_models(
@@ -107,7 +107,8 @@ def info(
         if measured.get("params") is not None:
             parts.append(f"{measured['params']:,} params")
         if measured.get("gmacs") is not None:
-            parts.append(f"{measured['gmacs']:.3f} GMACs (fvcore, 224x224)")
+            counter = "fvcore on the official code" if entry.is_rmt else "rmt flops"
+            parts.append(f"{measured['gmacs']:.3f} GMACs ({counter}, 224x224)")
         table.add_row("measured", ", ".join(parts))
     pre = entry.preprocessing
     table.add_row(

@@ -119,6 +119,17 @@ def test_another_autocast_dtype_gets_its_own_copies():
     assert cached.dtype == torch.float16 and torch.equal(cached, expected)
 
 
+def test_a_parameter_swapped_for_an_inference_tensor_is_used_as_it_is():
+    layer = _folded(nn.Linear(16, 8))
+    x = torch.randn(2, 16)
+    with torch.no_grad(), _bf16():
+        layer(x)  # fills the cache
+    with torch.inference_mode():
+        replacement = torch.randn(8, 16)
+    torch.utils.swap_tensors(layer.weight, nn.Parameter(replacement, requires_grad=False))  # same object, new data
+    _check(layer, x)
+
+
 @pytest.mark.parametrize("make", [lambda: nn.Linear(16, 8), lambda: nn.Conv2d(4, 8, 3, padding=1)], ids=["linear", "conv"])
 def test_copies_follow_every_change_of_the_parameters(make):
     torch.manual_seed(0)

@@ -84,10 +84,10 @@ def test_ema_choice_is_the_published_one_at_every_entry_point(schema, tmp_path):
     """rmt_t's published figures are its plain model's, the other variants' their EMA model's:
     create_model, rmt convert, the zoo and rmt eval all take that state dict unless told."""
     from rmt import zoo
-    from rmt.models.checkpoint import convert_checkpoint_file, published_state_dict
+    from rmt.models.checkpoint import convert_checkpoint_file, published_prefers_ema
 
-    assert published_state_dict("rmt_t") is False and published_state_dict("rmt_s") is None
-    assert published_state_dict("rmt_b_tl") is None and published_state_dict("resnet50") is None
+    assert not published_prefers_ema("rmt_t") and published_prefers_ema("rmt_s")
+    assert published_prefers_ema("rmt_b_tl") and published_prefers_ema("resnet50")
     state = official_state_dict(schema["rmt_t"], seed=2)
     payload, _ = _layouts(state)["deit"]
     path = tmp_path / "deit.pth"
@@ -101,6 +101,11 @@ def test_ema_choice_is_the_published_one_at_every_entry_point(schema, tmp_path):
     summary = convert_checkpoint_file("rmt_t", path, tmp_path / "converted.pth", layout="official")
     converted = torch.load(tmp_path / "converted.pth", weights_only=True)["model"]
     assert summary["source_entry"] == "model" and torch.equal(converted[key], payload["model"][key])
+    # a preference, not a requirement: a file with EMA weights alone gives those
+    torch.save({"model_ema": payload["model_ema"], "epoch": 299}, path)
+    assert torch.equal(export_official_state_dict(rmt.create_model("rmt_t", checkpoint=path))[key], payload["model_ema"][key])
+    with pytest.raises(rmt.CheckpointError, match="no 'model' entry"):
+        rmt.create_model("rmt_t", checkpoint=path, ema=False)
 
 
 def test_our_layout_round_trip(tmp_path):

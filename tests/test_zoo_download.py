@@ -93,6 +93,11 @@ def test_pretrained_uses_the_cache_with_the_zoos_state_dict_choice(zoo_home, tmp
     assert torch.equal(timm.create_model("rmt_t", pretrained=True).head.fc.weight, saved["model"]["head.weight"])
     backbone = timm.create_model("rmt_t", pretrained=True, features_only=True)
     assert torch.equal(backbone.state_dict()["model.stem.0.weight"], model.stem[0].weight)
+    # a file named to timm goes through timm's loader and checkpoint_filter_fn, not the cache
+    other = tmp_path / "other.pth"
+    torch.save(saved["model_ema"], other)
+    named = timm.create_model("rmt_t", pretrained=True, pretrained_cfg_overlay={"file": str(other)})
+    assert torch.equal(named.head.fc.weight, saved["model_ema"]["head.weight"])
     ema_model = zoo.create_model("rmt_t", pretrained=True, ema=True)  # an explicit choice wins
     assert torch.equal(ema_model.head.fc.weight, saved["model_ema"]["head.weight"])
 
@@ -422,6 +427,18 @@ def test_an_unreachable_hub_fails_at_once_or_serves_hugging_faces_cache(zoo_home
     (repo / "refs" / "main").write_text("0123abc")
     model = zoo.create_model("test_vit", pretrained=True)
     assert torch.equal(model.head.weight, state["head.weight"])
+
+
+@pytest.mark.parametrize("variable", ["https_proxy", "ALL_PROXY"])
+def test_behind_a_proxy_the_hub_is_not_probed(monkeypatch, variable):
+    """The proxy resolves the host: a machine without DNS of its own may still reach the hub."""
+    from rmt.zoo.transfer import unreachable
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert unreachable("https://hub.invalid", 5).startswith("cannot resolve hub.invalid")
+    monkeypatch.setenv(variable, "http://proxy.invalid:3128")
+    assert unreachable("https://hub.invalid", 5) is None
 
 
 def test_wrong_relpos_buffers_are_refused_at_import(zoo_home, tmp_path, schema):

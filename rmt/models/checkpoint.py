@@ -137,12 +137,15 @@ def looks_like_html(head: bytes) -> bool:
     return head.lstrip()[:16].lower().startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body"))
 
 
-def select_state_dict(checkpoint: Any, ema: Optional[bool] = None) -> tuple[dict[str, Tensor], str]:
+def select_state_dict(
+    checkpoint: Any, ema: Optional[bool] = None, prefer_ema: bool = True
+) -> tuple[dict[str, Tensor], str]:
     """The state dict inside a checkpoint and where it came from.
 
-    ``ema=None`` takes the EMA weights when the file has them, ``True`` requires them, ``False``
-    takes the plain model's. Returns the state dict (``module.`` prefixes removed) and the key it
-    was found under (``""`` for a bare state dict).
+    ``ema=True`` requires the EMA weights and ``False`` the plain model's. ``None`` takes, of a file
+    holding both, the EMA weights if ``prefer_ema`` else the plain ones, and of a file holding one,
+    that one. Returns the state dict (``module.`` prefixes removed) and the key it was found under
+    (``""`` for a bare state dict).
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of tensors")
@@ -154,7 +157,10 @@ def select_state_dict(checkpoint: Any, ema: Optional[bool] = None) -> tuple[dict
                 raise CheckpointError(
                     f"checkpoint has no EMA weights ('{ema_key}' missing or empty; it has: {', '.join(map(str, checkpoint))})"
                 )
-            key = ema_key if (has_ema and ema is not False) else plain_key
+            if ema is None:
+                key = ema_key if has_ema and (prefer_ema or plain_key not in checkpoint) else plain_key
+            else:
+                key = ema_key if ema else plain_key
             if key not in checkpoint:
                 raise CheckpointError(f"checkpoint has no '{key}' entry (it has: {', '.join(map(str, checkpoint))})")
             return _strip_prefix(checkpoint[key], key), key
@@ -401,13 +407,16 @@ def check_variant_state_dict(state_dict: Mapping[str, Tensor], name: str) -> tup
     return check_state_dict(state_dict, model, name), sum(p.numel() for p in model.parameters())
 
 
-def convert_checkpoint(checkpoint: Any, model: nn.Module, ema: Optional[bool] = None, model_name: str = "") -> dict[str, Tensor]:
-    """Select, validate and convert a loaded checkpoint (any official layout or ours) for ``model``.
+def convert_checkpoint(
+    checkpoint: Any, model: nn.Module, ema: Optional[bool] = None, model_name: str = "", prefer_ema: bool = True
+) -> dict[str, Tensor]:
+    """Select (as :func:`select_state_dict`), validate and convert a loaded checkpoint (any official
+    layout or ours) for ``model``.
 
     Raises CheckpointError naming every problem; returns a state dict ``model`` loads strictly.
     """
     name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
-    state_dict, _ = select_state_dict(checkpoint, ema)
+    state_dict, _ = select_state_dict(checkpoint, ema, prefer_ema)
     if check_state_dict(state_dict, model, name) == "rmt":
         return state_dict
     return _from_official(state_dict)
@@ -426,25 +435,28 @@ def _check_relpos(state_dict: Mapping[str, Tensor], model: nn.Module, name: str)
             )
 
 
-def published_state_dict(model_name: str) -> Optional[bool]:
-    """``ema`` choosing, in a training checkpoint of the variant ``model_name``, the state dict its
-    published figures belong to: the zoo entry's ``state_dict`` (the plain model for rmt_t, the
-    EMA model for the others); None (EMA when present) for a name the zoo does not list."""
+def published_prefers_ema(model_name: str) -> bool:
+    """``prefer_ema`` picking, in a training checkpoint of the variant ``model_name`` holding both,
+    the state dict its published figures belong to: the zoo entry's ``state_dict`` (the plain
+    model for rmt_t, the EMA model for the others); EMA for a name the zoo does not list."""
     from rmt.errors import ZooError
     from rmt.zoo.registry import get_entry
-    from rmt.zoo.verify import ema_choice
+    from rmt.zoo.verify import prefers_ema
 
     try:
-        return ema_choice(get_entry(model_name))
+        return prefers_ema(get_entry(model_name))
     except ZooError:  # not a zoo name, or a zoo file that does not load: no published choice
-        return None
+        return True
 
 
-def load_checkpoint(model: nn.Module, path: PathLike, ema: Optional[bool] = None, model_name: str = "") -> str:
-    """Load a checkpoint file into ``model`` strictly. Returns which state dict was used."""
+def load_checkpoint(
+    model: nn.Module, path: PathLike, ema: Optional[bool] = None, model_name: str = "", prefer_ema: bool = True
+) -> str:
+    """Load a checkpoint file into ``model`` strictly (state dict chosen as :func:`select_state_dict`
+    does). Returns which state dict was used."""
     checkpoint = read_checkpoint(path)
-    _, source = select_state_dict(checkpoint, ema)
-    state_dict = convert_checkpoint(checkpoint, model, ema=ema, model_name=model_name)
+    _, source = select_state_dict(checkpoint, ema, prefer_ema)
+    state_dict = convert_checkpoint(checkpoint, model, ema=ema, model_name=model_name, prefer_ema=prefer_ema)
     model.load_state_dict(state_dict, strict=True)
     return source or "state dict"
 
@@ -461,9 +473,9 @@ def convert_checkpoint_file(
     """Rewrite a checkpoint of ``model_name`` in the ``official`` layout, as ``{"model": state_dict}``
     (what the official scripts read), or in the ``rmt`` layout, as a bare state dict.
 
-    The source is checked tensor by tensor first. ``ema=None`` takes the state dict the variant's
-    published figures belong to (:func:`published_state_dict`). Returns a summary (parameters,
-    source entry).
+    The source is checked tensor by tensor first. ``ema=None`` takes, of a file holding both, the
+    state dict the variant's published figures belong to (:func:`published_prefers_ema`). Returns a
+    summary (parameters, source entry).
     """
     from rmt.models.factory import create_model
 
@@ -472,8 +484,7 @@ def convert_checkpoint_file(
     if os.path.abspath(os.fspath(source)) == os.path.abspath(os.fspath(destination)):
         raise CheckpointError("destination is the source file: write the converted checkpoint elsewhere")
     model = create_model(model_name)
-    ema = published_state_dict(model_name) if ema is None else ema
-    used = load_checkpoint(model, source, ema=ema, model_name=model_name)
+    used = load_checkpoint(model, source, ema=ema, model_name=model_name, prefer_ema=published_prefers_ema(model_name))
     state = export_official_state_dict(model) if layout == "official" else model.state_dict()
     save_atomic({"model": state} if layout == "official" else state, destination)
     return {

@@ -11,7 +11,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from rmt.errors import CheckpointError, UnknownModelError
-from rmt.models.checkpoint import PathLike, load_checkpoint, published_state_dict
+from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
 from rmt.models.config import VARIANTS
 
 
@@ -44,9 +44,9 @@ def create_model(
         checkpoint: a checkpoint file in any layout the official code writes (or ours); every
             tensor must fit, else CheckpointError says which keys and shapes do not.
         pretrained: load the published weights from the zoo cache (see ``rmt download NAME``).
-        ema: which weights of a training checkpoint: None = those the variant's published figures
-            belong to (the zoo entry's choice: plain for rmt_t, EMA for the others, or the only
-            state dict of a file that has one), True/False = force.
+        ema: which weights of a training checkpoint: None = of a file holding both, those the
+            variant's published figures belong to (the zoo entry's choice: plain for rmt_t, EMA
+            for the others), else the only ones; True/False = EMA/plain, required.
         **kwargs: timm model arguments (``num_classes``, ``features_only``, ``out_indices``,
             ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field).
     """
@@ -64,7 +64,7 @@ def create_model(
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     model = timm.create_model(name, pretrained=False, **kwargs)
-    load_checkpoint(model, checkpoint, ema=published_state_dict(name) if ema is None else ema, model_name=name)
+    load_checkpoint(model, checkpoint, ema=ema, model_name=name, prefer_ema=published_prefers_ema(name))
     if not features_only:
         return model
     pretrained_cfg = model.pretrained_cfg

@@ -90,10 +90,12 @@ def _unchanged(t: Optional[Tensor], stamp: Optional[tuple]) -> bool:
     """Whether ``t`` is the tensor ``stamp`` was taken of, with the same version and data."""
     if t is None or stamp is None:
         return t is None and stamp is None
-    # the object first: the same object passed the guards when its copy was made
+    # the object, then its data: the same object with the same data passed the guards when its
+    # copy was made (torch.utils.swap_tensors keeps the object but brings other data, maybe an
+    # inference tensor, which has no version to ask for)
     return (
-        t is stamp[0] and t._version == stamp[1] and t.data_ptr() == stamp[2]
-        and t.dtype == stamp[3] and t.shape == stamp[4] and t.stride() == stamp[5]
+        t is stamp[0] and t.data_ptr() == stamp[2] and t.dtype == stamp[3] and t.shape == stamp[4]
+        and t.stride() == stamp[5] and t._version == stamp[1]
     )
 
 

@@ -369,7 +369,9 @@ class RMT(nn.Module):
         if self.aux_head is not None:
             self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if self.is_reparameterized:  # a folded model's new classifier keeps its weights under autocast too
-            keep_autocast_weights(self)
+            for head in (self.head, self.aux_head):
+                if head is not None:
+                    keep_autocast_weights(head)
 
     def forward_intermediates(
         self,
@@ -459,11 +461,16 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+_WEIGHT_SOURCES = ("file", "state_dict", "url", "hf_hub_id")  # where timm's pretrained_cfg can point
+
+
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
-    if pretrained:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not any(overlay.get(source) for source in _WEIGHT_SOURCES):
         # the official weights have no URL timm could fetch (Baidu pan only): they come from rmt's
         # verified cache, with the state dict the published figures belong to, as with
-        # rmt.create_model(variant, pretrained=True), which builds through here unpretrained
+        # rmt.create_model(variant, pretrained=True), which builds through here unpretrained.
+        # Weights named in pretrained_cfg_overlay go through timm's own loader instead.
         from rmt.models.factory import create_model
 
         return create_model(variant, pretrained=True, **kwargs)

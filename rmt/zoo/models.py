@@ -62,7 +62,7 @@ def _from_timm_hub(entry: ZooEntry, kwargs: dict) -> nn.Module:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     problem = unreachable(endpoint, TransferOptions.from_env().timeout_s)
     if problem:
-        hub_file = _hub_cache_file(entry)  # a copy in Hugging Face's own cache still serves offline
+        hub_file = _hub_cache_file(entry, kwargs.get("cache_dir"))  # a copy in Hugging Face's own cache still serves offline
         if hub_file is None:
             raise DownloadError(f"timm could not fetch the weights of {entry.name} ({problem}); {how['message']}")
         return timm.create_model(
@@ -74,12 +74,12 @@ def _from_timm_hub(entry: ZooEntry, kwargs: dict) -> nn.Module:
         raise DownloadError(f"timm could not fetch the weights of {entry.name} ({first_line(e)}); {how['message']}") from None
 
 
-def _hub_cache_file(entry: ZooEntry) -> Optional[Path]:
-    """The entry's file in Hugging Face's hub cache, where timm keeps what it downloaded, if there."""
+def _hub_cache_file(entry: ZooEntry, cache_dir: Optional[os.PathLike] = None) -> Optional[Path]:
+    """The entry's file in Hugging Face's hub cache (or timm's ``cache_dir``), where timm keeps what it downloaded, if there."""
     from huggingface_hub import try_to_load_from_cache
 
     weights = entry.weights
     if weights.get("source") != "hf-hub":
         return None
-    found = try_to_load_from_cache(weights["hf_hub_id"], weights["filename"])
+    found = try_to_load_from_cache(weights["hf_hub_id"], weights["filename"], cache_dir=cache_dir)
     return Path(found) if isinstance(found, str) else None

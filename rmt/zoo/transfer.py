@@ -85,7 +85,8 @@ def unreachable(url: str, timeout_s: float) -> Optional[str]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
-    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+    proxies = urllib.request.getproxies()  # http_proxy, https_proxy, all_proxy (as "all") ...
+    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname):
         return None
     try:
         with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout_s):

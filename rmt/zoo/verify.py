@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -33,9 +33,10 @@ class CheckedFile:
     layout: str  # official, rmt, timm, or timm-converted
 
 
-def ema_choice(entry: ZooEntry) -> Optional[bool]:
-    """``ema`` for :func:`select_state_dict`: EMA when present for ``model_ema`` entries, never for ``model``."""
-    return False if entry.weights.get("state_dict") == "model" else None
+def prefers_ema(entry: ZooEntry) -> bool:
+    """``prefer_ema`` for :func:`select_state_dict`: whether, of a file holding both, the entry's
+    published model is the EMA one (``model_ema`` entries) or the plain one (``model``)."""
+    return entry.weights.get("state_dict") != "model"
 
 
 def check_weights_file(entry: ZooEntry, path: Path) -> CheckedFile:
@@ -46,7 +47,7 @@ def check_weights_file(entry: ZooEntry, path: Path) -> CheckedFile:
 
 
 def _check_rmt(entry: ZooEntry, path: Path) -> CheckedFile:
-    state, where = select_state_dict(read_checkpoint(path), ema_choice(entry))
+    state, where = select_state_dict(read_checkpoint(path), prefer_ema=prefers_ema(entry))
     layout, params = check_variant_state_dict(state, entry.name)
     return CheckedFile(params, where, layout)
 
@@ -102,7 +103,7 @@ def load_state_dict(entry: ZooEntry, path: Path) -> dict[str, Tensor]:
             return load_file(os.fspath(path))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    state, _ = select_state_dict(read_checkpoint(path), ema_choice(entry))
+    state, _ = select_state_dict(read_checkpoint(path), prefer_ema=prefers_ema(entry))
     return state
 
 
