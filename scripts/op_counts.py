@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from rmt.bench.runner import build_model, fold_for_inference, precision
+from rmt.io import write_json_atomic
 
 
 class OperatorCounter(TorchDispatchMode):
@@ -86,10 +86,8 @@ def main() -> None:
             top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
             print(f"{label:18s} {total:6d}   {top}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype, "kernel": args.kernel,
-                       "weight_cache": not args.no_weight_cache,
-                       "torch": torch.__version__, "results": results}, f, indent=2)
+        write_json_atomic(args.json, {"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype, "kernel": args.kernel,
+                                      "weight_cache": not args.no_weight_cache, "torch": torch.__version__, "results": results})
 
 
 if __name__ == "__main__":

@@ -96,27 +96,23 @@ def test_a_new_classifier_of_a_folded_model_caches_too():
     assert _casts_in_a_second_pass(model, torch.randn(1, 3, 64, 64)) == 1
 
 
-def _check(layer: nn.Module, x: torch.Tensor) -> None:
-    """The layer's output in cached autocast inference is what per-pass casts give."""
+def _check(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The layer's output in cached autocast inference is what per-pass casts give; returns it."""
     with torch.inference_mode():
-        with _bf16():
+        with torch.autocast("cpu", dtype=dtype):
             cached = layer(x)
-        with _bf16(cache=False):
+        with torch.autocast("cpu", dtype=dtype, cache_enabled=False):
             expected = layer(x)
     assert torch.equal(cached, expected)
+    return cached
 
 
 def test_another_autocast_dtype_gets_its_own_copies():
     layer = _folded(nn.Linear(16, 8))
     x = torch.randn(2, 16)
-    with torch.inference_mode():
-        with _bf16():
-            layer(x)  # fills the cache with bf16 copies
-        with torch.autocast("cpu", dtype=torch.float16):
-            cached = layer(x)
-        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
-            expected = layer(x)
-    assert cached.dtype == torch.float16 and torch.equal(cached, expected)
+    with torch.inference_mode(), _bf16():
+        layer(x)  # fills the cache with bf16 copies
+    assert _check(layer, x, torch.float16).dtype == torch.float16
 
 
 def test_a_parameter_swapped_for_an_inference_tensor_is_used_as_it_is():
@@ -193,12 +189,7 @@ def test_parameters_made_under_inference_mode_are_cast_every_pass():
     torch.manual_seed(0)
     with torch.inference_mode():
         model = rmt.create_model("rmt_t", num_classes=10).eval().reparameterize()
-        x = torch.randn(1, 3, 64, 64)
-        with _bf16():
-            cached = model(x)
-        with _bf16(cache=False):
-            expected = model(x)
-    assert torch.equal(cached, expected)
+    _check(model, torch.randn(1, 3, 64, 64))
 
 
 def test_vmap_over_stacked_parameters_is_left_to_autocast():

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import COMPILE_MODES, DTYPES, build_model, fold_for_inference, precision, quiet_stderr
+from rmt.bench.runner import DTYPES, build_model, check_compile_mode, compile_model, fold_for_inference, precision, quiet_stderr
 from rmt.errors import RMTError, first_line
 
 
@@ -43,8 +43,7 @@ def profile_model(
                                ("wait steps", wait, 0), ("warmup steps", warmup, 0)):
         if value < least:
             raise RMTError(f"{what} must be at least {least}, got {value}")
-    if compile_mode is not None and compile_mode not in COMPILE_MODES:
-        raise RMTError(f"unknown compile mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    check_compile_mode(compile_mode)
     if compile_mode is not None and wait + warmup < 2:
         # CUDA graphs are recorded on a model's second call: profiled steps should replay them
         raise RMTError("a compiled model needs wait + warmup >= 2 steps before the profiled ones")
@@ -66,7 +65,7 @@ def profile_model(
             raise RMTError(f"cannot fold {name} for inference: {first_line(e)}") from None
     model = model.to(dev)
     if compile_mode is not None:
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        model = compile_model(model, compile_mode)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":

@@ -42,6 +42,18 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 Progress = Callable[[str, int, int], None]  # (what is running, steps done, steps in all)
 
 
+def check_compile_mode(mode: Optional[str]) -> None:
+    """Raise a one-line RMTError unless ``mode`` is None (eager) or a torch.compile mode."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise RMTError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile`` as ``rmt bench --compile MODE`` runs it: static shapes, so that each setting
+    measures the kernels specialised for its own size and batch."""
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
 @dataclass
 class BenchSettings:
     models: Sequence[str] = DEFAULT_MODELS
@@ -70,8 +82,7 @@ class BenchSettings:
             raise RMTError(f"{', '.join(repeated)} listed more than once")
         if not self.time_budget_s > 0:
             raise RMTError(f"the time budget must be positive, got {self.time_budget_s:g} s")
-        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
-            raise RMTError(f"unknown compile mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode(self.compile_mode)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if any(b <= 0 for b in self.batches):
@@ -438,10 +449,7 @@ def _prepare(
         with precision(device, settings.dtype, settings.autocast_cache):
             row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
         if settings.compile_mode:
-            # static shapes: each setting measures the kernels specialised for its own size and batch
-            model = torch.compile(
-                model, mode=None if settings.compile_mode == "default" else settings.compile_mode, dynamic=False
-            )
+            model = compile_model(model, settings.compile_mode)
         c.model = model
     except Exception as e:
         _fail(row, e)

@@ -415,8 +415,13 @@ def convert_checkpoint(
 
     Raises CheckpointError naming every problem; returns a state dict ``model`` loads strictly.
     """
-    name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
     state_dict, _ = select_state_dict(checkpoint, ema, prefer_ema)
+    return _convert_state_dict(state_dict, model, model_name)
+
+
+def _convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module, model_name: str) -> dict[str, Tensor]:
+    """Validate a selected state dict (any official layout or ours) for ``model`` and convert it to ours."""
+    name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
     if check_state_dict(state_dict, model, name) == "rmt":
         return state_dict
     return _from_official(state_dict)
@@ -454,10 +459,8 @@ def load_checkpoint(
 ) -> str:
     """Load a checkpoint file into ``model`` strictly (state dict chosen as :func:`select_state_dict`
     does). Returns which state dict was used."""
-    checkpoint = read_checkpoint(path)
-    _, source = select_state_dict(checkpoint, ema, prefer_ema)
-    state_dict = convert_checkpoint(checkpoint, model, ema=ema, model_name=model_name, prefer_ema=prefer_ema)
-    model.load_state_dict(state_dict, strict=True)
+    state_dict, source = select_state_dict(read_checkpoint(path), ema, prefer_ema)
+    model.load_state_dict(_convert_state_dict(state_dict, model, model_name), strict=True)
     return source or "state dict"
 
 
