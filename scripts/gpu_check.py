@@ -30,8 +30,8 @@ JOBS = [
     ("eager_reparam_bf16", dict(models=RMT + ["swin_t"], batches=[64, 256], reparameterize=True), None),
     # the folded models casting their weights on every pass, without their weight cache (autocast's cache off)
     ("eager_reparam_no_weight_cache_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64, 256], reparameterize=True, autocast_cache=False), None),
-    # the folded models compiled, not yet measured on a GPU (compiling three models took 277 s on
-    # an H100: with the default budget these two may need a call of their own, --only ...)
+    # the folded models compiled (compiling three models took 233 s on an H100: with the default
+    # budget these two may need a call of their own, --only ...)
     ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
     ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
     # the official-style plain path, and SDPA as torch dispatches it, on the same card

@@ -170,11 +170,13 @@ def test_bfloat16_autocast_after_reparameterize_close_to_float32():
     assert error <= 3e-2
 
 
-def test_compiled_reparameterized_model_has_no_graph_break_under_autocast():
-    model = _tiny().reparameterize()
-    x = torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_compiled_reparameterized_model_has_no_graph_break_under_autocast(device):
+    model = _tiny().reparameterize().to(device)
+    x = torch.randn(2, 3, 64, 64, device=device)
     compiled = torch.compile(model, fullgraph=True, dynamic=False)  # the norms' autocast switch must trace
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
         eager, traced = model(x), compiled(x)
     assert traced.dtype == torch.bfloat16
     assert ((traced.float() - eager.float()).norm() / eager.float().norm()).item() <= 1e-2

@@ -276,9 +276,12 @@ class AffineFreeLayerNorm(nn.Module):
         self.normalized_shape, self.eps = (dim,), eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # (asking whether autocast is on for a device type without it, "meta" say, is an error)
+        # (asking whether autocast is on for a device type without it, "meta" say, is an error; a
+        # compiled graph runs on a device with autocast, and torch 2.11's dynamo cannot trace the
+        # availability check: one graph break per block, and recompiles past dynamo's limit)
         device = x.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
+        if available and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return F.layer_norm(x, self.normalized_shape, eps=self.eps)
         return F.layer_norm(x, self.normalized_shape, eps=self.eps)
