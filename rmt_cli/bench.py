@@ -285,7 +285,7 @@ def profile(
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
     from rmt.bench.profile import profile_model
     from rmt.io import check_writable, write_json_atomic
-    from rmt.bench.runner import parse_img_size
+    from rmt.bench.runner import graph_break_note, parse_img_size
 
     if json_out:
         check_writable(json_out)
@@ -307,6 +307,8 @@ def profile(
         out.print(f"trace: {trace}", markup=False)
     out.print(f"TensorBoard: {summary['open']['tensorboard']}", markup=False)  # "rmt[tensorboard]" is no markup
     out.print(f"Perfetto: {summary['open']['perfetto']}", markup=False)
+    if summary["graph_breaks"]:
+        out.print(f"[yellow]note:[/] {graph_break_note(summary['compiled_graphs'], summary['graph_breaks'])}")
     if json_out:
         write_json_atomic(json_out, summary)
 

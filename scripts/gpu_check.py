@@ -92,6 +92,7 @@ def _run_job(name: str, spec: dict, kernel: str | None, args: argparse.Namespace
             "job": name, "model": r["model"] + ("[reparam]" if r.get("reparameterized") else ""), "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
             "img_s": r["throughput"], "ratio": r.get("ratio_to_baseline"), "ms": (r["latency_ms"] or {}).get("median"),
             "mem_mb": r["peak_memory_mb"], "mfu": r["mfu"], "ops": ",".join(o.split("::")[-1] for o in r["attention_ops"])[:60],
+            "graphs": r.get("compiled_graphs"), "breaks": r.get("graph_breaks"),
             "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}",
         })
 
@@ -137,7 +138,8 @@ def main() -> None:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         print(f"{s['job']:24s} {s['model']:15s} {s['batch']:>4d} {s['img']:>9s} {fmt(s['img_s'], '9.1f')} "
               f"{fmt(s['ratio'], '6.2f')} {fmt(s['ms'], '8.2f')} {fmt(s['mem_mb'], '8.0f')} "
-              f"{fmt(s['mfu'] * 100 if s['mfu'] is not None else None, '5.1f')}% {s['status'] if s['status'] != 'ok' else s['ops']}")
+              f"{fmt(s['mfu'] * 100 if s['mfu'] is not None else None, '5.1f')}% {s['status'] if s['status'] != 'ok' else s['ops']}"
+              + (f" [{s['graphs']} graphs, {s['breaks']} breaks]" if s.get("graphs") is not None else ""))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_bench_reparam_folds_rmt_and_keeps_the_published_counts(tmp_path):
     # a folded run is another setting for compare, never a like-for-like regression check
     verdict = compare_reports(plain, {**report, "results": [rows["tiny"]]})
     assert {d.status for d in verdict.deltas} == {"missing", "new"}
-    assert to_csv(report).splitlines()[0].endswith(",reparameterized")
+    assert "reparameterized" in to_csv(report).splitlines()[0].split(",")
 
 
 def test_slow_throughputs_keep_their_precision():
@@ -327,6 +327,10 @@ def test_profile_of_a_compiled_model_lists_its_compiled_graph(tmp_path):
     # the profiled step ran the compiled graph, not the eager model (compiled on the wait step)
     ops = {op["op"] for op in summary["top_ops"]}
     assert any("Compiled" in op for op in ops) and "aten::native_layer_norm" not in ops
+    assert (summary["compiled_graphs"], summary["graph_breaks"]) == (1, 0)
+    broken = profile_model("broken", tmp_path / "prof", batch=1, img_size=(64, 64), device="cpu",
+                           model=_GraphBreak(), active=1, compile_mode="default")
+    assert (broken["compiled_graphs"], broken["graph_breaks"]) == (2, 1)
 
 
 def test_profile_rejects_an_unknown_compile_mode_before_writing(tmp_path):
@@ -397,6 +401,38 @@ def test_compiled_settings_are_static_and_start_from_fresh_caches(monkeypatch):
     assert [r["status"] for r in report["results"]] == ["ok", "ok"]
     compiled = {"mode": "max-autotune", "dynamic": False}
     assert calls == ["reset", compiled, "reset", compiled]
+
+
+class _GraphBreak(nn.Module):
+    """Two convs with a graph break between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x).mean((2, 3))
+
+
+def test_compiled_rows_count_graphs_and_breaks_and_list_the_graphs_attention_ops():
+    builders = {"tiny": lambda size: rmt.RMT(TINY), "broken": lambda size: _GraphBreak()}
+    settings = BenchSettings(models=["tiny", "broken"], batches=[1], img_sizes=[(64, 64)], device="cpu",
+                             warmup=0, iters=1, compile_mode="default", reparameterize=True)
+    report = run_benchmark(settings, builders=builders)
+    rows = {r["model"]: r for r in report["results"]}
+    assert [r["status"] for r in rows.values()] == ["ok", "ok"]
+    assert (rows["tiny"]["compiled_graphs"], rows["tiny"]["graph_breaks"]) == (1, 0)
+    assert (rows["broken"]["compiled_graphs"], rows["broken"]["graph_breaks"]) == (2, 1)
+    assert report["settings"]["warmup"] == 1  # the compiling pass is never timed
+    assert to_csv(report).splitlines()[2].endswith(",2,1")  # the CSV has the counts (last columns)
+    notes = [n for n in report["notes"] if "graph break" in n]
+    assert notes == ["broken 64x64 b1: torch.compile made 2 graphs with 1 graph break; the code between them ran eager"]
+    # what the compiled graph runs (the plain math, here "aten::bmm"), not the eager model's CPU kernel
+    assert not any(op.startswith("rmt::") for op in rows["tiny"]["attention_ops"])
+    eager = run_benchmark(replace(settings, models=["tiny"], compile_mode=None), builders=builders)["results"][0]
+    assert eager["compiled_graphs"] is None and "rmt::deferred_normalisation_attention" in eager["attention_ops"]
 
 
 def test_bench_cli_rejects_bad_input_in_one_line():

@@ -9,7 +9,9 @@ from typing import Any, Optional
 import torch
 
 from rmt.bench.env import resolve_device
-from rmt.bench.runner import DTYPES, build_model, check_compile_mode, compile_model, fold_for_inference, precision, quiet_stderr
+from rmt.bench.runner import (
+    DTYPES, build_model, check_compile_mode, compile_counts, compile_model, fold_for_inference, precision, quiet_stderr,
+)
 from rmt.errors import RMTError, first_line
 
 
@@ -71,6 +73,7 @@ def profile_model(
     if dev.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1)
+    compiled_before = compile_counts()
     with torch.inference_mode(), quiet_stderr(), torch.profiler.profile(
         activities=activities,
         schedule=schedule,
@@ -85,6 +88,7 @@ def profile_model(
                 torch.cuda.synchronize(dev)
             prof.step()
     traces = sorted(set(out.glob("**/*.pt.trace.json*")) - before)
+    graphs, breaks = (now - then for now, then in zip(compile_counts(), compiled_before))
     on_cuda = dev.type == "cuda"
 
     def self_time(e: Any) -> float:  # microseconds
@@ -108,6 +112,8 @@ def profile_model(
         "img_size": list(img_size),
         "reparameterized": folded,
         "compile": compile_mode,
+        "compiled_graphs": graphs if compile_mode else None,
+        "graph_breaks": breaks if compile_mode else None,
         "steps": {"wait": wait, "warmup": warmup, "active": active},
         "time": "device (CUDA) self time" if on_cuda else "CPU self time",
         "trace_files": [str(t) for t in traces],

@@ -16,7 +16,7 @@ CSV_COLUMNS = (
     "model", "batch", "requested_batch", "img_h", "img_w", "device", "dtype", "compile", "channels_last",
     "attn_kernel", "params", "gmacs", "throughput", "latency_median_ms", "latency_p90_ms", "latency_p99_ms",
     "latency_iqr_ms", "peak_memory_mb", "memory_kind", "tflops", "mfu", "ratio_to_baseline", "iters",
-    "status", "error", "reparameterized",
+    "status", "error", "reparameterized", "compiled_graphs", "graph_breaks",
 )
 
 

@@ -303,7 +303,9 @@ def run_benchmark(
         builders = {name: _model_builder(name, settings.attn_kernel) for name in settings.models}
     on_cuda = device.type == "cuda"
     warmup = settings.warmup if settings.warmup is not None else (10 if on_cuda else 1)
-    if not on_cuda:  # the first CPU pass measures memory and sizes the time budget: always one
+    if not on_cuda or settings.compile_mode:
+        # the first CPU pass measures memory and sizes the time budget, and a first compiled pass
+        # compiles (neither to be timed, nor profiled for attention_ops): always one
         warmup = max(warmup, 1)
     budgeted = settings.iters is None and not on_cuda
     notes = []
@@ -371,6 +373,10 @@ def run_benchmark(
             f"CPU run: {warmup} warmup and {counts} timed iteration(s) per model, chosen to fit a "
             f"{settings.time_budget_s:.0f} s budget (--iters overrides)"
         )
+    for r in rows:
+        if r["graph_breaks"]:  # a figure of several graphs with eager code between them
+            where = f"{r['model']} {r['img_size'][0]}x{r['img_size'][1]} b{r['batch']}"
+            notes.append(f"{where}: {graph_break_note(r['compiled_graphs'], r['graph_breaks'])}")
     _add_ratios(rows, baseline)
     return {
         "schema": SCHEMA_VERSION,
@@ -402,6 +408,8 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
         "attn_kernel": None,
         "reparameterized": False,
         "attention_ops": [],
+        "compiled_graphs": None,
+        "graph_breaks": None,
         "params": None,
         "gmacs": None,
         "throughput": None,
@@ -446,10 +454,11 @@ def _prepare(
         model = model.to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        with precision(device, settings.dtype, settings.autocast_cache):
-            row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
-        if settings.compile_mode:
+        if settings.compile_mode:  # its attention ops are those of the compiled graph, after the warmup
             model = compile_model(model, settings.compile_mode)
+        else:
+            with precision(device, settings.dtype, settings.autocast_cache):
+                row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
         c.model = model
     except Exception as e:
         _fail(row, e)
@@ -477,6 +486,7 @@ def _warm_up(
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             update: dict[str, Any] = {"batch": batch, "warmup": warmup}
+            compiled_before = compile_counts()
             for i in range(warmup):
                 measures_rss = i == 0 and device.type == "cpu"
                 if measures_rss:
@@ -485,6 +495,13 @@ def _warm_up(
                     c.warm_ms = _timed_forward(c.model, x, device)
                 if measures_rss:
                     update["peak_memory_mb"] = rss.growth_mb
+            if settings.compile_mode:
+                # after the warmup, which compiled it: profiling a first call would list the
+                # operators dynamo traces as well as those the graph runs
+                with precision(device, settings.dtype, settings.autocast_cache):
+                    update["attention_ops"] = attention_ops(c.model, x)
+                graphs, breaks = (now - before for now, before in zip(compile_counts(), compiled_before))
+                update.update(compiled_graphs=graphs, graph_breaks=breaks)
             c.x = x
             return update
         except Exception as e:
@@ -500,6 +517,18 @@ def _warm_up(
         batch //= 2
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def compile_counts() -> tuple[int, int]:
+    """Graphs dynamo has compiled and graph breaks it has met so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def graph_break_note(graphs: int, breaks: int) -> str:
+    """What a compiled figure with graph breaks is."""
+    return f"torch.compile made {graphs} graphs with {breaks} graph break{'s' if breaks > 1 else ''}; the code between them ran eager"
 
 
 def _own_bytes(model: nn.Module, x: torch.Tensor) -> int:
