@@ -2,11 +2,14 @@
 
 Times one Manhattan self-attention call, from the projections on: the rotary of q and k, then
 both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for: the
-Triton kernel (rotary fused), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
+Triton kernel (rotary fused) with one head per program and with a sequence's heads grouped two,
+four or eight to a program (``triton_heads2``...), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
 memory-efficient backend, the plain reference path eagerly and compiled, and (--flex)
 FlexAttention compiled with its default and with small tiles. Every timed call starts with one
 copy of the stacked q/k projection, which the rotary then overwrites (as in the model). Then,
-inside the time budget, whole models in the same process. Results go to OUT/attention.json.
+inside the time budget, whole models in the same process (``--models``; ``--reparam`` folds the
+RMT models first), eager rmt_s with and without grouped heads among them. Results go to
+OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """
@@ -14,6 +17,7 @@ inside the time budget, whole models in the same process. Results go to OUT/atte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,13 +29,28 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 import rmt.models.attention as attention
+from rmt.models import fused_attention
 from rmt.models.attention import ManhattanPosition, manhattan_attention
 
 STAGES = {  # rmt_s at 224: (H, W, heads, head_dim, decomposed)
     "stage1": (56, 56, 4, 16, True),
+    "stage2": (28, 28, 4, 32, True),
     "stage3": (14, 14, 8, 32, True),
     "stage4": (7, 7, 16, 32, False),
 }
+
+
+def groupings(length: int, heads: int) -> list[int]:
+    """The heads-per-program counts above one that the Triton kernel takes for these sequences."""
+    block = max(16, 1 << (length - 1).bit_length())
+    return [p for p in (2, 4, 8, 16) if heads % p == 0 and block * p <= fused_attention.MAX_ROWS]
+
+
+def widest_grouping(qk, v, tables, decomposed, heads_per_program=1, *, fused):
+    """``_fused_manhattan_attention`` with as many heads per program as the kernel takes."""
+    h, w, n = qk.shape[1], qk.shape[2], qk.shape[4]
+    widest = groupings(max(h, w) if decomposed else h * w, n)
+    return fused(qk, v, tables, decomposed, widest[-1] if widest else 1)
 
 
 def time_ms(fn, warmup: int = 5, reps: int = 30) -> float:
@@ -72,13 +91,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--flex", action="store_true", help="also FlexAttention with several tile sizes (slow to compile)")
     parser.add_argument("--models", action="store_true", help="then whole models in the same process")
+    parser.add_argument("--reparam", action="store_true", help="fold the RMT models for inference first")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "runs/attn"))
     out.mkdir(parents=True, exist_ok=True)
     begin = time.perf_counter()
     dev, dtype = torch.device(args.device), torch.bfloat16
     results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "batch": args.batch,
-                     "torch": torch.__version__, "stages": {}, "models": {}}
+                     "torch": torch.__version__, "reparam": args.reparam, "stages": {}, "models": {}}
     for stage, (h, w, n, d, decomposed) in STAGES.items():
         torch.manual_seed(0)
         qk = torch.randn(args.batch, h, w, 2, n, d, device=dev, dtype=dtype)
@@ -94,6 +114,11 @@ def main() -> None:
 
         variants = {
             "triton": lambda: run("triton"),
+            **{
+                f"triton_heads{p}": functools.partial(
+                    lambda p: attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, p), p)
+                for p in groupings(max(h, w) if decomposed else h * w, n)
+            },
             "sdpa": lambda: run("sdpa"),
             "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run),
             "reference": lambda: run("reference"),
@@ -126,18 +151,27 @@ def main() -> None:
     import rmt  # noqa: F401
 
     x = torch.randn(args.batch, 3, 224, 224, device=dev)
-    for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "sdpa", False),
-                                   ("swin_t", None, True), ("rmt_s", "auto", True), ("rmt_s", "reference", True)):
+    fused = attention._fused_manhattan_attention
+    for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "grouped", False),
+                                   ("rmt_s", "sdpa", False), ("swin_t", None, True), ("rmt_s", "auto", True),
+                                   ("rmt_s", "reference", True)):
         label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
         if time.perf_counter() - begin > args.budget:
             results["models"][label] = "skipped (budget)"
             continue
+        # "grouped": auto, with each Triton launch grouping as many heads per program as it takes
+        attention._fused_manhattan_attention = (
+            functools.partial(widest_grouping, fused=fused) if kernel == "grouped" else fused)
         model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
-                                  **({"attn_kernel": kernel} if kernel else {})).eval().to(dev)
+                                  **({"attn_kernel": "auto" if kernel == "grouped" else kernel} if kernel else {}))
+        if args.reparam and name != "swin_t":
+            model.reparameterize()
+        model = model.eval().to(dev)
         if compiled:
             model = torch.compile(model)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
             ms = time_ms(lambda: model(x), warmup=5, reps=20)
+        attention._fused_manhattan_attention = fused
         results["models"][label] = {"ms": round(ms, 3), "img_s": round(args.batch / ms * 1000, 1)}
         print(label, results["models"][label], flush=True)
         (out / "attention.json").write_text(json.dumps(results, indent=1))

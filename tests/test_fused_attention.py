@@ -14,7 +14,9 @@ pytest.importorskip("triton")
 
 import rmt  # noqa: E402
 from rmt.models import fused_attention  # noqa: E402
-from rmt.models.attention import ManhattanPosition, _runs_fused, manhattan_attention  # noqa: E402
+from rmt.models.attention import (  # noqa: E402
+    ManhattanPosition, _fused_manhattan_attention, _runs_fused, manhattan_attention,
+)
 from rmt.models.checkpoint import convert_checkpoint  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,14 +62,52 @@ def test_kernel_by_definition(length, heads, head_dim, grid_width, transpose_out
     assert (out.double() - _by_definition(q, k, v, decay, grid_width)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize(
+    "length, heads, heads_per_program, head_dim, grid_width",
+    # rmt_s's passes with a token's heads in one program (up to 128 rows), six heads in pairs,
+    # padded tokens, the 7x7 full pass
+    [(14, 8, 8, 32, 0), (28, 4, 4, 16, 0), (56, 4, 2, 16, 0), (20, 6, 2, 16, 0), (49, 4, 2, 32, 7)],
+)
+@pytest.mark.parametrize("transpose_out", [False, True])
+def test_kernel_with_heads_grouped_by_definition(length, heads, heads_per_program, head_dim, grid_width, transpose_out):
+    torch.manual_seed(0)
+    q, k, v, decay = _strided_inputs(2, 3, length, heads, head_dim)
+    out = fused_attention.decayed_attention(q, k, v, decay, grid_width, transpose_out, heads_per_program=heads_per_program)
+    if transpose_out:
+        out = out.transpose(1, 2)
+    assert (out.double() - _by_definition(q, k, v, decay, grid_width)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("decomposed, size, groupings", [(True, (12, 20), (2, 4)), (False, (7, 7), (2,))])
+def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, groupings):
+    torch.manual_seed(0)
+    h, w = size
+    position = ManhattanPosition(64, 4, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
+    tables = position.tables(h, w, torch.float32, with_masks=True)
+    qk, v = torch.randn(2, h, w, 2, 4, 16, device=DEVICE), torch.randn(2, h, w, 4, 16, device=DEVICE)
+    reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
+    for heads_per_program in groupings:  # 49 tokens: 64 rows a head, two heads at most
+        fused = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program)
+        assert (fused - reference).abs().max().item() < 1e-5, heads_per_program
+
+
+def test_the_kernel_refuses_a_head_grouping_it_cannot_run():
+    q, k, v, decay = _strided_inputs(1, 2, 56, 6, 16)
+    for heads_per_program in (4, 3, 8):  # not dividing 6, not a power of two, 64 x 8 rows
+        with pytest.raises(ValueError, match="cannot give"):
+            fused_attention.decayed_attention(q, k, v, decay, 0, False, heads_per_program=heads_per_program)
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_in_half_precision(dtype):
+def test_kernel_in_half_precision(dtype, heads_per_program):
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("Triton's interpreter cannot multiply bfloat16 tiles")
     torch.manual_seed(0)
     q, k, v, decay = _strided_inputs(4, 5, 56, 4, 16)
     expected = _by_definition(q, k, v, decay, 0)
-    out = fused_attention.decayed_attention(*(t.to(dtype) for t in (q, k, v)), decay, 0, False)
+    out = fused_attention.decayed_attention(*(t.to(dtype) for t in (q, k, v)), decay, 0, False,
+                                            heads_per_program=heads_per_program)
     assert out.dtype == dtype
     # bf16 keeps 8 significant bits: inputs alone are off by up to 2 ** -9 relative
     assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 2e-2

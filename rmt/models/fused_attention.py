@@ -34,6 +34,7 @@ except ImportError:  # CPU-only torch wheels do not ship Triton
     triton = None
 
 MAX_LENGTH = 64  # one program holds an L x L score tile in registers
+MAX_ROWS = 128  # tokens (padded to a power of two, at least 16) times heads per program
 HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16, tl.arange powers of two
 
 
@@ -60,13 +61,13 @@ if triton is not None:
 
     @triton.jit
     def _tile(ptr, batch, group, head, i, d, stride_b, stride_g, stride_l, stride_h):
-        """Pointers to the (L, head_dim) tile of one sequence of one head."""
-        return ptr + batch * stride_b + group * stride_g + head * stride_h + i[:, None] * stride_l + d[None, :]
+        """Pointers to the (rows, head_dim) tile of one sequence: row r is token i[r] of head head[r]."""
+        return ptr + batch * stride_b + group * stride_g + head[:, None] * stride_h + i[:, None] * stride_l + d[None, :]
 
     @triton.jit
     def _load(ptr, cos_ptr, sin_ptr, table_offset, batch, group, head, i, d, rows,
               stride_b, stride_g, stride_l, stride_h, table_g, table_l, ROTATE: tl.constexpr):
-        """The (L, head_dim) tile of q, k or v; of q and k with the official theta shift applied if
+        """The (rows, head_dim) tile of q, k or v; of q and k with the official theta shift applied if
         ROTATE: x * cos + swap_pairs(x) * sin in float32, the pair's minus sign folded into sin."""
         x = tl.load(_tile(ptr, batch, group, head, i, d, stride_b, stride_g, stride_l, stride_h), mask=rows, other=0.0)
         if ROTATE:
@@ -88,13 +89,19 @@ if triton is not None:
         table_strides_g, table_strides_l, table_strides_qk,
         groups, heads, length, grid_width,
         BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, MANHATTAN: tl.constexpr, IEEE: tl.constexpr,
-        ROTATE: tl.constexpr,
+        ROTATE: tl.constexpr, HEADS: tl.constexpr,
     ):
+        # one program: one sequence of HEADS heads, as BLOCK_L * HEADS rows, token-major (row r is
+        # token r // HEADS of head r % HEADS), so that a token's heads are adjacent in memory and
+        # in the tile; scores between rows of different heads are masked out
         program = tl.program_id(0)
-        head = program % heads
-        group = (program // heads) % groups
-        batch = (program // heads // groups).to(tl.int64)  # int64: large batches overflow int32 offsets
-        i = tl.arange(0, BLOCK_L)
+        head_blocks = heads // HEADS
+        first_head = (program % head_blocks) * HEADS
+        group = (program // head_blocks) % groups
+        batch = (program // head_blocks // groups).to(tl.int64)  # int64: large batches overflow int32 offsets
+        r = tl.arange(0, BLOCK_L * HEADS)
+        i = r // HEADS
+        head = first_head + r % HEADS
         d = tl.arange(0, HEAD_DIM)
         valid = i < length
         rows = valid[:, None]
@@ -114,8 +121,11 @@ if triton is not None:
             )
         else:
             distance = tl.abs(i[:, None] - i[None, :])
-        scores += tl.load(decay_ptr + head) * distance.to(tl.float32)
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        scores += tl.load(decay_ptr + head)[:, None] * distance.to(tl.float32)
+        keys = valid[None, :]
+        if HEADS > 1:
+            keys = keys & (head[:, None] == head[None, :])
+        scores = tl.where(keys, scores, float("-inf"))
         weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         total = tl.sum(weights, axis=1)
         if IEEE:
@@ -136,6 +146,7 @@ def decayed_attention(
     transpose_out: bool,
     cos: Optional[Tensor] = None,
     sin: Optional[Tensor] = None,
+    heads_per_program: int = 1,
 ) -> Tensor:
     """Softmax attention with the decay ``decay[head] * distance`` over sequences along dim 2 of
     (B, G, L, heads, head_dim) q, k and v (any strides, head_dim contiguous); k is pre-scaled.
@@ -146,19 +157,24 @@ def decayed_attention(
     is (B, G, L, heads, head_dim), or (B, L, G, heads, head_dim) if ``transpose_out`` (the column
     pass writing back in row-major image order).
 
+    ``heads_per_program``: how many heads of a sequence one program attends (a power of two
+    dividing the heads, at most :data:`MAX_ROWS` rows of tokens times heads). One program per
+    head is what was measured on Hopper; grouping heads gives each program whole tokens to load
+    and fewer, larger programs, for `scripts/gpu_attention_variants.py` to compare.
+
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
     and RMT's eager CUDA inference is bound by CPU time per operator at batch 64).
     """
     if torch.compiler.is_compiling():
-        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin)
+        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program)
     with profiler_label("rmt::decayed_attention"):
-        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
+        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program)
 
 
 def _launch(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
-    cos: Optional[Tensor], sin: Optional[Tensor],
+    cos: Optional[Tensor], sin: Optional[Tensor], heads_per_program: int,
 ) -> Tensor:
     b, g, length, n, d = q.shape
     out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
@@ -171,33 +187,41 @@ def _launch(
     if any(t.stride(-1) != 1 for t in (q, k, v, out_view) + ((cos, sin) if rotate else ())):
         raise ValueError("decayed_attention needs head_dim contiguous")
     block = max(16, triton.next_power_of_2(length))
+    if n % heads_per_program or heads_per_program & (heads_per_program - 1) or block * heads_per_program > MAX_ROWS:
+        raise ValueError(f"decayed_attention cannot give {heads_per_program} of {n} heads of {length} tokens to one program")
     table_strides = cos.stride()[:3] if rotate else (0, 0, 0)
     # Triton launches on the current device, not the tensors' (a model on cuda:1 while cuda:0 is current)
     on_other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
-        _decayed_attention_kernel[(b * g * n,)](
+        _decayed_attention_kernel[(b * g * (n // heads_per_program),)](
             q, k, v, out_view, decay.float().contiguous(), cos if rotate else q, sin if rotate else q,
             *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
             *table_strides,
             g, n, length, grid_width,
             BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32, ROTATE=rotate,
-            num_warps=4 if block * d >= 64 * 32 else 2,
+            HEADS=heads_per_program, num_warps=_warps(block * heads_per_program, d),
         )
     return out
+
+
+def _warps(rows: int, head_dim: int) -> int:
+    """Warps per program: 2 for small tiles, 4 from a 64 x 32 tile, 8 for the 128-row score tiles
+    of grouped heads (128 x 128 float32 scores are 64 registers a thread at 8 warps)."""
+    return 8 if rows >= 128 else 4 if rows * head_dim >= 64 * 32 else 2
 
 
 @torch.library.custom_op("rmt::decayed_attention", mutates_args=())
 def _decayed_attention_op(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
-    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
 ) -> Tensor:
-    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin)
+    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program)
 
 
 @_decayed_attention_op.register_fake
-def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None):
+def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_program=1):
     b, g, length, n, d = q.shape
     return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
 
 
-__all__ = ["MAX_LENGTH", "decayed_attention", "measured_gpu", "supports"]
+__all__ = ["MAX_LENGTH", "MAX_ROWS", "decayed_attention", "measured_gpu", "supports"]
