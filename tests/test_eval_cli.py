@@ -149,7 +149,8 @@ def test_bad_image_fails_naming_it_or_is_skipped_and_reported(monkeypatch, capsy
     code, out, err = rmt_eval(monkeypatch, capsys, *colour, "--data", data, "--skip-bad", "--json", tmp_path / "r.json")
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["images"] == 12 and result["skipped"] == 1 and str(bad) in result["skipped_files"][0]
+    assert result["images"] == 12 and result["skipped"] == 1 and result["skipped_files"] == [str(bad)]
+    assert result["skipped_errors"] == [f"cannot read image {bad}: not an image format PIL can decode"]
     assert "1 unreadable, skipped" in out and f"skipped: cannot read image {bad}" in err
     assert result["top1"] == pytest.approx(100.0 * tiny_val_expected(TINY_VAL[1:])[0] / 12)
 

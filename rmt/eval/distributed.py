@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from rmt.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,10 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def gather_lists(items: list[str]) -> list[str]:
-    """Concatenate every rank's list (the list itself when not distributed)."""
+def gather_lists(items: list[T]) -> list[T]:
+    """Concatenate every rank's list in rank order (the list itself when not distributed)."""
     if not dist.is_initialized():
         return list(items)
-    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    gathered: list[list[T]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -42,6 +42,7 @@ class EvalReport:
     world_size: int
     is_main: bool  # rank 0: the process that prints and writes
     real_labels: bool = False  # whether ReaL top-1 was asked for
+    skipped_files: list[str] = field(default_factory=list)  # the unreadable images skipped, as counts.skipped lists them
 
     @property
     def top1_delta(self) -> Optional[float]:
@@ -58,7 +59,8 @@ class EvalReport:
             "real_images": c.real_images if self.real_labels else None,
             "images": c.images,
             "skipped": len(c.skipped),
-            "skipped_files": c.skipped,
+            "skipped_files": self.skipped_files,
+            "skipped_errors": c.skipped,
             "seconds": c.seconds,
             "images_per_second": c.images / c.seconds if c.seconds else None,
             "layout": self.layout,
@@ -172,6 +174,7 @@ def run_imagenet_eval(
         world_size=context.world_size,
         is_main=context.is_main,
         real_labels=real_sets is not None,
+        skipped_files=[str(val.paths[i]) for i in counts.skipped_positions],
     )
 
 

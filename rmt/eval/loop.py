@@ -39,7 +39,8 @@ class EvalCounts:
     top5_correct: int = 0
     real_images: int = 0
     real_top1_correct: int = 0
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # why each unreadable image was skipped
+    skipped_positions: list[int] = field(default_factory=list)  # their positions in the dataset, in the same order
     seconds: float = 0.0
 
     @property
@@ -118,6 +119,7 @@ def evaluate(
     forward = _BatchHalvingForward(model, batch_size, device, notify)
     counts = [0, 0, 0, 0, 0]  # images, top-1, top-5, ReaL images, ReaL top-1
     skipped: list[str] = []
+    skipped_positions: list[int] = []
     start = time.perf_counter()
     with torch.inference_mode():
         for images, targets, positions, errors in loader:
@@ -127,6 +129,7 @@ def evaluate(
                 if not skip_bad:
                     raise DatasetError(f"{bad[0]} (--skip-bad skips unreadable images)")
                 skipped += bad
+                skipped_positions += positions[~readable].tolist()
                 images, targets, positions = images[readable], targets[readable], positions[readable]
             if len(images):
                 images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -137,7 +140,8 @@ def evaluate(
                 progress(Progress(counts[0] + len(skipped), len(sampler), counts[1], time.perf_counter() - start))
     seconds = all_reduce_max(time.perf_counter() - start, device)
     totals = all_reduce_sum(counts, device)
-    return EvalCounts(*totals, skipped=gather_lists(skipped), seconds=seconds)
+    return EvalCounts(*totals, skipped=gather_lists(skipped), skipped_positions=gather_lists(skipped_positions),
+                      seconds=seconds)
 
 
 def _count(
