@@ -328,9 +328,10 @@ def test_profile_of_a_compiled_model_lists_its_compiled_graph(tmp_path):
     ops = {op["op"] for op in summary["top_ops"]}
     assert any("Compiled" in op for op in ops) and "aten::native_layer_norm" not in ops
     assert (summary["compiled_graphs"], summary["graph_breaks"]) == (1, 0)
-    broken = profile_model("broken", tmp_path / "prof", batch=1, img_size=(64, 64), device="cpu",
-                           model=_GraphBreak(), active=1, compile_mode="default")
-    assert (broken["compiled_graphs"], broken["graph_breaks"]) == (2, 1)
+    for _ in range(2):  # the second starts afresh too, instead of reusing the first one's graphs uncounted
+        broken = profile_model("broken", tmp_path / "prof", batch=1, img_size=(64, 64), device="cpu",
+                               model=_GraphBreak(), active=1, compile_mode="default")
+        assert (broken["compiled_graphs"], broken["graph_breaks"]) == (2, 1)
 
 
 def test_profile_rejects_an_unknown_compile_mode_before_writing(tmp_path):
@@ -417,18 +418,23 @@ class _GraphBreak(nn.Module):
 
 
 def test_compiled_rows_count_graphs_and_breaks_and_list_the_graphs_attention_ops():
-    builders = {"tiny": lambda size: rmt.RMT(TINY), "broken": lambda size: _GraphBreak()}
-    settings = BenchSettings(models=["tiny", "broken"], batches=[1], img_sizes=[(64, 64)], device="cpu",
-                             warmup=0, iters=1, compile_mode="default", reparameterize=True)
+    builders = {"tiny": lambda size: rmt.RMT(TINY), "broken": lambda size: _GraphBreak(),
+                "broken_again": lambda size: _GraphBreak()}
+    settings = BenchSettings(models=["tiny", "broken", "broken_again"], batches=[1], img_sizes=[(64, 64)],
+                             device="cpu", warmup=0, iters=1, compile_mode="default", reparameterize=True)
     report = run_benchmark(settings, builders=builders)
     rows = {r["model"]: r for r in report["results"]}
-    assert [r["status"] for r in rows.values()] == ["ok", "ok"]
+    assert [r["status"] for r in rows.values()] == ["ok", "ok", "ok"]
     assert (rows["tiny"]["compiled_graphs"], rows["tiny"]["graph_breaks"]) == (1, 0)
     assert (rows["broken"]["compiled_graphs"], rows["broken"]["graph_breaks"]) == (2, 1)
-    assert report["settings"]["warmup"] == 1  # the compiling pass is never timed
+    # the same code and guards: dynamo reuses the graphs, and no count is better than a false 0
+    assert (rows["broken_again"]["compiled_graphs"], rows["broken_again"]["graph_breaks"]) == (None, None)
+    assert report["settings"]["warmup"] == 2  # one pass compiles, one lists the ops; neither is timed
     assert to_csv(report).splitlines()[2].endswith(",2,1")  # the CSV has the counts (last columns)
-    notes = [n for n in report["notes"] if "graph break" in n]
-    assert notes == ["broken 64x64 b1: torch.compile made 2 graphs with 1 graph break; the code between them ran eager"]
+    notes = [n for n in report["notes"] if n.startswith("broken")]
+    assert notes == ["broken 64x64 b1: torch.compile made 2 graphs with 1 graph break; the code between them ran eager",
+                     "broken_again 64x64 b1: torch.compile reused the graphs of an earlier model of this setting; "
+                     "that model's row counts them"]
     # what the compiled graph runs (the plain math, here "aten::bmm"), not the eager model's CPU kernel
     assert not any(op.startswith("rmt::") for op in rows["tiny"]["attention_ops"])
     eager = run_benchmark(replace(settings, models=["tiny"], compile_mode=None), builders=builders)["results"][0]

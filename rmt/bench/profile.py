@@ -37,7 +37,8 @@ def profile_model(
     ``memory``, their memory use. ``reparameterize`` folds the model for inference first
     (:func:`rmt.bench.runner.fold_for_inference`). ``compile_mode`` profiles the model compiled
     with that ``torch.compile`` mode and static shapes, as ``rmt bench --compile`` runs it: the
-    first (wait) step compiles, and the fused kernels are the operators listed.
+    first (wait) step compiles, and the fused kernels are the operators listed. It starts with
+    ``torch.compiler.reset()``, which drops every compiled function of this process.
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -67,6 +68,8 @@ def profile_model(
             raise RMTError(f"cannot fold {name} for inference: {first_line(e)}") from None
     model = model.to(dev)
     if compile_mode is not None:
+        # graphs of an earlier compile in this process would be reused uncounted
+        torch.compiler.reset()
         model = compile_model(model, compile_mode)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]

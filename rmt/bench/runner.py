@@ -227,14 +227,25 @@ def quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def attention_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The attention kernels a forward pass really dispatches to (SDPA backend, FlexAttention,
-    RMT's Triton kernel...)."""
+@contextlib.contextmanager
+def recording_attention_ops() -> Iterator[list[str]]:
+    """The attention kernels that the code inside really dispatches to (SDPA backend,
+    FlexAttention, RMT's Triton kernel...), listed into the yielded list on leaving."""
+    found: list[str] = []
     with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(x)
-    names = {e.key for e in prof.key_averages()}
+        yield found
     keep = ("attention", "flex", "bmm", "softmax")
-    return sorted(n for n in names if any(k in n.lower() for k in keep) and n.startswith(("aten::", "flex", "rmt::")))
+    found.extend(sorted(
+        n for n in {e.key for e in prof.key_averages()}
+        if any(k in n.lower() for k in keep) and n.startswith(("aten::", "flex", "rmt::"))
+    ))
+
+
+def attention_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The attention kernels a forward pass of ``model`` really dispatches to."""
+    with recording_attention_ops() as found:
+        model(x)
+    return found
 
 
 Builder = Callable[[tuple[int, int]], nn.Module]  # image size -> model
@@ -303,10 +314,10 @@ def run_benchmark(
         builders = {name: _model_builder(name, settings.attn_kernel) for name in settings.models}
     on_cuda = device.type == "cuda"
     warmup = settings.warmup if settings.warmup is not None else (10 if on_cuda else 1)
-    if not on_cuda or settings.compile_mode:
-        # the first CPU pass measures memory and sizes the time budget, and a first compiled pass
-        # compiles (neither to be timed, nor profiled for attention_ops): always one
+    if not on_cuda:  # the first CPU pass measures memory and sizes the time budget: always one
         warmup = max(warmup, 1)
+    if settings.compile_mode:  # the first pass compiles, the second lists the attention ops (_warm_up)
+        warmup = max(warmup, 2)
     budgeted = settings.iters is None and not on_cuda
     notes = []
     if not on_cuda:
@@ -374,9 +385,12 @@ def run_benchmark(
             f"{settings.time_budget_s:.0f} s budget (--iters overrides)"
         )
     for r in rows:
+        where = f"{r['model']} {r['img_size'][0]}x{r['img_size'][1]} b{r['batch']}"
         if r["graph_breaks"]:  # a figure of several graphs with eager code between them
-            where = f"{r['model']} {r['img_size'][0]}x{r['img_size'][1]} b{r['batch']}"
             notes.append(f"{where}: {graph_break_note(r['compiled_graphs'], r['graph_breaks'])}")
+        elif settings.compile_mode and r["status"] == "ok" and r["compiled_graphs"] is None:
+            notes.append(f"{where}: torch.compile reused the graphs of an earlier model of this setting; "
+                         "that model's row counts them")
     _add_ratios(rows, baseline)
     return {
         "schema": SCHEMA_VERSION,
@@ -489,19 +503,26 @@ def _warm_up(
             compiled_before = compile_counts()
             for i in range(warmup):
                 measures_rss = i == 0 and device.type == "cpu"
+                # a compiled model's attention ops: its second call. The first also lists what
+                # dynamo traces, and CUDA graphs (recorded on the second) replay without
+                # dispatching any operator
+                lists_ops = i == 1 and settings.compile_mode is not None
                 if measures_rss:
                     _drop_model_caches(c.model)
-                with precision(device, settings.dtype, settings.autocast_cache), (_PeakRSS() if measures_rss else contextlib.nullcontext()) as rss:
+                with (precision(device, settings.dtype, settings.autocast_cache),
+                      _PeakRSS() if measures_rss else contextlib.nullcontext() as rss,
+                      recording_attention_ops() if lists_ops else contextlib.nullcontext() as ops):
                     c.warm_ms = _timed_forward(c.model, x, device)
                 if measures_rss:
                     update["peak_memory_mb"] = rss.growth_mb
+                if lists_ops:
+                    update["attention_ops"] = ops
             if settings.compile_mode:
-                # after the warmup, which compiled it: profiling a first call would list the
-                # operators dynamo traces as well as those the graph runs
-                with precision(device, settings.dtype, settings.autocast_cache):
-                    update["attention_ops"] = attention_ops(c.model, x)
                 graphs, breaks = (now - before for now, before in zip(compile_counts(), compiled_before))
-                update.update(compiled_graphs=graphs, graph_breaks=breaks)
+                # none: dynamo reused graphs another model of this setting compiled (same code
+                # and guards), whose counts went to that model's row
+                if graphs:
+                    update.update(compiled_graphs=graphs, graph_breaks=breaks)
             c.x = x
             return update
         except Exception as e:
