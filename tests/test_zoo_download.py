@@ -100,6 +100,15 @@ def test_pretrained_uses_the_cache_with_the_zoos_state_dict_choice(zoo_home, tmp
     assert torch.equal(named.head.fc.weight, saved["model_ema"]["head.weight"])
     ema_model = zoo.create_model("rmt_t", pretrained=True, ema=True)  # an explicit choice wins
     assert torch.equal(ema_model.head.fc.weight, saved["model_ema"]["head.weight"])
+    # another number of classes, as timm's pretrained models: every weight but the classifier's
+    for tuned in (rmt.create_model("rmt_t", pretrained=True, num_classes=10),
+                  timm.create_model("rmt_t", pretrained=True, num_classes=10)):
+        assert tuned.num_classes == 10 and tuned.head.fc.weight.shape == (10, 1024)
+        assert torch.equal(tuned.head.proj.weight, model.head.proj.weight)
+        assert torch.equal(tuned.stem[0].weight, model.stem[0].weight)
+    headless = rmt.create_model("rmt_t", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        assert headless(torch.randn(1, 3, 64, 64)).shape == (1, 1024)  # the head's pooled features
 
 
 def test_mirror_serves_manual_entries_over_http(zoo_home, zoo_server, monkeypatch, rmt_t_checkpoint_bytes):

@@ -460,8 +460,20 @@ def load_checkpoint(
     """Load a checkpoint file into ``model`` strictly (state dict chosen as :func:`select_state_dict`
     does). Returns which state dict was used."""
     state_dict, source = select_state_dict(read_checkpoint(path), ema, prefer_ema)
-    model.load_state_dict(_convert_state_dict(state_dict, model, model_name), strict=True)
+    load_state_dict_strictly(model, state_dict, model_name)
     return source or "state dict"
+
+
+def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Tensor], model_name: str = "") -> None:
+    """Load a selected state dict (any official layout or ours) into ``model``, every tensor checked."""
+    model.load_state_dict(_convert_state_dict(state_dict, model, model_name), strict=True)
+
+
+def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> Optional[int]:
+    """The classes of a selected state dict's classifier (ours: ``head.fc``; official: ``head``),
+    or None if it has none (saved with ``num_classes=0``)."""
+    weight = state_dict.get("head.fc.weight", state_dict.get("head.weight"))
+    return None if weight is None else int(weight.shape[0])
 
 
 def save_atomic(obj: Any, path: PathLike) -> None:

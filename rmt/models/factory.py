@@ -11,7 +11,9 @@ from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from rmt.errors import CheckpointError, UnknownModelError
-from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
+from rmt.models.checkpoint import (
+    PathLike, checkpoint_num_classes, load_state_dict_strictly, published_prefers_ema, read_checkpoint, select_state_dict,
+)
 from rmt.models.config import VARIANTS
 
 
@@ -48,7 +50,9 @@ def create_model(
             variant's published figures belong to (the zoo entry's choice: plain for rmt_t, EMA
             for the others), else the only ones; True/False = EMA/plain, required.
         **kwargs: timm model arguments (``num_classes``, ``features_only``, ``out_indices``,
-            ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field).
+            ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field). With weights, a
+            ``num_classes`` other than the file's loads every weight but the classifier's,
+            which starts afresh (as timm's pretrained models do).
     """
     check_model_name(name)
     if pretrained and checkpoint is not None:
@@ -63,8 +67,14 @@ def create_model(
     # load the whole network strictly, then (for features_only) wrap it as timm would
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    load_checkpoint(model, checkpoint, ema=ema, model_name=name, prefer_ema=published_prefers_ema(name))
+    state_dict, _ = select_state_dict(read_checkpoint(checkpoint), ema, published_prefers_ema(name))
+    classes, requested = checkpoint_num_classes(state_dict), kwargs.get("num_classes")
+    # another number of classes: built with the file's classifier, every tensor checked, then a new one
+    new_classifier = requested is not None and classes is not None and requested != classes
+    model = timm.create_model(name, pretrained=False, **({**kwargs, "num_classes": classes} if new_classifier else kwargs))
+    load_state_dict_strictly(model, state_dict, name)
+    if new_classifier:
+        model.reset_classifier(requested)
     if not features_only:
         return model
     pretrained_cfg = model.pretrained_cfg
