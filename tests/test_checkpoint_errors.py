@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
 import rmt
@@ -56,6 +57,24 @@ def test_wrong_shape(tmp_path, rmt_t_state):
     with pytest.raises(CheckpointError) as e:
         rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "m.pth", state))
     assert "head.weight (100, 1024) in file vs (1000, 1024) in model" in _single_line(e.value)
+
+
+def test_another_number_of_classes_loads_all_but_the_classifier(tmp_path, schema):
+    """As timm's pretrained models: asked for another num_classes, the file's classifiers (the head
+    and the token-labelling aux_head) are left out, and every other tensor loads, still checked."""
+    state = official_state_dict(schema["rmt_s_tl"])
+    path = _save(tmp_path, "s_tl.pth", {"model": state})
+    reference = rmt.create_model("rmt_s_tl", checkpoint=path).state_dict()
+    for model in (rmt.create_model("rmt_s_tl", checkpoint=path, num_classes=10),
+                  timm.create_model("rmt_s_tl", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=10)):
+        assert model.head.fc.weight.shape == (10, 1024) and model.aux_head.weight.shape == (10, 512)
+        kept = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.fc.", "aux_head."))}
+        assert len(kept) == len(reference) - 4 and all(torch.equal(v, reference[k]) for k, v in kept.items())
+    assert isinstance(rmt.create_model("rmt_s_tl", checkpoint=path, num_classes=0).head.fc, torch.nn.Identity)
+    cut = dict(state)
+    del cut["layers.2.blocks.3.retention.k_proj.weight"]
+    with pytest.raises(CheckpointError, match="1 missing key"):
+        rmt.create_model("rmt_s_tl", checkpoint=_save(tmp_path, "cut.pth", cut), num_classes=10)
 
 
 def test_another_variants_checkpoint(tmp_path, schema):

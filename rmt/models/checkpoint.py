@@ -377,13 +377,24 @@ def _rmt_shapes(name: str) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in _variant_on_meta(name).state_dict().items()}
 
 
-def check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> str:
+def _is_classifier_key(key: str) -> bool:
+    """The classifier's tensors, in either layout (ours: ``head.fc``; official: ``head``; both: ``aux_head``)."""
+    return key.startswith(("head.fc.", "aux_head.")) or key in ("head.weight", "head.bias")
+
+
+def check_state_dict(
+    state_dict: Mapping[str, Tensor], model: nn.Module, name: str, without_classifier: bool = False
+) -> str:
     """Raise a one-line CheckpointError unless ``state_dict`` (official layout or ours) fits
-    ``model`` exactly, derived ``Relpos`` buffers included; returns ``"official"`` or ``"rmt"``."""
+    ``model`` exactly, derived ``Relpos`` buffers included (``without_classifier``: all but the
+    classifiers' tensors, on either side); returns ``"official"`` or ``"rmt"``."""
     reparameterized = getattr(model, "is_reparameterized", False)
+    if without_classifier:
+        state_dict = {k: v for k, v in state_dict.items() if not _is_classifier_key(k)}
     if not _is_official_layout(state_dict):
         try:
-            check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items()}, name)
+            ours = {k: v.shape for k, v in model.state_dict().items() if not (without_classifier and _is_classifier_key(k))}
+            check_fits(state_dict, ours, name)
         except CheckpointError as e:
             if reparameterized:  # most likely an unfolded checkpoint: say what to do instead
                 raise CheckpointError(f"{e}; {_REPARAMETERIZED}") from None
@@ -391,7 +402,9 @@ def check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, name: s
         return "rmt"
     if reparameterized:
         raise CheckpointError(f"an official checkpoint does not fit a folded model: {_REPARAMETERIZED}")
-    expected = {k: v.shape for k, v in export_official_state_dict(model).items()}
+    expected = {
+        k: v.shape for k, v in export_official_state_dict(model).items() if not (without_classifier and _is_classifier_key(k))
+    }
     relpos = tuple(k for k in expected if _RELPOS.match(k))
     check_fits(state_dict, expected, name, optional=relpos)
     _check_relpos(state_dict, model, name)
@@ -408,21 +421,28 @@ def check_variant_state_dict(state_dict: Mapping[str, Tensor], name: str) -> tup
 
 
 def convert_checkpoint(
-    checkpoint: Any, model: nn.Module, ema: Optional[bool] = None, model_name: str = "", prefer_ema: bool = True
+    checkpoint: Any, model: nn.Module, ema: Optional[bool] = None, model_name: str = "", prefer_ema: bool = True,
+    without_classifier: bool = False,
 ) -> dict[str, Tensor]:
     """Select (as :func:`select_state_dict`), validate and convert a loaded checkpoint (any official
     layout or ours) for ``model``.
 
-    Raises CheckpointError naming every problem; returns a state dict ``model`` loads strictly.
+    Raises CheckpointError naming every problem; returns a state dict ``model`` loads strictly, or
+    with ``without_classifier`` one that holds all but the classifiers' tensors, checked against
+    all but ``model``'s (for another number of classes than the file's).
     """
     state_dict, _ = select_state_dict(checkpoint, ema, prefer_ema)
-    return _convert_state_dict(state_dict, model, model_name)
+    return _convert_state_dict(state_dict, model, model_name, without_classifier)
 
 
-def _convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module, model_name: str) -> dict[str, Tensor]:
+def _convert_state_dict(
+    state_dict: dict[str, Tensor], model: nn.Module, model_name: str, without_classifier: bool = False
+) -> dict[str, Tensor]:
     """Validate a selected state dict (any official layout or ours) for ``model`` and convert it to ours."""
     name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
-    if check_state_dict(state_dict, model, name) == "rmt":
+    if without_classifier:
+        state_dict = {k: v for k, v in state_dict.items() if not _is_classifier_key(k)}
+    if check_state_dict(state_dict, model, name, without_classifier) == "rmt":
         return state_dict
     return _from_official(state_dict)
 
@@ -460,13 +480,8 @@ def load_checkpoint(
     """Load a checkpoint file into ``model`` strictly (state dict chosen as :func:`select_state_dict`
     does). Returns which state dict was used."""
     state_dict, source = select_state_dict(read_checkpoint(path), ema, prefer_ema)
-    load_state_dict_strictly(model, state_dict, model_name)
-    return source or "state dict"
-
-
-def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Tensor], model_name: str = "") -> None:
-    """Load a selected state dict (any official layout or ours) into ``model``, every tensor checked."""
     model.load_state_dict(_convert_state_dict(state_dict, model, model_name), strict=True)
+    return source or "state dict"
 
 
 def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> Optional[int]:

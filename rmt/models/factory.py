@@ -12,7 +12,7 @@ from torch import nn
 
 from rmt.errors import CheckpointError, UnknownModelError
 from rmt.models.checkpoint import (
-    PathLike, checkpoint_num_classes, load_state_dict_strictly, published_prefers_ema, read_checkpoint, select_state_dict,
+    PathLike, checkpoint_num_classes, convert_checkpoint, published_prefers_ema, read_checkpoint, select_state_dict,
 )
 from rmt.models.config import VARIANTS
 
@@ -52,7 +52,7 @@ def create_model(
         **kwargs: timm model arguments (``num_classes``, ``features_only``, ``out_indices``,
             ``attn_kernel``, ``drop_path_rate``, any :class:`RMTConfig` field). With weights, a
             ``num_classes`` other than the file's loads every weight but the classifier's,
-            which starts afresh (as timm's pretrained models do).
+            which keeps its initialisation (as timm's pretrained models do).
     """
     check_model_name(name)
     if pretrained and checkpoint is not None:
@@ -68,13 +68,13 @@ def create_model(
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     state_dict, _ = select_state_dict(read_checkpoint(checkpoint), ema, published_prefers_ema(name))
-    classes, requested = checkpoint_num_classes(state_dict), kwargs.get("num_classes")
-    # another number of classes: built with the file's classifier, every tensor checked, then a new one
-    new_classifier = requested is not None and classes is not None and requested != classes
-    model = timm.create_model(name, pretrained=False, **({**kwargs, "num_classes": classes} if new_classifier else kwargs))
-    load_state_dict_strictly(model, state_dict, name)
-    if new_classifier:
-        model.reset_classifier(requested)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    classes = checkpoint_num_classes(state_dict)
+    # another number of classes asked for than the file's: every other tensor, checked (so the
+    # non-strict load can miss only the classifier's)
+    new_classifier = "num_classes" in kwargs and classes is not None and classes != model.num_classes
+    converted = convert_checkpoint(state_dict, model, model_name=name, without_classifier=new_classifier)
+    model.load_state_dict(converted, strict=not new_classifier)
     if not features_only:
         return model
     pretrained_cfg = model.pretrained_cfg

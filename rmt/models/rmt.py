@@ -428,10 +428,17 @@ class RMT(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
-    """Convert a checkpoint in any official layout to this model's state dict (timm's hook)."""
-    from rmt.models.checkpoint import convert_checkpoint
+    """Convert a checkpoint in any official layout to this model's state dict (timm's hook).
 
-    return convert_checkpoint(state_dict, model)
+    When the model was asked for another number of classes than the file's, all but the
+    classifier: timm loads non-strictly when ``num_classes`` differs from the pretrained config's,
+    and the new classifier keeps its initialisation."""
+    from rmt.models.checkpoint import checkpoint_num_classes, convert_checkpoint, select_state_dict
+
+    selected, _ = select_state_dict(state_dict)
+    classes = checkpoint_num_classes(selected)
+    asked = model.num_classes != (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", model.num_classes)
+    return convert_checkpoint(selected, model, without_classifier=asked and classes not in (None, model.num_classes))
 
 
 def _cfg(crop_pct: float, **kwargs: Any) -> dict:
