@@ -65,16 +65,41 @@ def test_another_number_of_classes_loads_all_but_the_classifier(tmp_path, schema
     state = official_state_dict(schema["rmt_s_tl"])
     path = _save(tmp_path, "s_tl.pth", {"model": state})
     reference = rmt.create_model("rmt_s_tl", checkpoint=path).state_dict()
+    backbone = {k: v for k, v in reference.items() if not k.startswith(("head.fc.", "aux_head."))}
+
+    def loads_the_backbone(model, classes):
+        assert model.head.fc.weight.shape == (classes, 1024) and model.aux_head.weight.shape == (classes, 512)
+        kept = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.fc.", "aux_head."))}
+        assert kept.keys() == backbone.keys() and all(torch.equal(v, backbone[k]) for k, v in kept.items())
+
     for model in (rmt.create_model("rmt_s_tl", checkpoint=path, num_classes=10),
                   timm.create_model("rmt_s_tl", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=10)):
-        assert model.head.fc.weight.shape == (10, 1024) and model.aux_head.weight.shape == (10, 512)
-        kept = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.fc.", "aux_head."))}
-        assert len(kept) == len(reference) - 4 and all(torch.equal(v, reference[k]) for k, v in kept.items())
-    assert isinstance(rmt.create_model("rmt_s_tl", checkpoint=path, num_classes=0).head.fc, torch.nn.Identity)
+        loads_the_backbone(model, 10)
+        assert not torch.equal(model.aux_head.weight, reference["aux_head.weight"][:10])
+    headless = rmt.create_model("rmt_s_tl", checkpoint=path, num_classes=0).eval()
+    with torch.no_grad():
+        assert headless(torch.randn(1, 3, 64, 64)).shape == (1, 1024)  # the head's pooled features
+    # a file without classifiers (saved with num_classes=0) takes new ones
+    loads_the_backbone(rmt.create_model("rmt_s_tl", checkpoint=_save(tmp_path, "bare.pth", headless.state_dict()),
+                                        num_classes=10), 10)
     cut = dict(state)
     del cut["layers.2.blocks.3.retention.k_proj.weight"]
     with pytest.raises(CheckpointError, match="1 missing key"):
         rmt.create_model("rmt_s_tl", checkpoint=_save(tmp_path, "cut.pth", cut), num_classes=10)
+
+
+def test_a_fine_tuned_classifier_loads_with_its_number_of_classes(tmp_path, schema):
+    tuned = rmt.create_model("rmt_s_tl", num_classes=10)
+    path = _save(tmp_path, "tuned.pth", {"model": tuned.state_dict()})
+    for model in (rmt.create_model("rmt_s_tl", checkpoint=path, num_classes=10),
+                  # through timm's loader the pretrained config must say so: timm drops a head
+                  # whose num_classes differs from the config's (1000)
+                  timm.create_model("rmt_s_tl", pretrained=True, pretrained_cfg_overlay={"file": str(path), "num_classes": 10})):
+        assert torch.equal(model.aux_head.weight, tuned.aux_head.weight)
+        assert torch.equal(model.head.fc.weight, tuned.head.fc.weight)
+    for not_asked in ({}, {"num_classes": None}):  # no other number of classes asked for: refused, naming the shapes
+        with pytest.raises(CheckpointError, match=r"head.fc.weight \(10, 1024\) in file vs \(1000, 1024\) in model"):
+            rmt.create_model("rmt_s_tl", checkpoint=path, **not_asked)
 
 
 def test_another_variants_checkpoint(tmp_path, schema):

@@ -521,7 +521,7 @@ def _warm_up(
                 graphs, breaks = (now - before for now, before in zip(compile_counts(), compiled_before))
                 # none: dynamo reused graphs another model of this setting compiled (same code
                 # and guards), whose counts went to that model's row
-                if graphs:
+                if graphs or breaks:
                     update.update(compiled_graphs=graphs, graph_breaks=breaks)
             c.x = x
             return update

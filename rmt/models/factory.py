@@ -69,10 +69,9 @@ def create_model(
     out_indices = kwargs.pop("out_indices", None)
     state_dict, _ = select_state_dict(read_checkpoint(checkpoint), ema, published_prefers_ema(name))
     model = timm.create_model(name, pretrained=False, **kwargs)
-    classes = checkpoint_num_classes(state_dict)
-    # another number of classes asked for than the file's: every other tensor, checked (so the
-    # non-strict load can miss only the classifier's)
-    new_classifier = "num_classes" in kwargs and classes is not None and classes != model.num_classes
+    # another number of classes asked for than the file's (a file without classifier included):
+    # every other tensor, checked, so that the non-strict load can miss only the classifiers'
+    new_classifier = kwargs.get("num_classes") is not None and checkpoint_num_classes(state_dict) != model.num_classes
     converted = convert_checkpoint(state_dict, model, model_name=name, without_classifier=new_classifier)
     model.load_state_dict(converted, strict=not new_classifier)
     if not features_only:

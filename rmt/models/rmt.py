@@ -416,7 +416,7 @@ class RMT(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         logits = self.head(x, pre_logits=pre_logits)
-        if pre_logits or self.aux_head is None:
+        if pre_logits or self.aux_head is None or not self.num_classes:  # no classes: the head's pooled features
             return logits
         aux = self.aux_head(x.flatten(1, 2))  # (B, H*W, classes)
         if self.training:  # token-labelling training needs the dense predictions
@@ -430,15 +430,13 @@ class RMT(nn.Module):
 def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
     """Convert a checkpoint in any official layout to this model's state dict (timm's hook).
 
-    When the model was asked for another number of classes than the file's, all but the
-    classifier: timm loads non-strictly when ``num_classes`` differs from the pretrained config's,
-    and the new classifier keeps its initialisation."""
-    from rmt.models.checkpoint import checkpoint_num_classes, convert_checkpoint, select_state_dict
+    When the model has another ``num_classes`` than its pretrained config's, all but the
+    classifiers (head and aux_head): timm then drops the head's and loads non-strictly, and the
+    new classifiers keep their initialisation, as :func:`rmt.create_model` leaves them."""
+    from rmt.models.checkpoint import convert_checkpoint
 
-    selected, _ = select_state_dict(state_dict)
-    classes = checkpoint_num_classes(selected)
-    asked = model.num_classes != (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", model.num_classes)
-    return convert_checkpoint(selected, model, without_classifier=asked and classes not in (None, model.num_classes))
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", model.num_classes)
+    return convert_checkpoint(state_dict, model, without_classifier=model.num_classes != pretrained_classes)
 
 
 def _cfg(crop_pct: float, **kwargs: Any) -> dict:
