@@ -440,11 +440,9 @@ def _convert_state_dict(
 ) -> dict[str, Tensor]:
     """Validate a selected state dict (any official layout or ours) for ``model`` and convert it to ours."""
     name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
-    if without_classifier:
-        state_dict = {k: v for k, v in state_dict.items() if not _is_classifier_key(k)}
-    if check_state_dict(state_dict, model, name, without_classifier) == "rmt":
-        return state_dict
-    return _from_official(state_dict)
+    layout = check_state_dict(state_dict, model, name, without_classifier)
+    converted = state_dict if layout == "rmt" else _from_official(state_dict)
+    return {k: v for k, v in converted.items() if not _is_classifier_key(k)} if without_classifier else converted
 
 
 def _check_relpos(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> None:
