@@ -2,8 +2,9 @@
 
 Times one Manhattan self-attention call, from the projections on: the rotary of q and k, then
 both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for: the
-Triton kernel (rotary fused) with one head per program and with a sequence's heads grouped two,
-four or eight to a program (``triton_heads2``...), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
+Triton kernel (rotary fused) with one head per program, also with 4 and 8 warps (``triton_w4``,
+``triton_w8``; the default is 2 or 4 by tile size), and with a sequence's heads grouped two, four
+or eight to a program (``triton_heads2``...), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
 memory-efficient backend, the plain reference path eagerly and compiled, and (--flex)
 FlexAttention compiled with its default and with small tiles. Every timed call starts with one
 copy of the stacked q/k projection, which the rotary then overwrites (as in the model). Then,
@@ -114,6 +115,11 @@ def main() -> None:
 
         variants = {
             "triton": lambda: run("triton"),
+            **{
+                f"triton_w{warps}": functools.partial(
+                    lambda warps: attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, 1, warps), warps)
+                for warps in (4, 8)
+            },
             **{
                 f"triton_heads{p}": functools.partial(
                     lambda p: attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, p), p)

@@ -78,6 +78,16 @@ def test_kernel_with_heads_grouped_by_definition(length, heads, heads_per_progra
     assert (out.double() - _by_definition(q, k, v, decay, grid_width)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("num_warps", [4, 8])
+def test_kernel_with_other_warp_counts_by_definition(num_warps):
+    # stage 1's shape, where the default 2 warps take 198 registers a thread (the interpreter
+    # ignores warps: on a GPU this compiles and checks each count)
+    torch.manual_seed(0)
+    q, k, v, decay = _strided_inputs(2, 3, 56, 4, 16)
+    out = fused_attention.decayed_attention(q, k, v, decay, 0, False, num_warps=num_warps)
+    assert (out.double() - _by_definition(q, k, v, decay, 0)).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("decomposed, size, groupings", [(True, (12, 20), (2, 4)), (False, (7, 7), (2,))])
 def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, groupings):
     torch.manual_seed(0)

@@ -400,23 +400,26 @@ def manhattan_attention(qk: Tensor, v: Tensor, tables: PositionTables, kernel: s
 
 
 def _fused_manhattan_attention(
-    qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool, heads_per_program: int = 1
+    qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool, heads_per_program: int = 1,
+    num_warps: Optional[int] = None,
 ) -> Tensor:
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
     if decomposed:
         rows = fused_attention.decayed_attention(
-            q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program
+            q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps
         )  # (B, H, W, heads, d)
         # the column pass reads the same tensors transposed and writes back in (B, H, W) order
         return fused_attention.decayed_attention(
             q.transpose(1, 2), k.transpose(1, 2), rows.transpose(1, 2), tables.columns.decay, 0, True,
-            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program,
+            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps,
         )
     q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
     cos, sin = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d)
-    full = fused_attention.decayed_attention(q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program)
+    full = fused_attention.decayed_attention(
+        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps
+    )
     return full.view(b, h, w, n, d)
 
 

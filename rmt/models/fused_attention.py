@@ -147,6 +147,7 @@ def decayed_attention(
     cos: Optional[Tensor] = None,
     sin: Optional[Tensor] = None,
     heads_per_program: int = 1,
+    num_warps: Optional[int] = None,
 ) -> Tensor:
     """Softmax attention with the decay ``decay[head] * distance`` over sequences along dim 2 of
     (B, G, L, heads, head_dim) q, k and v (any strides, head_dim contiguous); k is pre-scaled.
@@ -160,21 +161,22 @@ def decayed_attention(
     ``heads_per_program``: how many heads of a sequence one program attends (a power of two
     dividing the heads, at most :data:`MAX_ROWS` rows of tokens times heads). One program per
     head is what was measured on Hopper; grouping heads gives each program whole tokens to load
-    and fewer, larger programs, for `scripts/gpu_attention_variants.py` to compare.
+    and fewer, larger programs, for `scripts/gpu_attention_variants.py` to compare. ``num_warps``:
+    the warps per program (default: by tile size, :func:`_warps`), for the same comparison.
 
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
     and RMT's eager CUDA inference is bound by CPU time per operator at batch 64).
     """
     if torch.compiler.is_compiling():
-        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program)
+        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
     with profiler_label("rmt::decayed_attention"):
-        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program)
+        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
 
 
 def _launch(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
-    cos: Optional[Tensor], sin: Optional[Tensor], heads_per_program: int,
+    cos: Optional[Tensor], sin: Optional[Tensor], heads_per_program: int, num_warps: Optional[int],
 ) -> Tensor:
     b, g, length, n, d = q.shape
     out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
@@ -199,14 +201,16 @@ def _launch(
             *table_strides,
             g, n, length, grid_width,
             BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32, ROTATE=rotate,
-            HEADS=heads_per_program, num_warps=_warps(block * heads_per_program, d),
+            HEADS=heads_per_program, num_warps=num_warps or _warps(block * heads_per_program, d),
         )
     return out
 
 
 def _warps(rows: int, head_dim: int) -> int:
     """Warps per program: 2 for small tiles, 4 from a 64 x 32 tile, 8 for the 128-row score tiles
-    of grouped heads (128 x 128 float32 scores are 64 registers a thread at 8 warps)."""
+    of grouped heads (128 x 128 float32 scores are 64 registers a thread at 8 warps). The measured
+    rule for one head per program; at 2 warps a 64-token tile of head_dim 16 takes 198 registers a
+    thread for sm90 (ptxas), which limits the programs an SM holds: ``num_warps`` compares."""
     return 8 if rows >= 128 else 4 if rows * head_dim >= 64 * 32 else 2
 
 
@@ -214,12 +218,13 @@ def _warps(rows: int, head_dim: int) -> int:
 def _decayed_attention_op(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
     cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
+    num_warps: Optional[int] = None,
 ) -> Tensor:
-    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program)
+    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
 
 
 @_decayed_attention_op.register_fake
-def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_program=1):
+def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_program=1, num_warps=None):
     b, g, length, n, d = q.shape
     return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
 

@@ -1,0 +1,80 @@
+"""Registers and spills of RMT's Triton attention kernel per launch configuration, without a GPU.
+
+Compiles ``rmt.models.fused_attention``'s kernel for an NVIDIA target (default sm_90a, Hopper)
+with the installed Triton and runs the ptxas that Triton ships with ``-v`` on each PTX: the
+registers a thread uses bound how many programs an SM holds at once. Configurations: rmt_s's
+attention passes at 224 px (tokens padded to a power of two, head_dim), bf16 with the rotary
+fused, one head per program with the default and more warps, and grouped heads.
+
+    python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rmt.io import write_json_atomic
+from rmt.models import fused_attention
+from rmt.models.fused_attention import _decayed_attention_kernel, _warps
+
+# (pass, tokens padded, head_dim, heads per program): rmt_s at 224 px
+PASSES = [
+    ("stage1 56 tokens", 64, 16, 1), ("stage1 56 tokens", 64, 16, 2),
+    ("stage2 28 tokens", 32, 32, 1), ("stage2 28 tokens", 32, 32, 4),
+    ("stage3 14 tokens", 16, 32, 1), ("stage3 14 tokens", 16, 32, 8),
+    ("stage4 49 tokens", 64, 32, 1), ("stage4 49 tokens", 64, 32, 2),
+]
+
+
+def registers(block: int, head_dim: int, heads: int, warps: int, arch: int) -> dict:
+    """ptxas's report for one configuration: registers a thread, spill bytes."""
+    constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True, "HEADS": heads}
+    signature = {
+        name: "constexpr" if name in constants else "*fp32" if name == "decay_ptr" else "*bf16" if name.endswith("_ptr") else "i32"
+        for name in inspect.signature(_decayed_attention_kernel.fn).parameters
+    }
+    compiled = triton.compile(ASTSource(fn=_decayed_attention_kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    used = next(line for line in report.splitlines() if "Used" in line and "registers" in line)
+    spills = next(line for line in report.splitlines() if "spill stores" in line)
+    return {"registers": int(used.split("Used")[1].split("registers")[0]),
+            "spill_store_bytes": int(spills.split("bytes spill stores")[0].split(",")[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as a number (90: Hopper)")
+    parser.add_argument("--json", help="also write the table here")
+    args = parser.parse_args()
+    rows = []
+    for name, block, head_dim, heads in PASSES:
+        default = _warps(block * heads, head_dim)
+        for warps in sorted({default, 4, 8}) if heads == 1 else (default,):
+            row = {"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
+                   "num_warps": warps, "default_warps": warps == default, **registers(block, head_dim, heads, warps, args.arch)}
+            rows.append(row)
+            print(f"{name:17s} heads/program {heads}  warps {warps}{'*' if row['default_warps'] else ' '}  "
+                  f"{row['registers']:3d} registers  {row['spill_store_bytes']} B spilled", flush=True)
+    print("* the default warps for that tile (fused_attention._warps)")
+    if args.json:
+        write_json_atomic(args.json, {"triton": triton.__version__, "arch": f"sm_{args.arch}a",
+                                      "max_rows": fused_attention.MAX_ROWS, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
