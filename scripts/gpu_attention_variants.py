@@ -45,8 +45,7 @@ STAGES = {  # rmt_s at 224: (H, W, heads, head_dim, decomposed)
 
 def groupings(length: int, heads: int) -> list[int]:
     """The heads-per-program counts above one that the Triton kernel takes for these sequences."""
-    block = max(16, 1 << (length - 1).bit_length())
-    return [p for p in (2, 4, 8, 16) if heads % p == 0 and block * p <= fused_attention.MAX_ROWS]
+    return [p for p in (2, 4, 8, 16) if fused_attention.groups_heads(length, heads, p)]
 
 
 def widest_grouping(qk, v, tables, decomposed, heads_per_program=1, *, fused):

@@ -43,7 +43,7 @@ JOBS = [
     ("sdpa_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64]), "sdpa"),
     ("profile", dict(profiles=[("rmt_s", False, None), ("rmt_s", True, None), ("swin_t", False, None)]), None),
     # where the GPU time of the compiled models goes: inductor's fused kernels by name
-    # (two compiles of about 90 s on an H100: with the default budget, a call of its own, --only ...)
+    # (two compiles of about 80 s on an H100: with the default budget, a call of its own, --only ...)
     ("profile_compiled", dict(profiles=[("rmt_s", True, "default"), ("swin_t", False, "default")]), None),
     ("compiled_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default"), None),
     # the Triton kernel inside a compiled graph (auto compiles the plain math instead)

@@ -389,12 +389,15 @@ def check_state_dict(
     ``model`` exactly, derived ``Relpos`` buffers included (``without_classifier``: all but the
     classifiers' tensors, on either side); returns ``"official"`` or ``"rmt"``."""
     reparameterized = getattr(model, "is_reparameterized", False)
+
+    def kept(key: str) -> bool:
+        return not (without_classifier and _is_classifier_key(key))
+
     if without_classifier:
-        state_dict = {k: v for k, v in state_dict.items() if not _is_classifier_key(k)}
+        state_dict = {k: v for k, v in state_dict.items() if kept(k)}
     if not _is_official_layout(state_dict):
         try:
-            ours = {k: v.shape for k, v in model.state_dict().items() if not (without_classifier and _is_classifier_key(k))}
-            check_fits(state_dict, ours, name)
+            check_fits(state_dict, {k: v.shape for k, v in model.state_dict().items() if kept(k)}, name)
         except CheckpointError as e:
             if reparameterized:  # most likely an unfolded checkpoint: say what to do instead
                 raise CheckpointError(f"{e}; {_REPARAMETERIZED}") from None
@@ -402,9 +405,7 @@ def check_state_dict(
         return "rmt"
     if reparameterized:
         raise CheckpointError(f"an official checkpoint does not fit a folded model: {_REPARAMETERIZED}")
-    expected = {
-        k: v.shape for k, v in export_official_state_dict(model).items() if not (without_classifier and _is_classifier_key(k))
-    }
+    expected = {k: v.shape for k, v in export_official_state_dict(model).items() if kept(k)}
     relpos = tuple(k for k in expected if _RELPOS.match(k))
     check_fits(state_dict, expected, name, optional=relpos)
     _check_relpos(state_dict, model, name)
@@ -473,12 +474,17 @@ def published_prefers_ema(model_name: str) -> bool:
 
 
 def load_checkpoint(
-    model: nn.Module, path: PathLike, ema: Optional[bool] = None, model_name: str = "", prefer_ema: bool = True
+    model: nn.Module, path: PathLike, ema: Optional[bool] = None, model_name: str = "", prefer_ema: bool = True,
+    keep_model_classifier: bool = False,
 ) -> str:
     """Load a checkpoint file into ``model`` strictly (state dict chosen as :func:`select_state_dict`
-    does). Returns which state dict was used."""
+    does). ``keep_model_classifier``: where the file's classifier has another number of classes
+    than ``model``'s (or the file has none), every other tensor, checked, and ``model``'s
+    classifiers as they are. Returns which state dict was used."""
     state_dict, source = select_state_dict(read_checkpoint(path), ema, prefer_ema)
-    model.load_state_dict(_convert_state_dict(state_dict, model, model_name), strict=True)
+    without_classifier = keep_model_classifier and checkpoint_num_classes(state_dict) != model.num_classes
+    # without the classifiers, the check leaves the non-strict load nothing else to miss
+    model.load_state_dict(_convert_state_dict(state_dict, model, model_name, without_classifier), strict=not without_classifier)
     return source or "state dict"
 
 

@@ -11,9 +11,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from rmt.errors import CheckpointError, UnknownModelError
-from rmt.models.checkpoint import (
-    PathLike, checkpoint_num_classes, convert_checkpoint, published_prefers_ema, read_checkpoint, select_state_dict,
-)
+from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
 from rmt.models.config import VARIANTS
 
 
@@ -67,13 +65,11 @@ def create_model(
     # load the whole network strictly, then (for features_only) wrap it as timm would
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
-    state_dict, _ = select_state_dict(read_checkpoint(checkpoint), ema, published_prefers_ema(name))
     model = timm.create_model(name, pretrained=False, **kwargs)
     # another number of classes asked for than the file's (a file without classifier included):
-    # every other tensor, checked, so that the non-strict load can miss only the classifiers'
-    new_classifier = kwargs.get("num_classes") is not None and checkpoint_num_classes(state_dict) != model.num_classes
-    converted = convert_checkpoint(state_dict, model, model_name=name, without_classifier=new_classifier)
-    model.load_state_dict(converted, strict=not new_classifier)
+    # every other tensor, and the new classifiers as initialised
+    load_checkpoint(model, checkpoint, ema=ema, model_name=name, prefer_ema=published_prefers_ema(name),
+                    keep_model_classifier=kwargs.get("num_classes") is not None)
     if not features_only:
         return model
     pretrained_cfg = model.pretrained_cfg

@@ -49,6 +49,19 @@ def supports(q: Tensor, length: int) -> bool:
     )
 
 
+def _padded_length(length: int) -> int:
+    """The tokens of a program's tile: the sequence padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (length - 1).bit_length())
+
+
+def groups_heads(length: int, heads: int, heads_per_program: int) -> bool:
+    """Whether one program can attend ``heads_per_program`` of ``heads`` heads of ``length``-token
+    sequences: a power of two dividing the heads, at most :data:`MAX_ROWS` rows of padded tokens
+    times heads."""
+    p = heads_per_program
+    return p >= 1 and p & (p - 1) == 0 and heads % p == 0 and _padded_length(length) * p <= MAX_ROWS
+
+
 @functools.lru_cache(maxsize=None)
 def measured_gpu(device: torch.device) -> bool:
     """Whether ``auto`` may pick the kernel on this GPU: NVIDIA from Ampere (sm80) on, for
@@ -188,8 +201,8 @@ def _launch(
         raise ValueError("decayed_attention needs cos and sin as (G, L, 2, head_dim) views of one layout")
     if any(t.stride(-1) != 1 for t in (q, k, v, out_view) + ((cos, sin) if rotate else ())):
         raise ValueError("decayed_attention needs head_dim contiguous")
-    block = max(16, triton.next_power_of_2(length))
-    if n % heads_per_program or heads_per_program & (heads_per_program - 1) or block * heads_per_program > MAX_ROWS:
+    block = _padded_length(length)
+    if not groups_heads(length, n, heads_per_program):
         raise ValueError(f"decayed_attention cannot give {heads_per_program} of {n} heads of {length} tokens to one program")
     table_strides = cos.stride()[:3] if rotate else (0, 0, 0)
     # Triton launches on the current device, not the tensors' (a model on cuda:1 while cuda:0 is current)
@@ -229,4 +242,4 @@ def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_p
     return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
 
 
-__all__ = ["MAX_LENGTH", "MAX_ROWS", "decayed_attention", "measured_gpu", "supports"]
+__all__ = ["MAX_LENGTH", "MAX_ROWS", "decayed_attention", "groups_heads", "measured_gpu", "supports"]
