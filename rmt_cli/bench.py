@@ -25,12 +25,18 @@ def register(app: typer.Typer) -> None:
 def optional_compile_mode(argv: list[str]) -> list[str]:
     """``--compile`` takes an optional mode: a bare ``--compile`` (followed by an option, a model
     name or nothing) means ``--compile default``. No model is named like a mode, so this is exact."""
+    import difflib
+
     from rmt.bench.runner import COMPILE_MODES
 
     out = []
     for i, token in enumerate(argv):
         out.append(token)
-        if token == "--compile" and (i + 1 == len(argv) or argv[i + 1] not in COMPILE_MODES):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token == "--compile" and following not in COMPILE_MODES:
+            # a misspelt mode would otherwise be read as a model name
+            if following and difflib.get_close_matches(following.replace("_", "-"), COMPILE_MODES, n=1, cutoff=0.8):
+                raise RMTError(f"unknown compile mode {following!r}: choose one of {', '.join(COMPILE_MODES)}")
             out.append("default")
     return out
 
@@ -98,14 +104,17 @@ def bench(
         baseline=baseline,
     )
     settings.validate()
-    for path in (json_out, csv_out, plot_out):  # a typo must not throw away a long run
-        if path is not None:
-            check_writable(path)
+    outputs = [path for path in (json_out, csv_out, plot_out) if path is not None]
+    for path in outputs:  # a typo must not throw away a long run
+        check_writable(path)
+    if len({path.resolve() for path in outputs}) < len(outputs):
+        raise RMTError("--json, --csv and --plot must name different files")
     if plot_out is not None:
         require_matplotlib()
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=err, transient=True,
+        disable=not err.is_terminal,  # logs and CI get the results, not bar redraws and a stray blank line
     ) as bar:
         task = bar.add_task("starting", total=1)
 
@@ -113,18 +122,22 @@ def bench(
             bar.update(task, description=what, completed=done, total=total)
 
         report = run_benchmark(settings, progress=progress)
-    _print_bench(report)
+    # the files first: a closed or full standard output must not lose a long run's report
+    wrote = []
     if json_out:
         write_json_atomic(json_out, report)
-        out.print(f"wrote {json_out}")
+        wrote.append(f"wrote {json_out}")
     if csv_out:
         write_text_atomic(csv_out, to_csv(report))
-        out.print(f"wrote {csv_out}")
+        wrote.append(f"wrote {csv_out}")
     if plot_out:
         from rmt import zoo
 
         drawn = plot(report, plot_out, top1=lambda name: zoo.get_entry(name).published_top1)
-        out.print(f"wrote {plot_out} ({drawn} models)")
+        wrote.append(f"wrote {plot_out} ({drawn} models)")
+    _print_bench(report)
+    for line in wrote:
+        out.print(line, markup=False)
 
 
 # left out, in this order of need, when the table would not fit the terminal (--json has them all)
@@ -154,7 +167,7 @@ def _print_bench(report: dict[str, Any]) -> None:
         }
         if on_cuda:
             row.update({"TFLOP/s": _fmt(r["tflops"], 1), "MFU": f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"})
-        row["status"] = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['error']}"
+        row["status"] = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {escape(str(r['error']))}"
         rows.append(row)
     columns = ["model", "batch", "size", "img/s", "ratio", "median ms", "p90", "p99", "IQR", memory_label,
                "params M", "GMACs"] + (["TFLOP/s", "MFU"] if on_cuda else []) + ["status"]
@@ -240,6 +253,8 @@ def flops(
     size = parse_img_size(img_size)
     entry = zoo.get_entry(model)
     report = count_flops(build_model(model, size), size, name=model)
+    if json_out:  # before printing: a closed standard output must not lose it
+        write_json_atomic(json_out, report.to_dict())
     out.print(
         f"[bold]{model}[/] at {size[0]}x{size[1]}: [bold]{report.gmacs:.3f} GMACs[/], {report.params:,} parameters"
     )
@@ -247,7 +262,9 @@ def flops(
     if published and size == (224, 224):
         # RMT's figures were measured on the official code; the baselines' are this counter's own
         source = "official code measured with fvcore" if entry.is_rmt else "zoo figure"
-        out.print(f"{source}: {published:.3f} GMACs ({(report.gmacs - published) / published:+.2%})")
+        # the zoo keeps 3 decimals: a count equal to that precision is equal, not -0.01% off
+        change = "equal" if round(report.gmacs, 3) == round(published, 3) else f"{(report.gmacs - published) / published:+.2%}"
+        out.print(f"{source}: {published:.3f} GMACs ({change})")
     ops = Table(title="by operator", title_style="bold")
     ops.add_column("operator")
     ops.add_column("GMACs", justify="right")
@@ -262,8 +279,7 @@ def flops(
         modules.add_row(("  " * name.count(".")) + name, f"{macs / 1e9:.4f}")
     out.print(modules)
     if json_out:
-        write_json_atomic(json_out, report.to_dict())
-        out.print(f"wrote {json_out}")
+        out.print(f"wrote {json_out}", markup=False)
 
 
 def profile(
@@ -292,13 +308,15 @@ def profile(
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam,
                             compile_mode=compile_mode)
+    if json_out:  # before printing: a closed standard output must not lose it
+        write_json_atomic(json_out, summary)
     folded = ", folded for inference" if summary["reparameterized"] else ""
     folded += f", compiled ({compile_mode})" if compile_mode else ""
     table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype}{folded})", title_style="bold")
     for column in ("operator", "ms/step", "share", "calls/step") + (("self MB",) if memory else ()):
         table.add_column(column, justify="left" if column == "operator" else "right")
     for op in summary["top_ops"]:
-        cells = [op["op"], f"{op['self_ms']:.3f}", f"{op['share']:.1%}", str(op["calls_per_step"])]
+        cells = [escape(op["op"]), f"{op['self_ms']:.3f}", f"{op['share']:.1%}", str(op["calls_per_step"])]
         if memory:
             cells.append(f"{op['self_memory_mb']:.1f}")
         table.add_row(*cells)
@@ -310,7 +328,7 @@ def profile(
     if summary["graph_breaks"]:
         out.print(f"[yellow]note:[/] {graph_break_note(summary['compiled_graphs'], summary['graph_breaks'])}")
     if json_out:
-        write_json_atomic(json_out, summary)
+        out.print(f"wrote {json_out}", markup=False)
 
 
 def compare(
@@ -328,9 +346,11 @@ def compare(
     if json_out:
         check_writable(json_out)
     result = compare_reports(read_report(base), read_report(new), threshold, parse_metrics(metric))
+    if json_out:  # before printing: a closed standard output must not lose it
+        write_json_atomic(json_out, result.to_dict())
     for warning in result.env_warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
-    table = Table(title=f"{new} vs {base} (threshold {threshold:g}%)", title_style="bold")
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
+    table = Table(title=escape(f"{new} vs {base} (threshold {threshold:g}%)"), title_style="bold")
     table.add_column("model")
     table.add_column("setting")
     for m in result.metrics:
@@ -339,11 +359,9 @@ def compare(
     colours = {"ok": "green", "fixed": "green", "new": "cyan"}
     for d in result.deltas:
         changes = [f"{d.changes[m]:+.1f}" if d.changes.get(m) is not None else "-" for m in result.metrics]
-        verdict = f"[{colours.get(d.status, 'red')}]{d.status}[/]" + (f": {'; '.join(d.reasons)}" if d.reasons else "")
-        table.add_row(d.model, d.setting, *changes, verdict)
+        verdict = f"[{colours.get(d.status, 'red')}]{d.status}[/]" + (f": {escape('; '.join(d.reasons))}" if d.reasons else "")
+        table.add_row(escape(d.model), d.setting, *changes, verdict)
     out.print(table)
-    if json_out:
-        write_json_atomic(json_out, result.to_dict())
     if result.regressed:
         err.print("[bold red]regression[/]: see the rows marked regressed, missing or failed")
         raise typer.Exit(1)

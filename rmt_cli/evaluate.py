@@ -70,6 +70,7 @@ def evaluate(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # logs and CI get the results, not bar redraws and a stray blank line
     )
     task = None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -115,6 +117,11 @@ def test_tiny_bench_rmt_t_and_swin_t_json(tmp_path):
     csv_text = to_csv(report)
     assert csv_text.splitlines()[0].startswith("model,batch,requested_batch,img_h,img_w")
     assert len(csv_text.strip().splitlines()) == 3
+    # every field of a row has its column: the latency's and the image size's split up
+    columns = set(csv_text.splitlines()[0].split(","))
+    expected = {k for k in rows["rmt_t"] if k not in ("latency_ms", "img_size")}
+    expected |= {f"latency_{k}_ms" for k in rows["rmt_t"]["latency_ms"]} | {"img_h", "img_w"}
+    assert columns == expected
 
 
 def test_bench_reparam_folds_rmt_and_keeps_the_published_counts(tmp_path):
@@ -197,6 +204,28 @@ def test_failures_mark_rows_and_the_run_goes_on():
     assert rows["tiny"]["status"] == "ok" and rows["tiny"]["throughput"] > 0
 
 
+class _FailsAfter(nn.Module):
+    """Runs ``calls`` forward passes, then raises: a failure in the timed loop, after the warmup measured memory."""
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.calls = calls
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("device lost [/x]")
+        return x.mean((1, 2, 3)) * self.w
+
+
+def test_a_failed_row_has_no_measurements_whichever_pass_failed():
+    settings = BenchSettings(models=["late"], batches=[2], img_sizes=[(64, 64)], device="cpu", warmup=1, iters=3)
+    row = run_benchmark(settings, builders={"late": lambda size: _FailsAfter(2)})["results"][0]
+    assert row["status"] == "error" and row["error"] == "RuntimeError: device lost [/x]"
+    assert all(row[k] is None for k in ("throughput", "latency_ms", "peak_memory_mb", "tflops", "mfu"))
+
+
 def test_oom_retry_halves_the_batch():
     builders = {"oom": lambda size: _OOMAbove(2)}
     settings = BenchSettings(models=["oom"], batches=[8], img_sizes=[(64, 64)], device="cpu", warmup=1, iters=2,
@@ -212,8 +241,14 @@ def test_settings_errors():
             BenchSettings(models=["tiny"], **bad).validate()
     with pytest.raises(RMTError, match="rmt_t listed more than once"):
         BenchSettings(models=["rmt_t", "tiny", "rmt_t"]).validate()
-    with pytest.raises(RMTError, match="time budget must be positive, got -5 s"):
-        BenchSettings(models=["tiny"], time_budget_s=-5).validate()
+    for budget in (-5, float("inf"), float("nan")):
+        with pytest.raises(RMTError, match="time budget must be a positive number of seconds"):
+            BenchSettings(models=["tiny"], time_budget_s=budget).validate()
+    for repeated, message in ((dict(batches=[8, 1, 8]), "batch size 8 listed more than once"),
+                              (dict(img_sizes=[(64, 64), (64, 64)]), "image size 64x64 listed more than once"),
+                              (dict(batches=[]), "no batch sizes"), (dict(img_sizes=[]), "no image sizes")):
+        with pytest.raises(RMTError, match=message):
+            BenchSettings(models=["tiny"], **repeated).validate()
     assert parse_img_size("512x768") == (512, 768) and parse_img_size("224") == (224, 224)
     with pytest.raises(RMTError, match="not N or HxW"):
         parse_img_size("big")
@@ -261,6 +296,36 @@ def test_compare_verdicts():
     assert failed.regressed and failed.deltas[0].status == "failed"
     other_env = compare_reports(base, _report(base["results"], device_name="NVIDIA A100", torch="2.9.0"))
     assert not other_env.regressed and len(other_env.env_warnings) == 2
+
+
+def test_compare_gates_what_it_cannot_take_a_percentage_of():
+    base = _report([_row("rmt_s", 1000, 64, 2000)])
+    for row, reason in (({"peak_memory_mb": None}, "memory missing in the new report"),
+                        ({"throughput": float("nan")}, "throughput missing in the new report"),
+                        ({"latency_ms": {}}, "latency missing in the new report"),
+                        ({"batch": 32}, "ran at batch 32 after running out of memory (base: 64)")):
+        result = compare_reports(base, _report([{**_row("rmt_s", 1000, 64, 2000), **row}]))
+        assert result.regressed and result.deltas[0].reasons == [reason]
+    zero = _report([_row("rmt_s", 1000, 64, 0.0)])
+    result = compare_reports(zero, _report([_row("rmt_s", 1000, 64, 500.0)]))
+    assert not result.regressed and result.deltas[0].reasons == ["memory not compared: 0 in the base report, 500 now"]
+    result = compare_reports(base, _report([{**_row("rmt_s", 1000, 64, 900), "memory_kind": "cuda_model_peak"}]))
+    assert not result.regressed and result.deltas[0].reasons == ["memory not compared: measured as None vs cuda_model_peak"]
+    result = compare_reports(_report([{**_row("rmt_s", 1000, 64, 2000), "attn_kernel": "auto"}]),
+                             _report([{**_row("rmt_s", 100, 640, 2000), "attn_kernel": "reference"}]), threshold=1000)
+    assert not result.regressed and result.env_warnings == ["settings differ: attn_kernel 'auto' vs 'reference'"]
+
+
+def test_compare_refuses_what_it_cannot_gate():
+    base = _report([_row("rmt_s", 1000, 64, 2000)])
+    for threshold in (float("nan"), float("inf"), -1):
+        with pytest.raises(RMTError, match="--threshold must be a number >= 0"):
+            compare_reports(base, base, threshold=threshold)
+    twice = _report([_row("rmt_s", 1000, 64, 2000), _row("rmt_s", 10, 64, 2000)])
+    with pytest.raises(RMTError, match="the new report has two results for rmt_s b64 224x224 bf16"):
+        compare_reports(base, twice)
+    with pytest.raises(RMTError, match="the base report has no results"):
+        compare_reports(_report([]), base)
 
 
 def _cli(*args):
@@ -430,7 +495,8 @@ def test_compiled_rows_count_graphs_and_breaks_and_list_the_graphs_attention_ops
     # the same code and guards: dynamo reuses the graphs, and no count is better than a false 0
     assert (rows["broken_again"]["compiled_graphs"], rows["broken_again"]["graph_breaks"]) == (None, None)
     assert report["settings"]["warmup"] == 2  # one pass compiles, one lists the ops; neither is timed
-    assert to_csv(report).splitlines()[2].endswith(",2,1")  # the CSV has the counts (last columns)
+    broken_csv = list(csv.DictReader(io.StringIO(to_csv(report))))[1]
+    assert (broken_csv["compiled_graphs"], broken_csv["graph_breaks"]) == ("2", "1")
     notes = [n for n in report["notes"] if n.startswith("broken")]
     assert notes == ["broken 64x64 b1: torch.compile made 2 graphs with 1 graph break; the code between them ran eager",
                      "broken_again 64x64 b1: torch.compile reused the graphs of an earlier model of this setting; "
@@ -462,6 +528,7 @@ def test_bench_and_flops_cli(tmp_path):
     flops_json = tmp_path / "flops.json"
     result = _cli("flops", "rmt_s", "--json", str(flops_json))
     assert result.returncode == 0 and "4.800 GMACs" in result.stdout
+    assert "official code measured with fvcore: 4.800 GMACs (equal)" in result.stdout
     data = json.loads(flops_json.read_text())
     assert {"model", "img_size", "gmacs", "params"} <= set(data) and data["params"] == 26967240
 
@@ -478,6 +545,11 @@ def test_malformed_reports_are_one_line_errors(tmp_path):
         ("nondict.json", {"schema": 1, "results": ["rmt_s"]}, r"results\[0\] is a str"),
         ("text.json", {"schema": 1, "results": [dict(_row("rmt_s", "fast", 1, 1))]}, "non-numeric throughput"),
         ("old.json", {"schema": 0, "results": []}, "schema 0"),
+        ("env.json", {"schema": 1, "env": None, "results": []}, "'env' is not an object"),
+        ("model.json", {"schema": 1, "results": [{**_row("rmt_s", 1, 1, 1), "model": 7}]}, "'model' or 'status' that is not a string"),
+        ("size.json", {"schema": 1, "results": [{**_row("rmt_s", 1, 1, 1), "img_size": [[64], [64]]}]}, "img_size that is not"),
+        ("batch.json", {"schema": 1, "results": [{**_row("rmt_s", 1, 1, 1), "batch": "64"}]}, "non-integer batch"),
+        ("dtype.json", {"schema": 1, "results": [{**_row("rmt_s", 1, 1, 1), "dtype": ["bf16"]}]}, "dtype that is not a string"),
     ):
         path = tmp_path / name
         path.write_text(json.dumps(payload))
@@ -542,6 +614,47 @@ def test_bench_table_leaves_out_secondary_columns_rather_than_truncate_numbers(m
         assert "| 224x224 | batch 64" in text  # shared by every row: moved into the title
     else:
         assert "left out" not in text and "4.800" in text and "30.90" in text
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_bench_writes_its_files_before_printing(tmp_path):
+    """A full or closed standard output must not lose the report of a long run."""
+    out = tmp_path / "run.json"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "bench", "rmt_t", "--batch", "1", "--img-size", "64",
+                                 "--iters", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)],
+                                stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert read_report(out)["results"][0]["status"] == "ok"
+
+
+def test_bench_cli_input_errors_are_one_line_before_any_work(tmp_path):
+    same = tmp_path / "run.out"
+    for args, message in ((["--json", str(same), "--csv", str(same)], "must name different files"),
+                          (["--compile", "max_autotune"], "unknown compile mode 'max_autotune'"),
+                          (["--batch", ","], "no batch sizes"), (["--batch", "1,1"], "batch size 1 listed more than once"),
+                          (["--time-budget", "inf"], "time budget must be a positive number")):
+        result = _cli("bench", "rmt_t", "--device", "cpu", *args)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: "), (args, result.stderr)
+        assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not same.exists()
+    result = _cli("profile", "rmt_x", "--out", str(tmp_path / "prof"))
+    assert result.returncode == 2 and not (tmp_path / "prof").exists()
+
+
+def test_error_text_is_printed_as_it_is(monkeypatch):
+    from rich.console import Console
+
+    import rmt_cli.bench as bench_cli
+
+    console = Console(width=200, record=True)
+    monkeypatch.setattr(bench_cli, "out", console)
+    row = {**_row("rmt_s", None, None, None, "error"), "error": "RuntimeError: [enforce fail] bad [/x] [bold]",
+           "latency_ms": None, "params": None, "gmacs": None, "ratio_to_baseline": None}
+    report = _report([row], device_type="cpu")
+    report.update(settings={"dtype": "fp32", "baseline": "rmt_s", "models": ["rmt_s"]}, notes=[])
+    bench_cli._print_bench(report)
+    assert "RuntimeError: [enforce fail] bad [/x] [bold]" in console.export_text()
 
 
 def test_error_lines_keep_square_brackets(tmp_path):

@@ -51,15 +51,15 @@ def profile_model(
         # CUDA graphs are recorded on a model's second call: profiled steps should replay them
         raise RMTError("a compiled model needs wait + warmup >= 2 steps before the profiled ones")
     dev = resolve_device(device)
+    if model is None:  # an unknown name fails before the trace directory is made
+        model = build_model(name, img_size)
+    model = model.eval()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RMTError(f"cannot create {out}: {e.strerror or e}") from None
     before = set(out.glob("**/*.pt.trace.json*"))
-    if model is None:
-        model = build_model(name, img_size)
-    model = model.eval()
     folded = False
     if reparameterize:
         try:

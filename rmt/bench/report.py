@@ -16,7 +16,8 @@ CSV_COLUMNS = (
     "model", "batch", "requested_batch", "img_h", "img_w", "device", "dtype", "compile", "channels_last",
     "attn_kernel", "params", "gmacs", "throughput", "latency_median_ms", "latency_p90_ms", "latency_p99_ms",
     "latency_iqr_ms", "peak_memory_mb", "memory_kind", "tflops", "mfu", "ratio_to_baseline", "iters",
-    "status", "error", "reparameterized", "compiled_graphs", "graph_breaks",
+    "status", "error", "reparameterized", "compiled_graphs", "graph_breaks", "latency_mean_ms", "latency_min_ms",
+    "warmup", "attention_ops",
 )
 
 
@@ -34,6 +35,8 @@ def read_report(path: os.PathLike | str) -> dict[str, Any]:
         raise RMTError(f"{path} is not an rmt bench report (no 'results' list)")
     if data.get("schema") != 1:
         raise RMTError(f"{path} has schema {data.get('schema')!r}; this rmt reads schema 1")
+    if not isinstance(data.get("env", {}), dict):
+        raise RMTError(f"{path}: 'env' is not an object")
     for i, row in enumerate(data["results"]):
         problem = _row_problem(row)
         if problem:
@@ -48,8 +51,16 @@ def _row_problem(row: Any) -> Optional[str]:
     for key in ("model", "batch", "img_size", "status"):
         if key not in row:
             return f"has no '{key}'"
-    if not isinstance(row["img_size"], list) or len(row["img_size"]) != 2:
+    if not isinstance(row["model"], str) or not isinstance(row["status"], str):
+        return "has a 'model' or 'status' that is not a string"
+    if not isinstance(row["img_size"], list) or len(row["img_size"]) != 2 or not all(map(_is_int, row["img_size"])):
         return "has an img_size that is not [height, width]"
+    for key in ("batch", "requested_batch"):
+        if key in row and not _is_int(row[key]):
+            return f"has a non-integer {key}: {row[key]!r}"
+    for key in ("dtype", "compile", "attn_kernel", "memory_kind"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"has a {key} that is not a string: {row[key]!r}"
     latency = row.get("latency_ms")
     numbers = {"throughput": row.get("throughput"), "peak_memory_mb": row.get("peak_memory_mb"),
                "latency_ms.median": latency.get("median") if isinstance(latency, dict) else None}
@@ -59,6 +70,10 @@ def _row_problem(row: Any) -> Optional[str]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"has a non-numeric {key}: {value!r}"
     return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def to_csv(report: dict[str, Any]) -> str:
@@ -75,6 +90,9 @@ def to_csv(report: dict[str, Any]) -> str:
             "latency_p90_ms": latency.get("p90"),
             "latency_p99_ms": latency.get("p99"),
             "latency_iqr_ms": latency.get("iqr"),
+            "latency_mean_ms": latency.get("mean"),
+            "latency_min_ms": latency.get("min"),
+            "attention_ops": " ".join(r.get("attention_ops") or []),
         })
     return buffer.getvalue()
 
