@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +31,24 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, replaced_file_mode(path))
         os.replace(tmp, path)
     except OSError as e:
         raise RMTError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replaced_file_mode(path: PathLike) -> int:
+    """The permissions a file written over ``path`` should get: those of the file it replaces, or
+    those any new file gets under the umask (a temporary file is private, 0600, whatever the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import timm
@@ -218,6 +219,20 @@ def test_json_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(RMTError, match="cannot write .*folder.json"):
         write_json_atomic(tmp_path / "folder.json", {"top1": 1.0})
     assert sorted(os.listdir(tmp_path)) == ["folder.json", "result.json"]
+
+
+def test_files_written_atomically_get_the_permissions_of_any_new_file(tmp_path):
+    """Not the private 0600 of the temporary file: CI steps and other users read reports."""
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "new.json", {})
+        assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o644
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        write_json_atomic(tmp_path / "kept.json", {"top1": 1.0})  # overwriting keeps the file's own mode
+        assert stat.S_IMODE(os.stat(tmp_path / "kept.json").st_mode) == 0o640
+    finally:
+        os.umask(old)
 
 
 def test_random_weights_are_the_same_on_every_run_and_rank(tiny_val, monkeypatch):

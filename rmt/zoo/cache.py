@@ -28,6 +28,7 @@ from typing import Optional
 from filelock import FileLock
 
 from rmt.errors import ZooError
+from rmt.io import replaced_file_mode
 from rmt.zoo.registry import ZooEntry
 
 MANIFEST_VERSION = 1
@@ -171,6 +172,7 @@ class WeightsCache:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump(manifest, f, indent=2, sort_keys=True)
                     f.write("\n")
+                os.chmod(tmp, replaced_file_mode(self.manifest_path))
                 os.replace(tmp, self.manifest_path)
         except OSError as e:
             raise cache_write_error(self.root, e, "the manifest") from None
