@@ -12,6 +12,7 @@ from rich.table import Table
 
 from rmt.errors import ConfigError
 from rmt.eval import EvalReport, run_imagenet_eval, top1_gate
+from rmt.eval.imagenet import check_top1_gate
 from rmt.io import check_writable, write_json_atomic
 from rmt.eval import Progress as EvalProgress
 
@@ -58,6 +59,9 @@ def evaluate(
     """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""
     if tolerance is not None and expect_top1 is None:
         raise ConfigError("--tolerance needs --expect-top1")
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if expect_top1 is not None:
+        check_top1_gate(expect_top1, tolerance)
     if json_out is not None:
         check_writable(json_out)
 
@@ -104,17 +108,21 @@ def evaluate(
     finally:
         bar.stop()
 
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     gate = top1_gate(report.counts.top1, expect_top1, tolerance) if expect_top1 is not None else None
     if report.is_main:
+        if json_out is not None:  # before printing: a closed standard output must not lose it
+            write_json_atomic(json_out, report.to_dict())
         out.print(_table(report))
         for error in report.counts.skipped[:MAX_SKIPPED_SHOWN]:
-            err.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]skipped:[/] {escape(error)}", highlight=False, soft_wrap=True)
         if len(report.counts.skipped) > MAX_SKIPPED_SHOWN:
-            err.print(f"[yellow]... and {len(report.counts.skipped) - MAX_SKIPPED_SHOWN:,} more unreadable images skipped (all in --json)[/]", soft_wrap=True)
+            more = len(report.counts.skipped) - MAX_SKIPPED_SHOWN
+            where = "all of them are in the --json file" if json_out is not None else "--json FILE lists them all"
+            err.print(f"[yellow]... and {more:,} more unreadable images skipped ({where})[/]", soft_wrap=True)
+        if (real_labels or real_labels_file is not None) and report.counts.real_top1 is None:
+            err.print("[yellow]note:[/] none of these images has a ReaL label: no ReaL top-1", highlight=False)
         if json_out is not None:
-            write_json_atomic(json_out, report.to_dict())
-            err.print(f"wrote {json_out}", highlight=False, soft_wrap=True)
+            err.print(f"wrote {escape(str(json_out))}", highlight=False, soft_wrap=True)
         if expect_top1 is not None:
             verdict = f"[bold red]gate failed:[/] {gate}" if gate else f"[green]gate passed:[/] top-1 within {tolerance:g} of {expect_top1:g}"
             err.print(verdict, highlight=False, soft_wrap=True)

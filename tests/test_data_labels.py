@@ -72,6 +72,8 @@ def test_kaggle_labels(tmp_path):
     labels = read_kaggle_labels(path)
     assert labels == {"ILSVRC2012_val_00008726": WNIDS.index("n02119789"), "ILSVRC2012_val_00000001": WNIDS.index("n01751748")}
     assert read_labels_file(path) == ("kaggle", labels)
+    path.write_text("\ufeff" + path.read_text(), encoding="utf-8")  # saved by a spreadsheet: a byte-order mark
+    assert read_labels_file(path) == ("kaggle", labels)
 
 
 @pytest.mark.parametrize(
@@ -155,3 +157,7 @@ def test_real_labels_file(tmp_path):
     path.write_text("{")
     with pytest.raises(DatasetError, match="not a JSON file"):
         read_real_labels(path)
+    for entry in (["a"], [1000], [True], "7"):
+        path.write_text(json.dumps([entry] + [[1]] * 49_999))
+        with pytest.raises(DatasetError, match=r"lists of class indices \(0 to 999\)"):
+            read_real_labels(path)

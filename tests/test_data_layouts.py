@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import os
 from pathlib import Path
 
@@ -80,6 +82,14 @@ def test_bad_folders(tmp_path, make, message):
     make(root)
     with pytest.raises(DatasetError, match=message):
         scan_imagenet_val(root)
+
+
+def test_a_stray_folder_among_class_folders_is_named(tiny_val, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_val["imagefolder"], data)
+    (data / "lost+found").mkdir()
+    with pytest.raises(DatasetError, match=r"has \d+ ImageFolder \(wnid folders\) class folders and 1 other folder\(s\): lost\+found; move them out"):
+        scan_imagenet_val(data)
 
 
 def test_bad_paths(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -93,6 +94,22 @@ def test_non_square_input_covers_then_crops(tmp_path):
 def test_bad_preprocessing(change, message):
     with pytest.raises(ConfigError, match=message):
         build_eval_transform(dict(rmt_preprocessing(0.875), **change))
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+def test_timm_crop_modes_are_timms_own_pipeline(tmp_path, crop_mode):
+    from timm.data import create_transform
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(path)
+    preprocessing = dict(rmt_preprocessing(0.9), crop_mode=crop_mode)
+    ours = build_eval_transform(preprocessing)(load_rgb(str(path)))
+    timms = create_transform((3, 224, 224), interpolation="bicubic", mean=preprocessing["mean"], std=preprocessing["std"],
+                             crop_pct=0.9, crop_mode=crop_mode)(load_rgb(str(path)))
+    center = build_eval_transform(rmt_preprocessing(0.9))(load_rgb(str(path)))
+    assert torch.equal(ours, timms) and not torch.equal(ours, center)
+    with pytest.raises(ConfigError, match="crop_mode must be center, squash or border, got 'zoom'"):
+        build_eval_transform(dict(preprocessing, crop_mode="zoom"))
 
 
 @pytest.mark.parametrize("variant", ["rmt_t", "rmt_s", "rmt_b", "rmt_l", "rmt_s_tl", "rmt_b_tl", "rmt_l_tl"])

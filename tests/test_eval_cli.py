@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,8 @@ def test_random_weights_are_refused_unless_asked_for(monkeypatch, capsys, tiny_v
         (["--json", "/nonexistent/folder/r.json"], "folder /nonexistent/folder does not exist"),
         (["--amp", "fp8"], "amp must be one of none, bf16, fp16"),
         (["--device", "tpu"], "device must be auto, cuda or cpu"),
+        (["--expect-top1", "nan"], "the expected top-1 must be a percentage from 0 to 100, got nan"),
+        (["--expect-top1", "500"], "the expected top-1 must be a percentage from 0 to 100, got 500"),
     ],
 )
 def test_bad_options_are_one_line(monkeypatch, capsys, tiny_val, colour, args, message):
@@ -155,6 +158,45 @@ def test_bad_image_fails_naming_it_or_is_skipped_and_reported(monkeypatch, capsy
     assert result["top1"] == pytest.approx(100.0 * tiny_val_expected(TINY_VAL[1:])[0] / 12)
 
 
+def test_no_readable_image_is_no_accuracy(monkeypatch, capsys, tiny_val, colour, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_val["flat-kaggle"], data)
+    for image in data.glob("*.JPEG"):
+        image.write_bytes(b"<html>login page</html>")
+    code, out, err = rmt_eval(monkeypatch, capsys, *colour, "--data", data, "--skip-bad", "--expect-top1", "0",
+                              "--json", tmp_path / "r.json")
+    assert "none of the 13 images could be read" in one_line_error(code, err)
+    assert "gate passed" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_many_skipped_images_and_relative_paths(monkeypatch, capsys, tiny_val, colour, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_val["flat-kaggle"], data)
+    for image in sorted(data.glob("*.JPEG"))[:11]:
+        image.write_bytes(b"<html>login page</html>")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", "data", "--skip-bad")
+    assert code == 0 and "... and 1 more unreadable images skipped (--json FILE lists them all)" in err
+    code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", "data", "--skip-bad", "--json", "r.json")
+    assert code == 0 and "(all of them are in the --json file)" in err
+    result = json.loads((tmp_path / "r.json").read_text())
+    # absolute, so that the report can be read from anywhere
+    assert all(Path(f).is_absolute() and Path(f).exists() for f in result["skipped_files"])
+    assert all(str(data) in e for e in result["skipped_errors"])
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_the_json_is_written_before_the_table(tiny_val, colour_checkpoint, tmp_path):
+    """A full or closed standard output must not lose the result of an evaluation."""
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [sys.executable, "-m", "rmt_cli.main", "eval", "test_resnet", "--checkpoint", str(colour_checkpoint),
+             "--device", "cpu", "--workers", "0", "--data", str(tiny_val["flat-kaggle"]), "--json", str(tmp_path / "r.json")],
+            stdout=full, stderr=subprocess.PIPE, text=True)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == 13
+
+
 def test_torchrun_two_processes_count_every_image_once(tiny_val, colour_checkpoint, tmp_path):
     """13 images on 2 gloo ranks (7 + 6): the numbers and the count of one process, rank 0 alone writes."""
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
@@ -173,6 +215,25 @@ def test_torchrun_two_processes_count_every_image_once(tiny_val, colour_checkpoi
     real = read_real_labels()
     assert result["real_images"] == sum(1 for n, *_ in TINY_VAL if real[n - 1])
     assert run.stdout.count("test_resnet on ImageNet val") == 1  # one table: rank 0 prints
+
+
+def test_torchrun_an_unreadable_image_on_one_rank_stops_every_rank_in_one_line(tiny_val, colour_checkpoint, tmp_path):
+    """Rank 1 meets the bad image; rank 0 must not be left in a collective (a gloo error, or a hang on NCCL)."""
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_val["flat-kaggle"], data)
+    bad = data / "ILSVRC2012_val_00000008.JPEG"  # position 1: rank 1's shard
+    bad.write_bytes(b"<html>login page</html>")
+    command = [
+        torchrun, "--standalone", "--nproc-per-node", "2", "-m", "rmt_cli.main", "eval", "test_resnet",
+        "--checkpoint", str(colour_checkpoint), "--data", str(data), "--device", "cpu", "--workers", "0",
+        "--batch-size", "2", "--json", str(tmp_path / "r.json"),
+    ]
+    run = run_killing_group(command, timeout=120)
+    assert run.returncode != 0 and not (tmp_path / "r.json").exists()
+    assert run.stderr.count(f"error: cannot read image {bad}") == 2, run.stderr[-3000:]  # one line from each rank
+    assert "exitcode  : 2" in run.stderr  # torchrun's report of each failed rank
+    assert "exitcode  : 1" not in run.stderr and "Connection closed" not in run.stderr
 
 
 def test_real_labels_takes_an_optional_file():

@@ -198,12 +198,24 @@ def test_device_choice():
             resolve_device("cuda", DistributedContext())
 
 
+def test_world_size_without_the_rest_of_torchruns_environment_is_one_line(monkeypatch):
+    from rmt.eval.distributed import DistributedContext, process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"cannot join the torchrun process group \(.*MASTER_ADDR.*\): start with torchrun"):
+        with process_group(DistributedContext(rank=0, world_size=2), torch.device("cpu")):
+            pass
+
+
 def test_top1_gate():
     assert top1_gate(82.40, 82.45, 0.1) is None
     assert top1_gate(82.40, 82.30, 0.1) is None
     assert top1_gate(82.00, 82.45, 0.1) == "top-1 82.000 misses the expected 82.450 by -0.450 points (tolerance 0.1)"
     assert top1_gate(83.00, 82.45, 0.1).endswith("by +0.550 points (tolerance 0.1)")  # too good is suspect too
-    with pytest.raises(ConfigError, match="tolerance must be at least 0"):
+    with pytest.raises(ConfigError, match="tolerance must be a number at least 0"):
         top1_gate(1.0, 1.0, -1)
 
 

@@ -90,10 +90,17 @@ def scan_imagenet_val(root: PathLike, labels: Optional[PathLike] = None) -> Imag
     if not root.is_dir():
         raise DatasetError(f"data path {root} is a file; pass the folder that holds the validation images")
     folders, images = _list_folder(root)
-    if folders and all(_is_wnid(f.name) for f in folders):
-        return _scan_class_folders(root, folders, labels, "imagefolder", _wnid_class)
-    if folders and all(f.name.isdigit() for f in folders):
-        return _scan_class_folders(root, folders, labels, "imagenet-v2", _index_class)
+    for layout, is_class in (("imagefolder", _is_wnid), ("imagenet-v2", str.isdigit)):
+        classes = [f for f in folders if is_class(f.name)]
+        if classes and len(classes) == len(folders):
+            return _scan_class_folders(root, folders, labels, layout, _wnid_class if layout == "imagefolder" else _index_class)
+        if len(classes) > len(folders) / 2:  # a stray folder (lost+found, a backup) among the class folders
+            others = [f.name for f in folders if not is_class(f.name)]
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise DatasetError(
+                f"{root} has {len(classes):,} {LAYOUTS[layout]} class folders and {len(others):,} other folder(s): "
+                f"{shown}; move them out, or pass a folder holding only the class folders"
+            )
     if images:
         return _scan_flat(root, images, labels)
     raise DatasetError(_no_layout_message(root, folders))

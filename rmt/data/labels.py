@@ -168,8 +168,15 @@ def read_real_labels(path: Optional[PathLike] = None) -> list[list[int]]:
         real = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{where}: not a JSON file ({e})") from None
-    if not isinstance(real, list) or len(real) != NUM_VAL_IMAGES or not all(isinstance(r, list) for r in real):
-        raise DatasetError(f"{where}: expected ReaL labels, a JSON list of {NUM_VAL_IMAGES:,} lists of class indices")
+    def is_class_list(labels: object) -> bool:
+        return isinstance(labels, list) and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES for c in labels
+        )
+
+    if not isinstance(real, list) or len(real) != NUM_VAL_IMAGES or not all(map(is_class_list, real)):
+        raise DatasetError(
+            f"{where}: expected ReaL labels, a JSON list of {NUM_VAL_IMAGES:,} lists of class indices (0 to {NUM_CLASSES - 1})"
+        )
     return real
 
 
@@ -189,7 +196,8 @@ def real_label_sets(stems: Sequence[str], real: Sequence[Sequence[int]]) -> list
 
 def _read_text(path: PathLike) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a labels file saved by a spreadsheet on Windows starts with a byte-order mark
+        return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DatasetError(f"labels file {path} does not exist") from None
     except IsADirectoryError:

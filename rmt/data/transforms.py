@@ -26,11 +26,17 @@ def load_rgb(path: str) -> Image.Image:
 def build_eval_transform(preprocessing: Mapping[str, Any]) -> transforms.Compose:
     """The evaluation pipeline of a model's preprocessing config.
 
-    ``preprocessing`` holds ``input_size`` (C, H, W), ``interpolation``, ``crop_pct``, ``mean``, ``std``.
+    ``preprocessing`` holds ``input_size`` (C, H, W), ``interpolation``, ``crop_pct``, ``mean``, ``std``
+    and optionally timm's ``crop_mode`` (default ``center``).
     The shorter side is resized to ``int(size / crop_pct)`` with PIL, the center ``size`` is cropped,
     then the tensor is normalized: for a square input exactly the official RMT / DeiT evaluation
-    (``Resize(int(224 / 0.875)) = Resize(256)``, ``CenterCrop(224)``, bicubic).
+    (``Resize(int(224 / 0.875)) = Resize(256)``, ``CenterCrop(224)``, bicubic). The timm models
+    evaluated with ``squash`` (both sides resized, aspect ratio not kept) or ``border`` (longest
+    side resized, padded with the mean) get timm's own pipeline for that mode.
     """
+    crop_mode = preprocessing.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash", "border"):
+        raise ConfigError(f"crop_mode must be center, squash or border, got {crop_mode!r}")
     try:
         _, height, width = (int(v) for v in preprocessing["input_size"])
         crop_pct = float(preprocessing["crop_pct"])
@@ -41,6 +47,11 @@ def build_eval_transform(preprocessing: Mapping[str, Any]) -> transforms.Compose
         raise ConfigError(f"bad preprocessing config {dict(preprocessing)!r}: {e}") from None
     if not 0.0 < crop_pct <= 1.0:
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if crop_mode != "center":
+        from timm.data import create_transform
+
+        return create_transform((3, height, width), is_training=False, interpolation=interpolation.value,
+                                mean=mean, std=std, crop_pct=crop_pct, crop_mode=crop_mode)
     if height == width:
         # an int size resizes the shorter side and keeps the aspect ratio, as the official code does
         resize = transforms.Resize(int(height / crop_pct), interpolation=interpolation)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from rmt.errors import ConfigError
+from rmt.errors import ConfigError, EvalError, RMTError, first_line
 
 T = TypeVar("T")
 
@@ -76,11 +76,14 @@ def process_group(context: DistributedContext, device: torch.device) -> Iterator
     if not context.initialized or dist.is_initialized():
         yield context
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-    else:
-        dist.init_process_group(backend="gloo")
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    except (ValueError, RuntimeError) as e:  # no MASTER_ADDR/MASTER_PORT, a store that cannot be reached
+        raise ConfigError(f"cannot join the torchrun process group ({first_line(e)}): start with torchrun") from None
     try:
         yield context
     finally:
@@ -116,6 +119,38 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def raise_if_any_rank_failed(failure: Optional[BaseException], context: DistributedContext, device: torch.device) -> None:
+    """Raise on every rank when any rank failed this step, so that none is left waiting in a collective.
+
+    Every rank must call it at the same points. The rank that failed raises its own exception;
+    the others raise the same kind of error (an RMTError keeps its class and message, so every
+    rank exits with the same code) naming the rank that failed first.
+    """
+    if not dist.is_initialized():
+        if failure is not None:
+            raise failure
+        return
+    flag = torch.tensor([context.rank if failure is not None else context.world_size], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    first = int(flag.item())
+    if first == context.world_size:
+        return
+    # only the first failing rank's error is sent: every rank takes part in this gather too
+    errors: list[Optional[tuple[type, str]]] = [None] * context.world_size
+    mine = (type(failure), first_line(failure)) if failure is not None else None
+    dist.all_gather_object(errors, mine)
+    if failure is not None:
+        raise failure
+    kind, message = errors[first]
+    if issubclass(kind, RMTError):
+        try:
+            error = kind(message)
+        except TypeError:  # a subclass taking more than a message
+            error = RMTError(message)
+        raise error
+    raise EvalError(f"rank {first} failed: {message}")
 
 
 def gather_lists(items: list[T]) -> list[T]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,8 @@ def run_imagenet_eval(
     notify = on_message if (on_message is not None and context.is_main) else (lambda message: None)
     target_device = resolve_device(device, context)
 
-    val = scan_imagenet_val(data, labels).head(limit)
+    # absolute: the report's paths (skipped files, their errors, the layout) must outlive the working directory
+    val = scan_imagenet_val(Path(data).resolve(), labels).head(limit)
     real_sets = None
     if real_labels is not False:
         real_sets = real_label_sets(val.stems, read_real_labels(None if real_labels is True else real_labels))
@@ -178,10 +180,18 @@ def run_imagenet_eval(
     )
 
 
+def check_top1_gate(expected: float, tolerance: float) -> None:
+    """Raise a one-line ConfigError unless ``expected`` is a top-1 (0 to 100) and ``tolerance`` a number >= 0:
+    before an evaluation, not after it."""
+    if not 0 <= expected <= 100:  # NaN fails too
+        raise ConfigError(f"the expected top-1 must be a percentage from 0 to 100, got {expected}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"tolerance must be a number at least 0, got {tolerance}")
+
+
 def top1_gate(top1: float, expected: float, tolerance: float) -> Optional[str]:
     """None when ``top1`` is within ``tolerance`` points of ``expected``, else the one-line reason it is not."""
-    if tolerance < 0:
-        raise ConfigError(f"tolerance must be at least 0, got {tolerance}")
+    check_top1_gate(expected, tolerance)
     miss = top1 - expected
     if abs(miss) <= tolerance + 1e-9:  # 82.4 - 82.3 is 0.10000000000000853 in floating point
         return None

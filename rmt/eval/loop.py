@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader
 from rmt.data.imagenet import EvalImageDataset
 from rmt.data.labels import NUM_CLASSES
 from rmt.errors import ConfigError, DatasetError, EvalError, is_out_of_memory
-from rmt.eval.distributed import DistributedContext, ShardSampler, all_reduce_max, all_reduce_sum, gather_lists
+from rmt.eval.distributed import (
+    DistributedContext, ShardSampler, all_reduce_max, all_reduce_sum, gather_lists, raise_if_any_rank_failed,
+)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,27 +123,61 @@ def evaluate(
     skipped: list[str] = []
     skipped_positions: list[int] = []
     start = time.perf_counter()
+    batches = iter(loader)
+    # every rank takes the same number of steps (a shorter shard's last ones are empty), so that
+    # after each step they can agree on whether one of them failed
+    steps = -(-len(ShardSampler(len(dataset), 0, context.world_size)) // batch_size)
     with torch.inference_mode():
-        for images, targets, positions, errors in loader:
-            readable = torch.tensor([not e for e in errors], dtype=torch.bool)
-            if not readable.all():
-                bad = [e for e in errors if e]
-                if not skip_bad:
-                    raise DatasetError(f"{bad[0]} (--skip-bad skips unreadable images)")
-                skipped += bad
-                skipped_positions += positions[~readable].tolist()
-                images, targets, positions = images[readable], targets[readable], positions[readable]
-            if len(images):
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                with autocast:
-                    logits = forward(images)
-                _count(logits.float().cpu(), targets, positions, real_labels, counts)
+        for _ in range(steps):
+            failure = None
+            try:
+                batch = next(batches, None)
+                if batch is not None:
+                    _evaluate_batch(*batch, skip_bad, device, memory_format, autocast, forward, real_labels,
+                                    counts, skipped, skipped_positions)
+            except Exception as e:
+                failure = e
+            raise_if_any_rank_failed(failure, context, device)
             if progress is not None:
                 progress(Progress(counts[0] + len(skipped), len(sampler), counts[1], time.perf_counter() - start))
     seconds = all_reduce_max(time.perf_counter() - start, device)
     totals = all_reduce_sum(counts, device)
-    return EvalCounts(*totals, skipped=gather_lists(skipped), skipped_positions=gather_lists(skipped_positions),
-                      seconds=seconds)
+    result = EvalCounts(*totals, skipped=gather_lists(skipped), skipped_positions=gather_lists(skipped_positions),
+                        seconds=seconds)
+    if not result.images:  # every rank sees the same totals: all of them stop here
+        raise DatasetError(f"none of the {len(result.skipped)} images could be read: there is no accuracy to report"
+                           if result.skipped else "no images to evaluate")
+    return result
+
+
+def _evaluate_batch(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor,
+    errors: Sequence[str],
+    skip_bad: bool,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    autocast: contextlib.AbstractContextManager,
+    forward: "_BatchHalvingForward",
+    real_labels: Optional[Sequence[frozenset[int]]],
+    counts: list[int],
+    skipped: list[str],
+    skipped_positions: list[int],
+) -> None:
+    readable = torch.tensor([not e for e in errors], dtype=torch.bool)
+    if not readable.all():
+        bad = [e for e in errors if e]
+        if not skip_bad:
+            raise DatasetError(f"{bad[0]} (--skip-bad skips unreadable images)")
+        skipped += bad
+        skipped_positions += positions[~readable].tolist()
+        images, targets, positions = images[readable], targets[readable], positions[readable]
+    if len(images):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast:
+            logits = forward(images)
+        _count(logits.float().cpu(), targets, positions, real_labels, counts)
 
 
 def _count(
