@@ -72,6 +72,8 @@ def main() -> None:
         # two options whose value is optional, which click cannot express: normalised first
         args = _evaluate.optional_real_labels_file(_bench.optional_compile_mode(sys.argv[1:]))
         code = app(args=args, prog_name="rmt", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a returned 130 (no command returns it otherwise)
+            raise KeyboardInterrupt
         stdout.flush()
     except RMTError as e:
         _error(str(e), 2)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -640,6 +642,17 @@ def test_bench_cli_input_errors_are_one_line_before_any_work(tmp_path):
     assert not same.exists()
     result = _cli("profile", "rmt_x", "--out", str(tmp_path / "prof"))
     assert result.returncode == 2 and not (tmp_path / "prof").exists()
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "rmt_cli.main", "bench", "rmt_t", "--batch", "1", "--img-size", "64",
+                                "--iters", "1000000", "--device", "cpu", "--json", str(tmp_path / "run.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)  # started, and timing
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip() == "interrupted"
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_error_text_is_printed_as_it_is(monkeypatch):
