@@ -77,23 +77,21 @@ class BenchSettings:
     def validate(self) -> None:
         if not self.models:
             raise RMTError("no models to benchmark")
-        repeated = sorted({m for m in self.models if list(self.models).count(m) > 1})
-        if repeated:  # two rows of one model would make the baseline and compare's matching ambiguous
-            raise RMTError(f"{', '.join(repeated)} listed more than once")
+        if not self.batches or not self.img_sizes:
+            raise RMTError(f"no {'batch sizes' if not self.batches else 'image sizes'} to benchmark")
+        # two rows of one model and setting would make the baseline and compare's matching ambiguous
+        for what, values in (("model", list(self.models)), ("batch size", list(self.batches)),
+                             ("image size", [f"{h}x{w}" for h, w in self.img_sizes])):
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise RMTError(f"{what} {', '.join(repeated)} listed more than once")
         if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise RMTError(f"the time budget must be a positive number of seconds, got {self.time_budget_s:g}")
         check_compile_mode(self.compile_mode)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if not self.batches or not self.img_sizes:
-            raise RMTError(f"no {'batch sizes' if not self.batches else 'image sizes'} to benchmark")
         if any(b <= 0 for b in self.batches):
             raise RMTError(f"batch sizes must be positive, got {list(self.batches)}")
-        for what, values in (("batch size", list(self.batches)), ("image size", [tuple(s) for s in self.img_sizes])):
-            repeated = sorted({v for v in values if values.count(v) > 1})
-            if repeated:  # two rows of one setting: the same ambiguity as a repeated model
-                shown = ", ".join(str(v) if what == "batch size" else f"{v[0]}x{v[1]}" for v in repeated)
-                raise RMTError(f"{what} {shown} listed more than once")
         for h, w in self.img_sizes:
             if min(h, w) < MIN_IMG_SIZE:
                 raise RMTError(f"image size {h}x{w} is too small: at least {MIN_IMG_SIZE}x{MIN_IMG_SIZE}")

@@ -168,16 +168,17 @@ def read_real_labels(path: Optional[PathLike] = None) -> list[list[int]]:
         real = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{where}: not a JSON file ({e})") from None
-    def is_class_list(labels: object) -> bool:
-        return isinstance(labels, list) and all(
-            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES for c in labels
-        )
-
-    if not isinstance(real, list) or len(real) != NUM_VAL_IMAGES or not all(map(is_class_list, real)):
+    if not isinstance(real, list) or len(real) != NUM_VAL_IMAGES or not all(map(_is_class_list, real)):
         raise DatasetError(
             f"{where}: expected ReaL labels, a JSON list of {NUM_VAL_IMAGES:,} lists of class indices (0 to {NUM_CLASSES - 1})"
         )
     return real
+
+
+def _is_class_list(labels: object) -> bool:
+    return isinstance(labels, list) and all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES for c in labels
+    )
 
 
 def real_label_sets(stems: Sequence[str], real: Sequence[Sequence[int]]) -> list[frozenset[int]]:
