@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -111,10 +110,12 @@ def info(
             parts.append(f"{measured['gmacs']:.3f} GMACs ({counter}, 224x224)")
         table.add_row("measured", ", ".join(parts))
     pre = entry.preprocessing
+    crop_mode = pre.get("crop_mode", "center")
     table.add_row(
         "preprocessing",
         f"input {pre['input_size'][1]}x{pre['input_size'][2]}, {pre['interpolation']}, crop_pct {pre['crop_pct']}, "
-        f"mean {tuple(pre['mean'])}, std {tuple(pre['std'])}",
+        + (f"crop_mode {crop_mode}, " if crop_mode != "center" else "")
+        + f"mean {tuple(pre['mean'])}, std {tuple(pre['std'])}",
     )
     weights = entry.weights
     if weights:
@@ -160,7 +161,8 @@ def download(
     name: str = typer.Argument(..., help="A zoo name (rmt list) or any timm model name."),
     url: Optional[str] = typer.Option(None, "--url", help="Fetch from this http(s):// or file:// URL instead."),
     sha256: Optional[str] = typer.Option(None, "--sha256", help="The file's expected sha256 (64 hex digits)."),
-    source_file: Optional[Path] = typer.Option(
+    # a str, not a Path: typer would turn an empty --from '' into the current directory
+    source_file: Optional[str] = typer.Option(
         None, "--from", help="Import a local file (e.g. fetched by hand from Baidu pan) after checking it."
     ),
     force: bool = typer.Option(False, "--force", help="Fetch again even if a verified file is cached."),

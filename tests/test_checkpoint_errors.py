@@ -13,6 +13,7 @@ import torch
 
 import rmt
 from rmt.errors import CheckpointError
+from rmt.models.checkpoint import convert_checkpoint_file
 
 from conftest import official_state_dict
 
@@ -229,3 +230,44 @@ def test_cli_convert_round_trip(tmp_path, rmt_t_state):
     restored = restored["model"]
     assert set(restored) == set(rmt_t_state)
     assert all(torch.equal(restored[k].to(v.dtype), v) for k, v in rmt_t_state.items())
+
+
+def test_a_file_is_read_by_its_content_not_its_name(tmp_path, rmt_t_state):
+    """torch.load takes any path ending in .safetensors for safetensors (SafetensorError: header too large)."""
+    from safetensors.torch import save_file
+
+    pickled = _save(tmp_path, "x.safetensors", {"model": rmt_t_state})
+    model = rmt.create_model("rmt_t", checkpoint=pickled)
+    assert torch.equal(rmt.export_official_state_dict(model)["head.weight"], rmt_t_state["head.weight"])
+    real = tmp_path / "real.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(real))
+    assert torch.equal(rmt.create_model("rmt_t", checkpoint=real).head.fc.weight, model.head.fc.weight)
+    for name, data in (("cut.safetensors", real.read_bytes()[: real.stat().st_size // 2]),
+                       ("cut.pth", real.read_bytes()[:5000])):
+        cut = tmp_path / name
+        cut.write_bytes(data)
+        with pytest.raises(CheckpointError) as e:
+            rmt.create_model("rmt_t", checkpoint=cut)
+        assert _single_line(e.value).startswith(f"{cut} is not a readable safetensors file ({len(data):,} bytes; truncated or corrupt)")
+
+
+def test_cli_convert_reads_a_misnamed_file_and_writes_no_misnamed_one(tmp_path, rmt_t_state):
+    src = _save(tmp_path, "x.safetensors", {"model": rmt_t_state})
+    result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "convert", "rmt_t", str(src), str(tmp_path / "out.pth")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(CheckpointError, match="writes torch.save checkpoints, not safetensors; give the destination a .pth name"):
+        convert_checkpoint_file("rmt_t", tmp_path / "out.pth", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_refuses_a_destination_that_is_the_source_through_a_link(tmp_path, rmt_t_state):
+    src = _save(tmp_path, "t.pth", {"model": rmt_t_state})
+    before = src.read_bytes()
+    (tmp_path / "tlink.pth").symlink_to(src)
+    os.link(src, tmp_path / "thard.pth")
+    for destination in (tmp_path / "tlink.pth", tmp_path / "thard.pth", tmp_path / "sub" / ".." / "t.pth"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(CheckpointError, match="destination is the source file"):
+            convert_checkpoint_file("rmt_t", src, destination)
+    assert (tmp_path / "tlink.pth").is_symlink() and src.read_bytes() == before

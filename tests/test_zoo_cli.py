@@ -86,6 +86,10 @@ def test_download_from_a_url_with_json_output(zoo_home, zoo_server, capsys, monk
         ("ok", ["download", "rmt_s", "--url", "{url}"], "it looks like a rmt_t checkpoint"),
         ("ok", ["download", "rmt_t", "--url", "{url}", "--sha256", "0" * 64], "sha256 mismatch"),
         (None, ["download", "rmt_t", "--from", "/no/such/RMT_T.pth"], "no such file"),
+        (None, ["download", "rmt_t", "--from", ""], "--from was given an empty path"),
+        (None, ["download", "rmt_t", "--from", "/dev/null"], "--from /dev/null: is a device or other special file"),
+        (None, ["download", "rmt_t", "--url", "http://[bad/x"], "'http://[bad/x' is not a valid URL"),
+        (None, ["info", "resnet18.nonexistent_tag"], "timm's resnet18 has no pretrained tag 'nonexistent_tag' (its tags: a1_in1k"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(zoo_home, zoo_server, capsys, monkeypatch, rmt_t_checkpoint_bytes, setup, args, message):
@@ -93,6 +97,41 @@ def test_bad_input_is_one_line_and_exit_2(zoo_home, zoo_server, capsys, monkeypa
     code, _, err = run_cli(capsys, monkeypatch, *[a.format(url=url) for a in args])
     assert code == 2 and message in _one_error_line(err)
     assert not (zoo_home / "weights").exists() or not any((zoo_home / "weights").rglob("*.pth"))
+
+
+def test_info_shows_a_crop_mode_other_than_center(zoo_home, capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "convnext_base.fb_in22k_ft_in1k_384")
+    assert code == 0 and "crop_pct 1.0, crop_mode squash, mean" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "convnext_base.fb_in22k_ft_in1k_384", "--json")
+    assert code == 0 and json.loads(out)["preprocessing"]["crop_mode"] == "squash"
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "resnet18")
+    assert code == 0 and "crop_pct 0.95, mean" in " ".join(out.split())  # center: not said
+
+
+def test_a_cache_root_that_is_a_file_is_named(zoo_home, capsys, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for home, problem in ((blocker, "is a file, not a folder"), (blocker / "rmt", f"cannot be a folder: {blocker} is a file")):
+        monkeypatch.setenv("RMT_HOME", str(home))
+        code, _, err = run_cli(capsys, monkeypatch, "list")
+        line = _one_error_line(err)
+        assert code == 2 and f"RMT_HOME {home} {problem}; set RMT_HOME to a folder" in line, line
+
+
+@pytest.mark.parametrize("field, value", [("size", "big"), ("sha256", None), ("model", 3), ("size", -1)])
+def test_a_hand_damaged_manifest_record_is_one_line(zoo_home, capsys, monkeypatch, tmp_path, rmt_t_checkpoint_bytes, field, value):
+    source = tmp_path / "RMT_T.pth"
+    source.write_bytes(rmt_t_checkpoint_bytes)
+    assert run_cli(capsys, monkeypatch, "download", "rmt_t", "--from", str(source))[0] == 0
+    manifest = zoo_home / "manifest.json"
+    document = json.loads(manifest.read_text())
+    document["files"]["rmt_t/RMT_T.pth"][field] = value
+    manifest.write_text(json.dumps(document))
+    for command in ("list", "info"):
+        code, _, err = run_cli(capsys, monkeypatch, command, *(["rmt_t"] if command == "info" else []))
+        line = _one_error_line(err)
+        assert code == 2 and f"is corrupt (its record 'rmt_t/RMT_T.pth' has {field} {value!r}" in line, line
+        assert "fix that or delete the manifest" in line
 
 
 def test_a_corrupt_zoo_file_is_one_line(zoo_home, capsys, monkeypatch, tmp_path):

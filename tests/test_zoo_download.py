@@ -202,8 +202,10 @@ def test_trust_on_first_use_then_enforced(zoo_home, zoo_server, rmt_t_checkpoint
     first.path.write_bytes(tampered)
     for use in (lambda: zoo.weights_path("rmt_t"), lambda: rmt.create_model("rmt_t", pretrained=True),
                 lambda: zoo.download("rmt_t", url=url)):
-        with pytest.raises(ZooError, match="no longer matches its manifest record"):
+        with pytest.raises(ZooError, match="no longer matches its manifest record") as e:
             use()
+        # Baidu-only weights: `--force` alone would print the Baidu steps, which import nothing
+        assert str(e.value).endswith("fetch it again with `rmt download rmt_t --from PATH/TO/RMT_T.pth --force`")
     assert zoo.cache_report(zoo.get_entry("rmt_t"), verify=True)["status"] == "changed"
     # --force fetches it again, and must match the trusted hash
     zoo_server.add("RMT_T.pth", rmt_t_checkpoint_bytes)
@@ -240,6 +242,35 @@ def test_a_sha256_in_zoo_yaml_is_enforced(zoo_home, zoo_server, monkeypatch, tmp
     assert _nothing_cached(zoo_home)
 
 
+def test_a_pinned_sha256_is_enforced_on_a_file_already_cached(zoo_home, zoo_server, monkeypatch, tmp_path, rmt_t_checkpoint_bytes):
+    import yaml
+
+    url = zoo_server.add("RMT_T.pth", rmt_t_checkpoint_bytes)
+    cached = zoo.download("rmt_t", url=url).path  # trusted on first use, before any pin
+    with pytest.raises(ZooError) as e:
+        zoo.download("rmt_t", url=url, sha256="cd" * 32)
+    assert "rmt_t is already cached with sha256" in str(e.value) and "not the --sha256 cdcdcdcdcdcdcdcd... given" in str(e.value)
+    assert str(e.value).endswith("nothing was fetched; to replace it with the file that has that hash, add --force")
+    with pytest.raises(ZooError, match=f"--force --sha256 {'cd' * 32}`$"):
+        zoo.download("rmt_t", sha256="cd" * 32)  # Baidu-only: the command names --from
+    document = yaml.safe_load(zoo.zoo_file().read_text())
+    document["models"]["rmt_t"]["weights"]["sha256"] = "ab" * 32
+    custom = tmp_path / "zoo.yaml"
+    custom.write_text(yaml.safe_dump(document))
+    monkeypatch.setenv("RMT_ZOO_FILE", str(custom))
+    for use in (lambda: zoo.weights_path("rmt_t"), lambda: rmt.create_model("rmt_t", pretrained=True),
+                lambda: zoo.download("rmt_t", url=url)):
+        with pytest.raises(ZooError) as e:
+            use()
+        text = str(e.value)
+        assert f"the cached {cached} has sha256 {_sha(rmt_t_checkpoint_bytes)[:16]}..., not the abababababababab..." in text
+        assert f"that {custom} pins for rmt_t: it was not used" in text
+        assert text.endswith("`rmt download rmt_t --from PATH/TO/RMT_T.pth --force`")
+    entry = zoo.get_entry("rmt_t")
+    assert zoo.cache_report(entry)["status"] == "changed" and zoo.cache_report(entry, verify=True)["status"] == "changed"
+    assert cached.read_bytes() == rmt_t_checkpoint_bytes  # reported, not deleted
+
+
 # ----------------------------------------------------------------------------- bad input: one line, nothing left
 
 
@@ -257,6 +288,21 @@ def test_a_truncated_file_is_refused(zoo_home, zoo_server, rmt_t_checkpoint_byte
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         zoo.download("rmt_t", url=url)
     assert _nothing_cached(zoo_home)
+
+
+@pytest.mark.parametrize("cut", [0, 1000], ids=["empty", "truncated"])
+def test_a_refused_file_is_named_as_the_user_gave_it(zoo_home, zoo_server, tmp_path, rmt_t_checkpoint_bytes, cut):
+    """The check reads the cache's temporary copy, deleted right after: messages name the user's file or URL."""
+    content = rmt_t_checkpoint_bytes[:cut]
+    source = tmp_path / "Downloads" / "RMT_T.pth"
+    source.parent.mkdir()
+    source.write_bytes(content)
+    url = zoo_server.add("RMT_T.pth", content)
+    for given, kwargs in ((str(source), {"source_file": source}), (url, {"url": url}), (source.as_uri(), {"url": source.as_uri()})):
+        with pytest.raises(CheckpointError) as e:
+            zoo.download("rmt_t", **kwargs)
+        assert str(e.value).startswith(f"{given} is ") and "partial" not in str(e.value) and "incomplete" not in str(e.value)
+        assert _nothing_cached(zoo_home)
 
 
 class _RunsCode:
@@ -332,6 +378,13 @@ def test_bad_arguments(zoo_home, tmp_path):
         zoo.download("rmt_t", source_file=tmp_path / "missing.pth")
     with pytest.raises(ZooError, match="is a directory"):
         zoo.download("rmt_t", source_file=tmp_path)
+    with pytest.raises(ZooError, match="^--from /dev/null: is a device or other special file, not a regular file$"):
+        zoo.download("rmt_t", source_file="/dev/null")
+    (tmp_path / "dangling.pth").symlink_to(tmp_path / "gone.pth")
+    with pytest.raises(ZooError, match=f"is a broken symbolic link \\(to {tmp_path / 'gone.pth'}\\)$"):
+        zoo.download("rmt_t", source_file=tmp_path / "dangling.pth")
+    with pytest.raises(ZooError, match="^--from was given an empty path: give the file to import$"):
+        zoo.download("rmt_t", source_file="")
     with pytest.raises(rmt.UnknownModelError, match="did you mean rmt_b"):
         zoo.download("rmt_bb")
 
@@ -371,14 +424,53 @@ def test_a_timm_model_through_the_hub_url(zoo_home, zoo_server, monkeypatch, tes
     assert adapted.head.weight.shape == (7, state["head.weight"].shape[1])
 
 
-def test_a_timm_model_imported_from_a_training_checkpoint(zoo_home, tmp_path, test_vit_weights):
+def test_a_timm_training_checkpoint_loads_but_is_not_cached_as_safetensors(zoo_home, tmp_path, test_vit_weights):
+    """The cache names test_vit's file model.safetensors (the hub's name, what timm and torch.load read
+    as safetensors): a torch.save file stored there was reported verified, then never loaded."""
     state, _ = test_vit_weights
     source = tmp_path / "test_vit_ema.pth"
     torch.save({"state_dict": state, "state_dict_ema": {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}}, source)
-    fetched = zoo.download("test_vit", source_file=source)
-    assert fetched.state_dict == "state_dict_ema"
     model = zoo.create_model("test_vit", checkpoint=source)
     assert torch.equal(model.head.weight, state["head.weight"] + 1)
+    with pytest.raises(CheckpointError) as e:
+        zoo.download("test_vit", source_file=source)
+    assert str(e.value).startswith(f"{source} is a torch.save checkpoint, but test_vit's weights are cached as model.safetensors")
+    assert "safetensors.torch.save_file(state_dict, 'model.safetensors')" in str(e.value) and "\n" not in str(e.value)
+    assert _nothing_cached(zoo_home)
+
+
+def test_a_safetensors_file_is_not_cached_under_a_pth_name(zoo_home, tmp_path):
+    from safetensors.torch import save_file
+
+    source = tmp_path / "RMT_T.safetensors"
+    save_file({k: v.contiguous() for k, v in rmt.create_model("rmt_t").state_dict().items()}, str(source))
+    assert rmt.create_model("rmt_t", checkpoint=source).num_classes == 1000  # readable as it is
+    with pytest.raises(CheckpointError, match=f"^{source} is a safetensors file, but rmt_t's weights are cached as RMT_T.pth"):
+        zoo.download("rmt_t", source_file=source)
+    assert _nothing_cached(zoo_home)
+
+
+def test_a_neighbouring_swin_variant_does_not_fit(zoo_home, tmp_path):
+    """timm's swin filter raised AttributeError on a block the model lacks (a Swin-S file for Swin-T)."""
+    from safetensors.torch import save_file
+
+    state = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
+    state["layers.2.blocks.6.attn.relative_position_bias_table"] = torch.zeros(169, 12)  # Swin-S has 18 blocks there
+    source = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(source))
+    for use in (lambda: zoo.download("swin_t", source_file=source), lambda: zoo.create_model("swin_t", checkpoint=source)):
+        with pytest.raises(CheckpointError) as e:
+            use()
+        assert str(e.value).startswith("checkpoint does not fit swin_tiny_patch4_window7_224.ms_in1k")
+        assert "1 unexpected key(s): layers.2.blocks.6.attn.relative_position_bias_table" in str(e.value)
+    assert _nothing_cached(zoo_home)
+
+
+def test_a_malformed_mirror_is_one_line(zoo_home, monkeypatch):
+    monkeypatch.setenv("RMT_ZOO_MIRROR", "http://[bad")
+    with pytest.raises(ZooError, match=r"^RMT_ZOO_MIRROR='http://\[bad' is not a valid URL \(Invalid IPv6 URL\)"):
+        zoo.download("rmt_t")
+    assert _nothing_cached(zoo_home)
 
 
 def test_a_timm_file_of_another_model_or_truncated_is_refused(zoo_home, tmp_path, test_vit_weights):

@@ -103,6 +103,25 @@ def test_unknown_names_suggest_close_ones(name, suggestion):
     assert suggestion in str(e.value).split("did you mean", 1)[1]
 
 
+def test_an_unknown_pretrained_tag_of_a_timm_model_lists_the_tags():
+    """timm.is_model accepts any tag after the architecture; timm's pretrained_cfg lookup then raised."""
+    with pytest.raises(UnknownModelError) as e:
+        zoo.get_entry("resnet18.nonexistent_tag")
+    text = str(e.value)
+    assert "\n" not in text and text.startswith("unknown model 'resnet18.nonexistent_tag': timm's resnet18 has no pretrained tag")
+    assert "a1_in1k" in text and "tv_in1k" in text
+    many = str(pytest.raises(UnknownModelError, zoo.get_entry, "vit_base_patch16_224.nope").value)
+    assert "more (timm.list_pretrained('vit_base_patch16_224.*'))" in many
+
+
+def test_timm_entries_keep_the_crop_mode():
+    """73 of timm's ImageNet-1k configs resize without a center crop (squash) or pad (border)."""
+    entry = zoo.get_entry("convnext_base.fb_in22k_ft_in1k_384")
+    assert entry.preprocessing["crop_mode"] == timm.models.get_pretrained_cfg(entry.timm_name).crop_mode == "squash"
+    assert zoo.get_entry("resnet18").preprocessing["crop_mode"] == "center"
+    assert "crop_mode" not in zoo.get_entry("rmt_s").preprocessing  # zoo.yaml entries: center, unsaid
+
+
 def test_rmt_home_and_xdg_choose_the_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("RMT_HOME", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)

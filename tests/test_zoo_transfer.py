@@ -157,3 +157,48 @@ def test_transfer_options_from_the_environment(monkeypatch):
     monkeypatch.setenv("RMT_DOWNLOAD_RETRIES", "many")
     with pytest.raises(ZooError, match="RMT_DOWNLOAD_RETRIES='many' is not a valid count"):
         TransferOptions.from_env()
+
+
+@pytest.mark.parametrize("variable, text", [
+    ("RMT_DOWNLOAD_TIMEOUT", "nan"), ("RMT_DOWNLOAD_TIMEOUT", "inf"), ("RMT_DOWNLOAD_TIMEOUT", "1e400"),
+    ("RMT_DOWNLOAD_TIMEOUT", "1e300"), ("RMT_DOWNLOAD_TIMEOUT", "0"), ("RMT_DOWNLOAD_BACKOFF", "nan"),
+    ("RMT_DOWNLOAD_BACKOFF", "inf"), ("RMT_DOWNLOAD_BACKOFF", "-1"), ("RMT_DOWNLOAD_RETRIES", "1e3"),
+])
+def test_odd_environment_values_are_one_line(monkeypatch, variable, text):
+    """nan, inf and huge numbers overflowed the socket timeout or broke the backoff's sleep."""
+    monkeypatch.setenv(variable, text)
+    with pytest.raises(ZooError) as e:
+        TransferOptions.from_env()
+    assert str(e.value).startswith(f"{variable}={text!r} is not a valid") and "give a" in str(e.value)
+    monkeypatch.setenv("RMT_DOWNLOAD_TIMEOUT", "86400")
+    monkeypatch.setenv("RMT_DOWNLOAD_BACKOFF", "0")
+    monkeypatch.setenv("RMT_DOWNLOAD_RETRIES", "0")
+    assert TransferOptions.from_env() == TransferOptions(timeout_s=86400, retries=0, backoff_s=0)
+
+
+def test_a_malformed_url_is_one_line(tmp_path):
+    from rmt.zoo.transfer import unreachable
+
+    with pytest.raises(DownloadError, match=r"'http://\[bad/x' is not a valid URL \(Invalid IPv6 URL\)"):
+        fetch("http://[bad/x", _partial(tmp_path), options=QUICK)
+    assert unreachable("http://[bad", 1).startswith("'http://[bad' is not a valid URL")
+    assert unreachable("http://host:port/", 1).startswith("'http://host:port/' is not a valid URL")
+
+
+@pytest.mark.parametrize("status", [501, 503, 507, 599])
+def test_every_5xx_is_retried(zoo_server, tmp_path, monkeypatch, status):
+    """docs/zoo.md: HTTP 408, 429 and 5xx are retried (503 and 507 were not)."""
+    serve = zoo_server._serve
+
+    def fail_once(handler):
+        if not zoo_server.gets("f.bin"):
+            zoo_server.requests.append(("f.bin", None, None))
+            handler.send_error(status)
+            return
+        serve(handler)
+
+    monkeypatch.setattr(zoo_server, "_serve", fail_once)
+    notes = []
+    fetch(zoo_server.add("f.bin", PAYLOAD), _partial(tmp_path), options=QUICK, notify=notes.append)
+    assert _partial(tmp_path).read_bytes() == PAYLOAD
+    assert any(f"HTTP {status}" in n and "retrying" in n for n in notes)

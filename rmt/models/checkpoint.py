@@ -19,6 +19,7 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -56,26 +57,37 @@ _REPARAMETERIZED = "the model is reparameterized for inference; load checkpoints
 
 
 def read_checkpoint(path: PathLike) -> Any:
-    """Load a checkpoint file without running any code it may contain."""
+    """Load a checkpoint file without running any code it may contain.
+
+    A ``torch.save`` file or a safetensors file (a dict of tensors), told apart by their content:
+    the name may say otherwise (a download saved under another name, a file renamed by hand).
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}" if not os.path.lexists(path) else f"{path} {not_a_file(path)}")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not complete")
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if looks_like_html(head):
         raise CheckpointError(
             f"{path} is an HTML page, not a checkpoint: a web page (a share or login page) was saved "
             "instead of the file; download the file itself"
         )
+    if is_safetensors(path):
+        return _read_safetensors(path, size)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        # a file object, not the path: torch.load takes any path ending in .safetensors for a
+        # safetensors file, whatever it holds
+        with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol N" notes on old files
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         code = _code_globals(path)
         if code:
@@ -91,6 +103,37 @@ def read_checkpoint(path: PathLike) -> Any:
         # the first sentence: torch appends a paragraph of advice to some of these
         reason = re.split(r"(?<=\.)\s", first_line(e), maxsplit=1)[0]
         raise CheckpointError(f"{path} is not a readable checkpoint ({size:,} bytes; truncated or corrupt): {reason}") from None
+
+
+def not_a_file(path: PathLike) -> str:
+    """What a path that exists (or is a link) but is no regular file is, for messages: ``is a ...``."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a broken symbolic link (to {os.readlink(path)})"
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    return "is a device or other special file, not a regular file"
+
+
+def is_safetensors(path: PathLike) -> bool:
+    """True for a safetensors file: an 8-byte header length, then a JSON header (``{``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100 << 20
+
+
+def _read_safetensors(path: str, size: int) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({size:,} bytes; truncated or corrupt): {first_line(e)}"
+        ) from None
 
 
 _SAFE_GLOBALS = {"argparse.Namespace", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
@@ -515,8 +558,12 @@ def convert_checkpoint_file(
 
     if layout not in ("official", "rmt"):
         raise CheckpointError(f"unknown layout {layout!r}: choose official or rmt")
-    if os.path.abspath(os.fspath(source)) == os.path.abspath(os.fspath(destination)):
+    if _same_file(source, destination):
         raise CheckpointError("destination is the source file: write the converted checkpoint elsewhere")
+    if os.fspath(destination).endswith(".safetensors"):  # what torch.load and timm would take it for
+        raise CheckpointError(
+            f"{destination}: rmt convert writes torch.save checkpoints, not safetensors; give the destination a .pth name"
+        )
     model = create_model(model_name)
     used = load_checkpoint(model, source, ema=ema, model_name=model_name, prefer_ema=published_prefers_ema(model_name))
     state = export_official_state_dict(model) if layout == "official" else model.state_dict()
@@ -528,3 +575,13 @@ def convert_checkpoint_file(
         "params": sum(p.numel() for p in model.parameters()),
         "tensors": len(state),
     }
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file: through symbolic links, and hard links where both exist."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False

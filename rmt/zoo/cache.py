@@ -29,7 +29,7 @@ from filelock import FileLock
 
 from rmt.errors import ZooError
 from rmt.io import replaced_file_mode
-from rmt.zoo.registry import ZooEntry
+from rmt.zoo.registry import SHA256_HEX, ZooEntry, zoo_file
 
 MANIFEST_VERSION = 1
 _HASH_CHUNK = 8 << 20
@@ -132,25 +132,34 @@ class WeightsCache:
             text = self.manifest_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {"version": MANIFEST_VERSION, "files": {}}
+        except NotADirectoryError:  # the root, or a folder above it, is a file
+            raise ZooError(self._not_a_folder()) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ZooError(f"cannot read the cache manifest {self.manifest_path}: {getattr(e, 'strerror', None) or e}") from None
         try:
             manifest = json.loads(text)
             if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
                 raise ValueError("no 'files' mapping")
-            for record in manifest["files"].values():
-                if not isinstance(record, dict) or not {"model", "sha256", "size", "source", "added"} <= set(record):
-                    raise ValueError("a record lacks model, sha256, size, source or added")
+            for key, record in manifest["files"].items():
+                problem = _record_problem(record)
+                if problem:
+                    raise ValueError(f"its record {key!r} {problem}")
         except ValueError as e:
             raise ZooError(
-                f"the cache manifest {self.manifest_path} is corrupt ({e}); delete it and fetch the weights again "
-                "(its hashes are what cached files are checked against)"
+                f"the cache manifest {self.manifest_path} is corrupt ({e}); fix that or delete the manifest and fetch "
+                "the weights again (its hashes are what cached files are checked against)"
             ) from None
         return manifest
 
+    def _not_a_folder(self) -> str:
+        blocker = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), self.root)
+        what = "RMT_HOME" if os.environ.get("RMT_HOME") and self.root == cache_dir() else "the weights cache"
+        problem = "is a file, not a folder" if blocker == self.root else f"cannot be a folder: {blocker} is a file"
+        return f"{what} {self.root} {problem}; set RMT_HOME to a folder (it is created if missing)"
+
     def _record_from(self, key: str, record: dict) -> CachedFile:
         return CachedFile(
-            model=record["model"], path=self.weights_dir / key, sha256=record["sha256"], size=int(record["size"]),
+            model=record["model"], path=self.weights_dir / key, sha256=record["sha256"], size=record["size"],
             source=record["source"], added=record["added"], state_dict=record.get("state_dict", ""),
         )
 
@@ -209,12 +218,19 @@ class WeightsCache:
     def verified_path(self, entry: ZooEntry) -> Optional[Path]:
         """The cached file of ``entry`` after checking its sha256 against the manifest, or None.
 
-        A file whose size or hash differs from its record raises ZooError: it is reported, not used.
+        A file whose size or hash differs from its record, or whose record is not the sha256
+        zoo.yaml pins, raises ZooError: it is reported, not used.
         """
         record = self.record(entry)
         path = self.file_path(entry)
         if record is None or not path.is_file():
             return None
+        pinned = entry.weights.get("sha256")
+        if pinned and record.sha256 != pinned:
+            raise ZooError(
+                f"the cached {path} has sha256 {record.sha256[:16]}..., not the {pinned[:16]}... that {zoo_file()} "
+                f"pins for {entry.name}: it was not used; replace it with the pinned file: `{refetch_command(entry)}`"
+            )
         size = path.stat().st_size
         actual = sha256_file(path) if size == record.size else None
         if actual != record.sha256:
@@ -222,12 +238,13 @@ class WeightsCache:
             raise ZooError(
                 f"the cached {path} no longer matches its manifest record (sha256 {record.sha256[:16]}..., "
                 f"{record.size:,} bytes; found {found}): it changed after it was stored and was not used; "
-                f"fetch it again with `rmt download {entry.name} --force`"
+                f"fetch it again with `{refetch_command(entry)}`"
             )
         return path
 
     def status(self, entry: ZooEntry) -> str:
-        """``cached``, ``missing`` or ``changed``: a cheap check (file present, size as recorded).
+        """``cached``, ``missing`` or ``changed``: a cheap check (file present, size as recorded, the
+        recorded hash the one zoo.yaml pins, if it pins one).
 
         :meth:`verified_path` checks the hash; this only tells people what to expect.
         """
@@ -237,4 +254,32 @@ class WeightsCache:
         path = self.file_path(entry)
         if record is None or not path.is_file():
             return "missing"
+        if entry.weights.get("sha256") and record.sha256 != entry.weights["sha256"]:
+            return "changed"
         return "cached" if path.stat().st_size == record.size else "changed"
+
+
+def refetch_command(entry: ZooEntry) -> str:
+    """The command that replaces the cached file of ``entry``: weights only on Baidu pan come from
+    a file fetched by hand (``--force`` alone would print the Baidu steps, which import nothing)."""
+    if entry.manual_only:
+        return f"rmt download {entry.name} --from PATH/TO/{entry.weights['filename']} --force"
+    return f"rmt download {entry.name} --force"
+
+
+def _record_problem(record: object) -> Optional[str]:
+    """What is wrong with one manifest record (a hand edit, a truncated write elsewhere), or None."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not a mapping"
+    missing = [k for k in ("model", "sha256", "size", "source", "added") if k not in record]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key in ("model", "source", "added", "state_dict"):
+        if key in record and not isinstance(record[key], str):
+            return f"has {key} {record[key]!r}, not a string"
+    if not isinstance(record["sha256"], str) or not SHA256_HEX.match(record["sha256"]):
+        return f"has sha256 {record['sha256']!r}, not 64 hexadecimal digits"
+    size = record["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        return f"has size {size!r}, not a number of bytes"
+    return None

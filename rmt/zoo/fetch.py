@@ -10,18 +10,19 @@ kept so that the same command resumes.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from filelock import Timeout
 
-from rmt.errors import DownloadError, RMTError, WeightsNotCachedError, ZooError
-from rmt.zoo.cache import CachedFile, WeightsCache, cache_write_error, sha256_file
+from rmt.errors import CheckpointError, DownloadError, RMTError, WeightsNotCachedError, ZooError
+from rmt.models.checkpoint import is_safetensors, not_a_file
+from rmt.zoo.cache import CachedFile, WeightsCache, cache_write_error, refetch_command, sha256_file
 from rmt.zoo.registry import SHA256_HEX, ZooEntry, get_entry
 from rmt.zoo.transfer import Notify, Progress, TransferOptions, copy_file, discard_partial, fetch
 from rmt.zoo.verify import check_weights_file
-
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ def mirror_url(entry: ZooEntry) -> Optional[str]:
     mirror = os.environ.get("RMT_ZOO_MIRROR", "").strip()
     if not mirror or not entry.weights.get("filename"):
         return None
+    try:
+        urllib.parse.urlsplit(mirror)
+    except ValueError as e:
+        raise ZooError(
+            f"RMT_ZOO_MIRROR={mirror!r} is not a valid URL ({e}): set it to an http(s):// or file:// base URL"
+        ) from None
     return f"{mirror.rstrip('/')}/{entry.name}/{entry.weights['filename']}"
 
 
@@ -128,7 +135,7 @@ def download(
     *,
     url: Optional[str] = None,
     sha256: Optional[str] = None,
-    source_file: Optional[os.PathLike] = None,
+    source_file: Optional[Union[str, os.PathLike]] = None,
     force: bool = False,
     progress: Optional[Progress] = None,
     notify: Optional[Notify] = None,
@@ -164,9 +171,11 @@ def download(
         if not SHA256_HEX.match(sha256):
             raise ZooError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
     if source_file is not None:
+        if os.fspath(source_file) == "":  # Path("") would be the current directory
+            raise ZooError("--from was given an empty path: give the file to import")
         source_file = Path(source_file).expanduser()
         if not source_file.is_file():
-            raise ZooError(f"--from {source_file}: {'is a directory' if source_file.is_dir() else 'no such file'}")
+            raise ZooError(f"--from {source_file}: {not_a_file(source_file) if os.path.lexists(source_file) else 'no such file'}")
     cache = cache or WeightsCache()
     lock = cache.lock(entry)
     try:
@@ -199,7 +208,14 @@ def _fetch_locked(
     if not force:
         cached = cache.verified_path(entry)  # a changed file raises: reported, never used or replaced silently
         if cached is not None:  # another process may just have stored it
-            if source_file is not None and record is not None and sha256_file(source_file) != record.sha256:
+            if sha256 is not None and record.sha256 != sha256:
+                given_source = source_file is not None or url is not None
+                how = "add --force" if given_source else f"run `{refetch_command(entry)} --sha256 {sha256}`"
+                raise ZooError(
+                    f"{entry.name} is already cached with sha256 {record.sha256[:16]}..., not the --sha256 {sha256[:16]}... "
+                    f"given: nothing was fetched; to replace it with the file that has that hash, {how}"
+                )
+            if source_file is not None and _sha256_of_source(source_file) != record.sha256:
                 raise ZooError(
                     f"{entry.name} is already cached (sha256 {record.sha256[:12]}...) and --from {source_file} is "
                     "another file: nothing was imported; add --force to replace the cached file with it"
@@ -207,12 +223,13 @@ def _fetch_locked(
             return _fetched(entry, record, "cached", params=None, trusted=False)
     expected, why = _expected_sha256(entry, sha256, record)
     if source_file is not None:
-        source = source_file.resolve().as_uri()
+        source, shown = source_file.resolve().as_uri(), str(source_file)
     else:
         source = url or source_url(entry)
         if source is None:
             how = how_to_get(entry)
             raise WeightsNotCachedError(how["message"], how)
+        shown = source
     partial = cache.partial_path(entry)
     cache.make_dirs(partial.parent)
     keep_partial = False
@@ -225,10 +242,15 @@ def _fetch_locked(
         if expected is not None and actual != expected:
             retrust = f"; if the file legitimately changed, pass --sha256 {actual} to trust it" if why.startswith("recorded") else ""
             raise ZooError(
-                f"sha256 mismatch for {entry.name} from {source}: got {actual}, expected {expected} ({why}); "
+                f"sha256 mismatch for {entry.name} from {shown}: got {actual}, expected {expected} ({why}); "
                 f"the file was not stored{retrust}"
             )
-        checked = check_weights_file(entry, partial)
+        try:
+            checked = check_weights_file(entry, partial)
+        except CheckpointError as e:
+            # its messages name the file read, the cache's temporary copy (deleted below): name the user's
+            raise CheckpointError(str(e).replace(str(partial), shown)) from None
+        _check_format_matches_name(entry, partial, shown)
         stored = cache.store(entry, partial, sha256=actual, source=source, state_dict=checked.state_dict)
     except DownloadError as e:
         keep_partial = e.resumable
@@ -253,6 +275,38 @@ def _fetch_locked(
     return _fetched(
         entry, stored, "imported" if source_file is not None else "downloaded",
         params=checked.params, trusted=expected is None,
+    )
+
+
+def _sha256_of_source(source_file: Path) -> str:
+    try:
+        return sha256_file(source_file)
+    except OSError as e:
+        raise ZooError(f"cannot read --from {source_file}: {e.strerror or e}") from None
+
+
+def _check_format_matches_name(entry: ZooEntry, path: Path, shown: str) -> None:
+    """Refuse a checkpoint whose format is not the one its name in the cache says.
+
+    Tools open the cached file by its name (``torch.load`` takes any ``*.safetensors`` for
+    safetensors, timm and mirrors expect what the hub serves), so a torch.save file must not land
+    as ``model.safetensors``, nor a safetensors file as ``RMT_T.pth``. It is refused, not
+    converted: the cache keeps the bytes it was given, whose sha256 is what ``--sha256``, zoo.yaml
+    and trust on first use speak of.
+    """
+    filename = entry.weights["filename"]
+    if is_safetensors(path) == filename.endswith(".safetensors"):
+        return
+    if filename.endswith(".safetensors"):
+        raise CheckpointError(
+            f"{shown} is a torch.save checkpoint, but {entry.name}'s weights are cached as {filename}, a safetensors "
+            f"file: nothing was stored; save its state dict with safetensors.torch.save_file(state_dict, '{filename}') "
+            f"and import that, or load the file as it is with rmt.zoo.create_model('{entry.name}', checkpoint=PATH)"
+        )
+    raise CheckpointError(
+        f"{shown} is a safetensors file, but {entry.name}'s weights are cached as {filename}, a torch.save checkpoint: "
+        f"nothing was stored; convert it with torch.save(safetensors.torch.load_file(PATH), '{filename}') and import "
+        f"that, or load the file as it is with checkpoint=PATH"
     )
 
 

@@ -56,7 +56,9 @@ class ZooEntry:
         published: ``params_m``, ``gflops``, ``top1`` as published (None where not published);
             empty for plain timm models.
         measured: ``params`` (exact) and ``gmacs`` (fvcore, 224x224) where measured; may be empty.
-        preprocessing: ``input_size`` (3, H, W), ``interpolation``, ``crop_pct``, ``mean``, ``std``.
+        preprocessing: ``input_size`` (3, H, W), ``interpolation``, ``crop_pct``, ``mean``, ``std``;
+            timm models also ``crop_mode`` (``center``, ``squash`` or ``border``, as timm's
+            pretrained_cfg says); an entry without it (zoo.yaml's) is ``center``.
         weights: ``source`` (``baidu``: a share link fetched by hand; ``hf-hub``; ``url``),
             ``filename`` (its name in the cache and on mirrors), ``sha256`` (None: unknown) and
             the source's own fields (``url`` and ``code``, ``hf_hub_id``); for RMT ``state_dict``
@@ -316,12 +318,22 @@ def _timm_entry(name: str) -> ZooEntry:
     """An entry for a timm model that is not in the zoo, from timm's own pretrained_cfg."""
     import timm.models
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm knows the architecture, not the pretrained tag after its '.'
+        arch, _, tag = name.partition(".")
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        more = f" and {len(tags) - 8} more (timm.list_pretrained('{arch}.*'))" if len(tags) > 8 else ""
+        known = f"its tags: {', '.join(tags[:8])}{more}" if tags else "it has no pretrained tags"
+        raise UnknownModelError(f"unknown model '{name}': timm's {arch} has no pretrained tag '{tag}' ({known})") from None
     cfg = cfg.to_dict() if cfg is not None else {}
     preprocessing = {
         "input_size": tuple(cfg.get("input_size", (3, 224, 224))),
         "interpolation": cfg.get("interpolation", "bicubic") or "bicubic",
         "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        # center, squash (both sides resized, aspect ratio not kept) or border (longer side resized,
+        # padded): how timm evaluates the weights, which the eval transform follows
+        "crop_mode": cfg.get("crop_mode") or "center",
         "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
     }

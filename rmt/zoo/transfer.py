@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import http.client
 import json
+import math
 import os
 import re
 import socket
@@ -29,10 +30,11 @@ Progress = Callable[[int, Optional[int]], None]  # (bytes so far, total bytes or
 Notify = Callable[[str], None]  # a human-readable status line
 
 _CHUNK = 1 << 20
-_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+_TRANSIENT_HTTP = {408, 425, 429}  # and every 5xx: a server's trouble may pass
 _UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _MAX_BACKOFF_S = 30.0
+_MAX_TIMEOUT_S = 86400.0  # a day; far beyond it, sockets refuse the value (it overflows their clock)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class TransferOptions:
     Attributes:
         timeout_s: seconds to wait for a connection or for the next bytes.
         retries: further attempts after a transient failure (dropped connection, timeout,
-            HTTP 408/429/5xx); each resumes where the last one stopped.
+            HTTP 408/425/429/5xx); each resumes where the last one stopped.
         backoff_s: wait before retry n is ``backoff_s * 2 ** (n - 1)`` seconds (at most 30).
     """
 
@@ -54,10 +56,11 @@ class TransferOptions:
     def from_env(cls) -> "TransferOptions":
         """Defaults, changed by ``RMT_DOWNLOAD_TIMEOUT``, ``RMT_DOWNLOAD_RETRIES``, ``RMT_DOWNLOAD_BACKOFF``."""
         values = {}
-        for field_name, variable, kind in (
-            ("timeout_s", "RMT_DOWNLOAD_TIMEOUT", float),
-            ("retries", "RMT_DOWNLOAD_RETRIES", int),
-            ("backoff_s", "RMT_DOWNLOAD_BACKOFF", float),
+        for field_name, variable, kind, low, high, wanted in (
+            ("timeout_s", "RMT_DOWNLOAD_TIMEOUT", float, 0.0, _MAX_TIMEOUT_S,
+             f"a finite number above 0, at most {_MAX_TIMEOUT_S:g}"),
+            ("retries", "RMT_DOWNLOAD_RETRIES", int, 0, math.inf, "a whole number, 0 or more"),
+            ("backoff_s", "RMT_DOWNLOAD_BACKOFF", float, 0.0, math.inf, "a finite number, 0 or more"),
         ):
             text = os.environ.get(variable)
             if text is None or text == "":
@@ -65,9 +68,11 @@ class TransferOptions:
             try:
                 value = kind(text)
             except ValueError:
-                value = -1
-            if value < 0 or (field_name == "timeout_s" and value == 0):
-                raise ZooError(f"{variable}={text!r} is not a valid {'count' if kind is int else 'number of seconds'}")
+                value = math.nan
+            # nan, inf (1e400 too) and out-of-range values overflow or break the socket timeout and the backoff sleep
+            if not (math.isfinite(value) and low <= value <= high) or (field_name == "timeout_s" and value == 0):
+                what = "count" if kind is int else "number of seconds"
+                raise ZooError(f"{variable}={text!r} is not a valid {what}: give {wanted}")
             values[field_name] = value
         return cls(**values)
 
@@ -79,17 +84,21 @@ def offline() -> bool:
 
 def unreachable(url: str, timeout_s: float) -> Optional[str]:
     """Why the host of an http(s) ``url`` cannot be reached at all (its name does not resolve, or
-    the connection is refused or has no route), or None: a quick check before handing a download
+    the connection is refused or has no route, or the URL is malformed), or None: a quick check before handing a download
     to a library that retries such failures at length. None too when a proxy serves the URL (the
     proxy resolves the host) and for other kinds of failure (slow, say), which the download meets."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError as e:  # a malformed host or port
+        return f"{url!r} is not a valid URL ({e})"
+    if parts.scheme not in ("http", "https") or not host:
         return None
     proxies = urllib.request.getproxies()  # http_proxy, https_proxy, all_proxy (as "all") ...
-    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname):
+    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return None
     try:
-        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout_s):
+        with socket.create_connection((host, port or (443 if parts.scheme == "https" else 80)), timeout=timeout_s):
             return None
     except OSError as e:
         failure = _connection_failure(url, e)
@@ -110,7 +119,10 @@ def fetch(
     OSErrors from writing ``partial`` propagate: the caller knows which directory that is.
     """
     options = options or TransferOptions.from_env()
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as e:
+        raise DownloadError(f"{url!r} is not a valid URL ({e})") from None
     if scheme == "file":
         return copy_file(_file_url_path(url), partial, progress)
     if scheme not in ("http", "https"):
@@ -178,7 +190,7 @@ def _http_attempt(
             partial.unlink(missing_ok=True)
             raise _Transient(f"the server refused to resume {url} (HTTP 416)") from None
         message = f"HTTP {e.code} {e.reason} from {url}"
-        if e.code in _TRANSIENT_HTTP:
+        if e.code in _TRANSIENT_HTTP or 500 <= e.code < 600:
             raise _Transient(message) from None
         if e.code in (401, 403):
             message += ": access denied (a private link or one that expired)"

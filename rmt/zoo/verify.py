@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rmt.errors import CheckpointError
-from rmt.models.checkpoint import check_fits, check_variant_state_dict, read_checkpoint, select_state_dict
+from rmt.models.checkpoint import check_fits, check_variant_state_dict, is_safetensors, read_checkpoint, select_state_dict
 from rmt.zoo.registry import ZooEntry
 
 
@@ -87,34 +86,17 @@ def _loads_through_timm_filter(entry: ZooEntry, path: Path, state: Mapping[str, 
         state = load_state_dict(entry, path)
     try:
         timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)})
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AssertionError):
-        # any failure inside timm's conversion or strict load means: not this architecture
+    except Exception:
+        # any failure inside timm's conversion (each model has its own filter, which may fail in
+        # any way on another model's keys) or strict load means: not this architecture
         return False
     return True
 
 
 def load_state_dict(entry: ZooEntry, path: Path) -> dict[str, Tensor]:
-    """The state dict of a weights file of a timm model, read without running code."""
-    if is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(os.fspath(path))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    """The state dict of a weights file of a timm model (safetensors or torch.save), read without running code."""
     state, _ = select_state_dict(read_checkpoint(path), prefer_ema=prefers_ema(entry))
     return state
-
-
-def is_safetensors(path: Path) -> bool:
-    """True for a safetensors file: an 8-byte header length, then a JSON header (``{``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100 << 20
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple]:
