@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -18,14 +19,25 @@ class StdoutError(OSError):
     """Standard output itself failed (a full disk, a closed pipe), as opposed to any other OSError."""
 
 
+_TRAILING_SPACES = re.compile(r" +\n")
+
+
 class _Stdout(io.TextIOBase):
-    """Whatever ``sys.stdout`` is at each call (pytest's capture too), its failures raised as StdoutError."""
+    """Whatever ``sys.stdout`` is at each call (pytest's capture too), its failures raised as StdoutError.
+
+    Off a terminal, lines lose their trailing spaces: rich pads table cells to the column's width,
+    which in a 220-column log or pipe is a line of blanks after every short value.
+    """
 
     def write(self, text: str) -> int:
+        written = len(text)
+        if not self.isatty():
+            text = _TRAILING_SPACES.sub("\n", text)
         try:
-            return sys.stdout.write(text)
+            sys.stdout.write(text)
         except OSError as e:
             raise StdoutError(e.errno, e.strerror) from e
+        return written
 
     def flush(self) -> None:
         try:

@@ -42,6 +42,7 @@ def test_list_table_and_json(zoo_home, capsys, monkeypatch, tmp_path, rmt_t_chec
 
 def test_info_says_where_the_weights_come_from_and_how_to_get_them(zoo_home, capsys, monkeypatch):
     code, out, _ = run_cli(capsys, monkeypatch, "info", "rmt_s_tl")
+    assert not [line for line in out.splitlines() if line.endswith(" ")]  # no padding to the log's width
     out = " ".join(out.split())  # the table folds long values
     assert code == 0
     for text in ("https://pan.baidu.com/s/1Xjgko9_-rokfvP39uiwTqQ?pwd=q37r", "extraction code q37r",
