@@ -103,6 +103,21 @@ def test_a_fine_tuned_classifier_loads_with_its_number_of_classes(tmp_path, sche
             rmt.create_model("rmt_s_tl", checkpoint=path, **not_asked)
 
 
+def test_a_feature_backbone_loads_a_file_with_another_classifier(tmp_path, schema):
+    """A fine-tuned classifier as a detection backbone: the head is pruned anyway, as timm's models do."""
+    tuned = rmt.create_model("rmt_t", num_classes=10)
+    path = _save(tmp_path, "tuned.pth", tuned.state_dict())
+    for backbone in (rmt.create_model("rmt_t", checkpoint=path, features_only=True),
+                     timm.create_model("rmt_t", pretrained=True, features_only=True, pretrained_cfg_overlay={"file": str(path)})):
+        assert torch.equal(backbone.state_dict()["model.stem.0.weight"], tuned.stem[0].weight)
+    with pytest.raises(rmt.RMTError, match="feature_cls='hook': with weights, RMT feature models are timm's 'getter' kind"):
+        rmt.create_model("rmt_t", checkpoint=path, features_only=True, feature_cls="hook")
+    headless = rmt.create_model("rmt_t", checkpoint=path, num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        assert torch.equal(headless(x), tuned.eval().forward_features(x))
+
+
 def test_another_variants_checkpoint(tmp_path, schema):
     path = _save(tmp_path, "rmt_s.pth", {"model": official_state_dict(schema["rmt_s"])})
     with pytest.raises(CheckpointError) as e:

@@ -441,3 +441,67 @@ def test_torch_compile_fullgraph_same_output():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True, dynamic=False)(x)
     assert (compiled - eager).abs().max().item() <= 1e-4
+
+
+def test_a_model_built_on_the_meta_device_computes_its_unsaved_buffers_again(tmp_path):
+    """timm's way to build big models without allocating: meta, to_empty, load, then the buffers the state dict lacks."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    reference = rmt.RMT(TINY).eval()
+    with torch.device("meta"):
+        model = rmt.RMT(TINY)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    assert len(reinit_non_persistent_buffers(model)) == TINY.num_stages
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference(x))
+
+
+def test_a_traced_model_takes_other_batch_sizes():
+    """Eval-mode CPU inference runs in chunks of images; a trace must not freeze their number."""
+    model = rmt.RMT(TINY).eval()
+    with torch.no_grad(), pytest.warns(Warning):  # the tracer's own warnings about Python values
+        traced = torch.jit.trace(model, torch.randn(2, 3, 224, 224))
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        assert (traced(x) - model(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda m: m(torch.randn(3, 64, 64)), r"takes images as a \(batch, 3, height, width\) tensor, got shape \(3, 64, 64\)"),
+    (lambda m: m(torch.randn(1, 1, 64, 64)), r"got shape \(1, 1, 64, 64\)"),
+    (lambda m: m.reset_classifier(-1), "num_classes must be a whole number >= 0, got -1"),
+    (lambda m: m.reset_classifier(5, "max"), "global_pool is 'avg'"),
+    (lambda m: m.forward_intermediates(torch.randn(1, 3, 64, 64), output_fmt="NLC"), "output_fmt must be NCHW or NHWC"),
+    (lambda m: rmt.RMT(TINY, drop_path_rate=2.0), "drop_path_rate must be a number from 0 to below 1, got 2.0"),
+    (lambda m: rmt.RMT(TINY, num_classes="10"), "num_classes must be a whole number >= 0, got '10'"),
+    (lambda m: rmt.RMT(TINY, num_classes=10.0), "num_classes must be a whole number >= 0, got 10.0"),
+    (lambda m: rmt.RMT(TINY, global_pool="", num_classes=10), "use it with num_classes=0"),
+    (lambda m: rmt.create_model(None), "a model name is a string"),
+])
+def test_bad_input_is_a_one_line_rmt_error(bad, message):
+    with pytest.raises(rmt.RMTError, match=message):
+        bad(rmt.RMT(TINY).eval())
+
+
+def test_timm_model_arguments():
+    x = torch.randn(1, 3, 64, 64)
+    model = rmt.RMT(TINY).eval()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        headless = rmt.RMT(TINY, num_classes=0, global_pool="")
+        headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+        assert torch.equal(headless.eval()(x), features)  # no head: the last stage's features
+        model.reset_classifier(7)
+        assert model(x).shape == (1, 7) and model.cfg.num_classes == 7
+        model.reset_classifier(0, "")
+        assert torch.equal(model(x), features)
+        with pytest.raises(rmt.RMTError, match="head was removed"):
+            model.reset_classifier(3)
+        pruned = rmt.RMT(TINY).eval()
+        pruned.prune_intermediate_layers([0, 1, 2])
+        assert pruned(x).shape == (1, 4, 4, TINY.embed_dims[2])  # forward still runs, up to the last kept stage
+    assert rmt.RMT(TINY, device="meta").stem[0].weight.is_meta
+    assert rmt.RMT(TINY, dtype=torch.bfloat16).stem[0].weight.dtype == torch.bfloat16
+    assert timm.create_model("rmt_t", num_classes=0, global_pool="").head.__class__.__name__ == "_NoHead"

@@ -93,11 +93,14 @@ def test_pretrained_uses_the_cache_with_the_zoos_state_dict_choice(zoo_home, tmp
     assert torch.equal(timm.create_model("rmt_t", pretrained=True).head.fc.weight, saved["model"]["head.weight"])
     backbone = timm.create_model("rmt_t", pretrained=True, features_only=True)
     assert torch.equal(backbone.state_dict()["model.stem.0.weight"], model.stem[0].weight)
-    # a file named to timm goes through timm's loader and checkpoint_filter_fn, not the cache
+    # a file named to timm is loaded by rmt's loader, not taken from the cache
     other = tmp_path / "other.pth"
     torch.save(saved["model_ema"], other)
     named = timm.create_model("rmt_t", pretrained=True, pretrained_cfg_overlay={"file": str(other)})
     assert torch.equal(named.head.fc.weight, saved["model_ema"]["head.weight"])
+    # with the same rule for a training file holding both: plain for RMT-T (timm's loader took the EMA)
+    named = timm.create_model("rmt_t", pretrained=True, pretrained_cfg_overlay={"file": str(source)})
+    assert torch.equal(named.head.fc.weight, saved["model"]["head.weight"])
     ema_model = zoo.create_model("rmt_t", pretrained=True, ema=True)  # an explicit choice wins
     assert torch.equal(ema_model.head.fc.weight, saved["model_ema"]["head.weight"])
     # another number of classes, as timm's pretrained models: every weight but the classifier's

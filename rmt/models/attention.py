@@ -130,6 +130,13 @@ class ManhattanPosition(nn.Module):
         self.clear_tables()
         return super()._apply(fn, recurse)
 
+    def init_non_persistent_buffers(self) -> None:
+        """Compute ``angle`` and ``decay`` again where they are (timm's hook after ``to_empty``: a model
+        built on the meta device has none, and ``load_state_dict`` does not restore unsaved buffers)."""
+        for name, value in self.official_buffers().items():
+            getattr(self, name).copy_(value)
+        self.clear_tables()
+
     def clear_tables(self) -> None:
         """Drop the cached tables (rebuilt on the next call), e.g. to measure the memory they take."""
         self._cache = {}

@@ -111,8 +111,13 @@ class RMTConfig:
             raise ConfigError(f"embed_dims[0] = {self.embed_dims[0]} must be even (the stem halves it)")
         if any(d <= 0 for d in self.depths):
             raise ConfigError(f"RMTConfig.depths must be positive, got {self.depths}")
-        if self.num_classes < 0 or self.in_chans <= 0 or self.head_hidden_size <= 0:
-            raise ConfigError("num_classes must be >= 0, in_chans and head_hidden_size > 0")
+        for name, least in (("num_classes", 0), ("in_chans", 1), ("head_hidden_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"RMTConfig.{name} must be a whole number >= {least}, got {value!r}")
+        rate = self.drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ConfigError(f"RMTConfig.drop_path_rate must be a number from 0 to below 1, got {rate!r}")
 
     @property
     def num_stages(self) -> int:

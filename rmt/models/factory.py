@@ -10,7 +10,7 @@ from timm.models._features import FeatureGetterNet
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
-from rmt.errors import CheckpointError, UnknownModelError
+from rmt.errors import CheckpointError, ConfigError, UnknownModelError
 from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
 from rmt.models.config import VARIANTS
 
@@ -24,6 +24,8 @@ def check_model_name(name: str) -> str:
     """Return ``name`` if it is an RMT variant, else raise UnknownModelError suggesting close names."""
     if name in VARIANTS:
         return name
+    if not isinstance(name, str):
+        raise UnknownModelError(f"a model name is a string such as 'rmt_s', got {name!r}")
     close = difflib.get_close_matches(name, list(VARIANTS), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(VARIANTS)}"
     raise UnknownModelError(f"unknown RMT model '{name}'{hint}")
@@ -65,11 +67,21 @@ def create_model(
     # load the whole network strictly, then (for features_only) wrap it as timm would
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    # another number of classes asked for than the file's (a file without classifier included):
-    # every other tensor, and the new classifiers as initialised
+    feature_cls = kwargs.pop("feature_cls", None)
+    if features_only and feature_cls not in (None, "getter"):
+        raise ConfigError(
+            f"feature_cls={feature_cls!r}: with weights, RMT feature models are timm's 'getter' kind (stage outputs "
+            "through forward_intermediates); leave feature_cls out"
+        )
+    # no head (global_pool=''): the whole network is loaded, then its head removed
+    headless = kwargs.get("global_pool") == ""
+    model = timm.create_model(name, pretrained=False, **{**kwargs, "global_pool": "avg"} if headless else kwargs)
+    # another number of classes asked for than the file's (a file without classifier included), or
+    # a feature model, whose classifier goes: every other tensor, and the classifiers as initialised
     load_checkpoint(model, checkpoint, ema=ema, model_name=name, prefer_ema=published_prefers_ema(name),
-                    keep_model_classifier=kwargs.get("num_classes") is not None)
+                    keep_model_classifier=features_only or kwargs.get("num_classes") is not None)
+    if headless:
+        model.reset_classifier(model.num_classes, "")
     if not features_only:
         return model
     pretrained_cfg = model.pretrained_cfg

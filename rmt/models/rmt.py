@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
+from rmt.errors import ConfigError
 from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
@@ -54,10 +55,17 @@ def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, 
     images = max(1, CPU_TOKENS_PER_CHUNK // max(1, tokens_per_image))
     if (
         x.device.type != "cpu" or x.shape[0] <= images or torch.is_grad_enabled()
+        # a trace or an exported program would freeze the chunk count, and with it the batch size
+        or torch.jit.is_tracing() or _exporting()
         or any(m.training for m in module.modules())
     ):
         return fn(x)
     return torch.cat([fn(chunk) for chunk in x.split(images)])
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(is_exporting and is_exporting())
 
 
 class ConvStem(nn.Sequential):
@@ -254,14 +262,21 @@ class RMT(nn.Module):
         cfg: Optional[RMTConfig] = None,
         attn_kernel: str = "auto",
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
         **config_changes: Any,
     ):
         """Build from ``cfg`` with ``config_changes`` applied (or from RMTConfig fields alone).
 
         ``attn_kernel``: ``auto``, ``sdpa``, ``reference``, ``flex`` or ``triton`` (see rmt.models.attention).
+        ``global_pool``, ``device`` and ``dtype`` are timm's model arguments: the head pools by its
+        mean (``avg``), or with ``""`` and ``num_classes=0`` there is no head and ``forward`` returns
+        the last stage's (B, H, W, C) features; the model is built, then moved to ``device`` and ``dtype``.
         """
         super().__init__()
         cfg = cfg.replace(**config_changes) if cfg is not None else RMTConfig(**config_changes)
+        _check_global_pool(global_pool, cfg.num_classes)
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.in_chans = cfg.in_chans
@@ -297,6 +312,10 @@ class RMT(nn.Module):
         self.apply(self._init_weights)
         # every conv runs on channels-last activations; matching weights skip a reorder per call
         self.to(memory_format=torch.channels_last)
+        if global_pool == "":
+            self.head, self.aux_head = _NoHead(), None
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -364,6 +383,14 @@ class RMT(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.cfg = self.cfg.replace(num_classes=num_classes)  # checks it
+        if global_pool is not None:
+            _check_global_pool(global_pool, num_classes)
+            if global_pool == "":
+                self.num_classes, self.head, self.aux_head = num_classes, _NoHead(), None
+                return
+        if isinstance(self.head, _NoHead):
+            raise ConfigError("this model's head was removed (global_pool='' or pruned): it takes no classifier")
         self.num_classes = num_classes
         self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
@@ -388,9 +415,10 @@ class RMT(nn.Module):
         API and does nothing (RMT has no norm on its stage outputs).
         """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
+            raise ConfigError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
+        self._check_input(x)
         x = self.stem(x)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         for i, stage in enumerate(stages):
@@ -407,11 +435,16 @@ class RMT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_head:
-            self.head = nn.Identity()
+            self.head = _NoHead()
             self.aux_head = None
         return take_indices
 
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ConfigError(f"RMT takes images as a (batch, {self.in_chans}, height, width) tensor, got shape {tuple(x.shape)}")
+
     def forward_features(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
@@ -425,6 +458,20 @@ class RMT(nn.Module):
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_global_pool(global_pool: str, num_classes: int) -> None:
+    if global_pool not in ("avg", ""):  # the head pools its projected tokens by their mean
+        raise ConfigError(f"RMT's global_pool is 'avg' (the head's mean) or '' (no head), got {global_pool!r}")
+    if global_pool == "" and num_classes:
+        raise ConfigError(f"global_pool='' leaves no head to classify with: use it with num_classes=0, not {num_classes}")
+
+
+class _NoHead(nn.Module):
+    """What ``prune_intermediate_layers`` leaves of the head: ``forward`` returns the last stage's features."""
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x
 
 
 def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
@@ -471,13 +518,17 @@ _WEIGHT_SOURCES = ("file", "state_dict", "url", "hf_hub_id")  # where timm's pre
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not any(overlay.get(source) for source in _WEIGHT_SOURCES):
+    if pretrained and (overlay.get("file") or not any(overlay.get(source) for source in _WEIGHT_SOURCES)):
         # the official weights have no URL timm could fetch (Baidu pan only): they come from rmt's
-        # verified cache, with the state dict the published figures belong to, as with
-        # rmt.create_model(variant, pretrained=True), which builds through here unpretrained.
-        # Weights named in pretrained_cfg_overlay go through timm's own loader instead.
+        # verified cache, as with rmt.create_model(variant, pretrained=True), which builds through
+        # here unpretrained. A file named in pretrained_cfg_overlay is loaded by the same code:
+        # timm's loader would take a training file's EMA weights, which are not rmt_t's published
+        # ones, and refuse another classifier under features_only. Weights given as a state dict,
+        # a URL or a hub id go through timm's own loader.
         from rmt.models.factory import create_model
 
+        if overlay.get("file"):
+            return create_model(variant, checkpoint=overlay["file"], **kwargs)
         return create_model(variant, pretrained=True, **kwargs)
     cfg = VARIANTS[variant]
     out_indices = kwargs.pop("out_indices", tuple(range(cfg.num_stages)))
