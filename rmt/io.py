@@ -46,9 +46,17 @@ def replaced_file_mode(path: PathLike) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)  # elsewhere reading it means setting it (for an instant): put it straight back
         os.umask(umask)
-        return 0o666 & ~umask
+        return umask
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

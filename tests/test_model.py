@@ -479,6 +479,8 @@ def test_a_traced_model_takes_other_batch_sizes():
     (lambda m: rmt.RMT(TINY, num_classes=10.0), "num_classes must be a whole number >= 0, got 10.0"),
     (lambda m: rmt.RMT(TINY, global_pool="", num_classes=10), "use it with num_classes=0"),
     (lambda m: rmt.create_model(None), "a model name is a string"),
+    (lambda m: rmt.create_model(["rmt_t"]), "a model name is a string"),
+    (lambda m: rmt.create_model("rmt_t", checkpoint="never-read.pth", global_pool=""), "use it with num_classes=0"),
 ])
 def test_bad_input_is_a_one_line_rmt_error(bad, message):
     with pytest.raises(rmt.RMTError, match=message):
@@ -495,8 +497,13 @@ def test_timm_model_arguments():
         assert torch.equal(headless.eval()(x), features)  # no head: the last stage's features
         model.reset_classifier(7)
         assert model(x).shape == (1, 7) and model.cfg.num_classes == 7
+        with pytest.raises(rmt.RMTError, match="use it with num_classes=0"):
+            model.reset_classifier(10, "")
+        assert model.cfg.num_classes == model.num_classes == 7  # a refused call changes nothing
         model.reset_classifier(0, "")
         assert torch.equal(model(x), features)
+        model.reset_classifier(0)  # no classifier: nothing to do
+        assert isinstance(model.get_classifier(), torch.nn.Identity)
         with pytest.raises(rmt.RMTError, match="head was removed"):
             model.reset_classifier(3)
         pruned = rmt.RMT(TINY).eval()

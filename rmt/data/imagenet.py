@@ -90,10 +90,10 @@ def scan_imagenet_val(root: PathLike, labels: Optional[PathLike] = None) -> Imag
     if not root.is_dir():
         raise DatasetError(f"data path {root} is a file; pass the folder that holds the validation images")
     folders, images = _list_folder(root)
-    for layout, is_class in (("imagefolder", _is_wnid), ("imagenet-v2", str.isdigit)):
+    for layout, is_class, class_of in (("imagefolder", _is_wnid, _wnid_class), ("imagenet-v2", str.isdigit, _index_class)):
         classes = [f for f in folders if is_class(f.name)]
         if classes and len(classes) == len(folders):
-            return _scan_class_folders(root, folders, labels, layout, _wnid_class if layout == "imagefolder" else _index_class)
+            return _scan_class_folders(root, folders, labels, layout, class_of)
         if len(classes) > len(folders) / 2:  # a stray folder (lost+found, a backup) among the class folders
             others = [f.name for f in folders if not is_class(f.name)]
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")

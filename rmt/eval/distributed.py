@@ -125,8 +125,9 @@ def raise_if_any_rank_failed(failure: Optional[BaseException], context: Distribu
     """Raise on every rank when any rank failed this step, so that none is left waiting in a collective.
 
     Every rank must call it at the same points. The rank that failed raises its own exception;
-    the others raise the same kind of error (an RMTError keeps its class and message, so every
-    rank exits with the same code) naming the rank that failed first.
+    the others raise the first failing rank's: an RMTError with its class and message, so that
+    every rank prints the same line and exits with the same code; any other error as an EvalError
+    naming that rank.
     """
     if not dist.is_initialized():
         if failure is not None:

@@ -133,8 +133,20 @@ def evaluate(
             try:
                 batch = next(batches, None)
                 if batch is not None:
-                    _evaluate_batch(*batch, skip_bad, device, memory_format, autocast, forward, real_labels,
-                                    counts, skipped, skipped_positions)
+                    images, targets, positions, errors = batch
+                    readable = torch.tensor([not e for e in errors], dtype=torch.bool)
+                    if not readable.all():
+                        bad = [e for e in errors if e]
+                        if not skip_bad:
+                            raise DatasetError(f"{bad[0]} (--skip-bad skips unreadable images)")
+                        skipped += bad
+                        skipped_positions += positions[~readable].tolist()
+                        images, targets, positions = images[readable], targets[readable], positions[readable]
+                    if len(images):
+                        images = images.to(device, non_blocking=True, memory_format=memory_format)
+                        with autocast:
+                            logits = forward(images)
+                        _count(logits.float().cpu(), targets, positions, real_labels, counts)
             except Exception as e:
                 failure = e
             raise_if_any_rank_failed(failure, context, device)
@@ -148,36 +160,6 @@ def evaluate(
         raise DatasetError(f"none of the {len(result.skipped)} images could be read: there is no accuracy to report"
                            if result.skipped else "no images to evaluate")
     return result
-
-
-def _evaluate_batch(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    positions: torch.Tensor,
-    errors: Sequence[str],
-    skip_bad: bool,
-    device: torch.device,
-    memory_format: torch.memory_format,
-    autocast: contextlib.AbstractContextManager,
-    forward: "_BatchHalvingForward",
-    real_labels: Optional[Sequence[frozenset[int]]],
-    counts: list[int],
-    skipped: list[str],
-    skipped_positions: list[int],
-) -> None:
-    readable = torch.tensor([not e for e in errors], dtype=torch.bool)
-    if not readable.all():
-        bad = [e for e in errors if e]
-        if not skip_bad:
-            raise DatasetError(f"{bad[0]} (--skip-bad skips unreadable images)")
-        skipped += bad
-        skipped_positions += positions[~readable].tolist()
-        images, targets, positions = images[readable], targets[readable], positions[readable]
-    if len(images):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with autocast:
-            logits = forward(images)
-        _count(logits.float().cpu(), targets, positions, real_labels, counts)
 
 
 def _count(

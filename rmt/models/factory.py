@@ -13,6 +13,7 @@ from torch import nn
 from rmt.errors import CheckpointError, ConfigError, UnknownModelError
 from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
 from rmt.models.config import VARIANTS
+from rmt.models.rmt import _check_global_pool
 
 
 def list_models() -> list[str]:
@@ -22,10 +23,10 @@ def list_models() -> list[str]:
 
 def check_model_name(name: str) -> str:
     """Return ``name`` if it is an RMT variant, else raise UnknownModelError suggesting close names."""
-    if name in VARIANTS:
-        return name
     if not isinstance(name, str):
         raise UnknownModelError(f"a model name is a string such as 'rmt_s', got {name!r}")
+    if name in VARIANTS:
+        return name
     close = difflib.get_close_matches(name, list(VARIANTS), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(VARIANTS)}"
     raise UnknownModelError(f"unknown RMT model '{name}'{hint}")
@@ -73,7 +74,9 @@ def create_model(
             f"feature_cls={feature_cls!r}: with weights, RMT feature models are timm's 'getter' kind (stage outputs "
             "through forward_intermediates); leave feature_cls out"
         )
-    # no head (global_pool=''): the whole network is loaded, then its head removed
+    # no head (global_pool=''): the whole network is loaded, then its head removed; a bad
+    # combination is refused before the build and the load
+    _check_global_pool(kwargs.get("global_pool", "avg"), kwargs.get("num_classes", VARIANTS[name].num_classes))
     headless = kwargs.get("global_pool") == ""
     model = timm.create_model(name, pretrained=False, **{**kwargs, "global_pool": "avg"} if headless else kwargs)
     # another number of classes asked for than the file's (a file without classifier included), or

@@ -380,18 +380,19 @@ class RMT(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head.fc
+        return getattr(self.head, "fc", nn.Identity())  # none left after global_pool='' or pruning
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.cfg = self.cfg.replace(num_classes=num_classes)  # checks it
+        cfg = self.cfg.replace(num_classes=num_classes)  # checks it; the model changes only once all checks pass
         if global_pool is not None:
             _check_global_pool(global_pool, num_classes)
-            if global_pool == "":
-                self.num_classes, self.head, self.aux_head = num_classes, _NoHead(), None
-                return
-        if isinstance(self.head, _NoHead):
+        headless = isinstance(self.head, _NoHead)
+        if headless and num_classes:
             raise ConfigError("this model's head was removed (global_pool='' or pruned): it takes no classifier")
-        self.num_classes = num_classes
+        self.cfg, self.num_classes = cfg, num_classes
+        if global_pool == "" or headless:
+            self.head, self.aux_head = _NoHead(), None
+            return
         self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
             self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -468,7 +469,7 @@ def _check_global_pool(global_pool: str, num_classes: int) -> None:
 
 
 class _NoHead(nn.Module):
-    """What ``prune_intermediate_layers`` leaves of the head: ``forward`` returns the last stage's features."""
+    """The head after ``global_pool=''`` or ``prune_intermediate_layers``: ``forward`` returns the last stage's features."""
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return x
