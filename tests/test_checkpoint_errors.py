@@ -118,6 +118,18 @@ def test_a_feature_backbone_loads_a_file_with_another_classifier(tmp_path, schem
         assert torch.equal(headless(x), tuned.eval().forward_features(x))
 
 
+def test_other_input_channels_adapt_the_stem_as_timm_does(tmp_path):
+    reference = rmt.create_model("rmt_t")
+    rgb = reference.stem[0].weight
+    for path in (_save(tmp_path, "ours.pth", reference.state_dict()),
+                 _save(tmp_path, "official.pth", {"model": rmt.export_official_state_dict(reference)})):
+        gray = rmt.create_model("rmt_t", checkpoint=path, in_chans=1)
+        assert torch.allclose(gray.stem[0].weight, rgb.sum(1, keepdim=True))  # the RGB filters summed
+        assert torch.equal(gray.stem[3].weight, reference.stem[3].weight)  # the rest as it is
+        four = timm.create_model("rmt_t", pretrained=True, in_chans=4, pretrained_cfg_overlay={"file": str(path)})
+        assert four.stem[0].weight.shape == (32, 4, 3, 3)
+
+
 def test_another_variants_checkpoint(tmp_path, schema):
     path = _save(tmp_path, "rmt_s.pth", {"model": official_state_dict(schema["rmt_s"])})
     with pytest.raises(CheckpointError) as e:

@@ -484,9 +484,23 @@ def _convert_state_dict(
 ) -> dict[str, Tensor]:
     """Validate a selected state dict (any official layout or ours) for ``model`` and convert it to ours."""
     name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture", "") or type(model).__name__
+    state_dict = _adapt_input_channels(state_dict, model)
     layout = check_state_dict(state_dict, model, name, without_classifier)
     converted = state_dict if layout == "rmt" else _from_official(state_dict)
     return {k: v for k, v in converted.items() if not _is_classifier_key(k)} if without_classifier else converted
+
+
+def _adapt_input_channels(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The stem's first conv made to take ``model.in_chans`` channels, as timm adapts its pretrained
+    models' (``in_chans=1``: the RGB filters summed; more: repeated and scaled)."""
+    in_chans = getattr(model, "in_chans", None)
+    for key in ("stem.0.weight", "patch_embed.proj.0.weight"):  # ours, official
+        weight = state_dict.get(key)
+        if in_chans and weight is not None and weight.ndim == 4 and weight.shape[1] != in_chans:
+            from timm.models import adapt_input_conv
+
+            return {**state_dict, key: adapt_input_conv(in_chans, weight)}
+    return state_dict
 
 
 def _check_relpos(state_dict: Mapping[str, Tensor], model: nn.Module, name: str) -> None:
