@@ -512,3 +512,14 @@ def test_timm_model_arguments():
     assert rmt.RMT(TINY, device="meta").stem[0].weight.is_meta
     assert rmt.RMT(TINY, dtype=torch.bfloat16).stem[0].weight.dtype == torch.bfloat16
     assert timm.create_model("rmt_t", num_classes=0, global_pool="").head.__class__.__name__ == "_NoHead"
+
+
+def test_timms_fx_feature_extractor_traces_rmt():
+    """Stages and the input check are FX leaves (their CPU chunking and shape checks branch on sizes)."""
+    x = torch.randn(2, 3, 64, 64)
+    fx = timm.create_model("rmt_t", features_only=True, feature_cls="fx").eval()
+    getter = timm.create_model("rmt_t", features_only=True).eval()
+    getter.load_state_dict({k.replace("graph_module.", "model."): v for k, v in fx.state_dict().items()})
+    with torch.no_grad():
+        for nhwc, nchw in zip(fx(x), getter(x), strict=True):  # the stages' own (B, H, W, C) layout
+            assert torch.equal(nhwc.permute(0, 3, 1, 2), nchw)

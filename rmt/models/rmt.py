@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.layers._fx import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -68,6 +69,7 @@ def _exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
+@register_notrace_module  # FX feature extraction: its CPU chunking branches on the batch size
 class ConvStem(nn.Sequential):
     """Four 3x3 convs with batch norm (GELU between), stride 4 overall; NCHW in, (B, H, W, C) out."""
 
@@ -183,6 +185,7 @@ class RMTBlock(nn.Module):
         keep_autocast_weights(self)
 
 
+@register_notrace_module  # FX feature extraction: stages are the features, traced as calls
 class RMTStage(nn.Module):
     """Optional downsampling from the previous stage, then blocks sharing one position module."""
 
@@ -419,7 +422,7 @@ class RMT(nn.Module):
             raise ConfigError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
-        self._check_input(x)
+        check_image_batch(x, self.in_chans)
         x = self.stem(x)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         for i, stage in enumerate(stages):
@@ -440,12 +443,8 @@ class RMT(nn.Module):
             self.aux_head = None
         return take_indices
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ConfigError(f"RMT takes images as a (batch, {self.in_chans}, height, width) tensor, got shape {tuple(x.shape)}")
-
     def forward_features(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        check_image_batch(x, self.in_chans)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
@@ -459,6 +458,12 @@ class RMT(nn.Module):
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         return self.forward_head(self.forward_features(x))
+
+
+@register_notrace_function  # FX feature extraction: a call in the graph, not traced into
+def check_image_batch(x: Tensor, in_chans: int) -> None:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ConfigError(f"RMT takes images as a (batch, {in_chans}, height, width) tensor, got shape {tuple(x.shape)}")
 
 
 def _check_global_pool(global_pool: str, num_classes: int) -> None:
