@@ -13,7 +13,7 @@ from torch import nn
 from rmt.errors import CheckpointError, ConfigError, UnknownModelError
 from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
 from rmt.models.config import VARIANTS
-from rmt.models.rmt import _check_global_pool
+from rmt.models.rmt import check_global_pool
 
 
 def list_models() -> list[str]:
@@ -76,7 +76,7 @@ def create_model(
         )
     # no head (global_pool=''): the whole network is loaded, then its head removed; a bad
     # combination is refused before the build and the load
-    _check_global_pool(kwargs.get("global_pool", "avg"), kwargs.get("num_classes", VARIANTS[name].num_classes))
+    check_global_pool(kwargs.get("global_pool", "avg"), kwargs.get("num_classes", VARIANTS[name].num_classes))
     headless = kwargs.get("global_pool") == ""
     model = timm.create_model(name, pretrained=False, **{**kwargs, "global_pool": "avg"} if headless else kwargs)
     # another number of classes asked for than the file's (a file without classifier included), or

@@ -24,8 +24,8 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
 from rmt.errors import ConfigError
+from rmt.models.attention import ManhattanPosition, ManhattanSelfAttention, resolve_attention_kernel
 from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
@@ -279,7 +279,7 @@ class RMT(nn.Module):
         """
         super().__init__()
         cfg = cfg.replace(**config_changes) if cfg is not None else RMTConfig(**config_changes)
-        _check_global_pool(global_pool, cfg.num_classes)
+        check_global_pool(global_pool, cfg.num_classes)
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.in_chans = cfg.in_chans
@@ -388,7 +388,7 @@ class RMT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         cfg = self.cfg.replace(num_classes=num_classes)  # checks it; the model changes only once all checks pass
         if global_pool is not None:
-            _check_global_pool(global_pool, num_classes)
+            check_global_pool(global_pool, num_classes)
         headless = isinstance(self.head, _NoHead)
         if headless and num_classes:
             raise ConfigError("this model's head was removed (global_pool='' or pruned): it takes no classifier")
@@ -462,11 +462,13 @@ class RMT(nn.Module):
 
 @register_notrace_function  # FX feature extraction: a call in the graph, not traced into
 def check_image_batch(x: Tensor, in_chans: int) -> None:
+    """Raise a one-line ConfigError unless ``x`` is a (batch, in_chans, height, width) tensor."""
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ConfigError(f"RMT takes images as a (batch, {in_chans}, height, width) tensor, got shape {tuple(x.shape)}")
 
 
-def _check_global_pool(global_pool: str, num_classes: int) -> None:
+def check_global_pool(global_pool: str, num_classes: int) -> None:
+    """Raise a one-line ConfigError unless ``global_pool`` is one RMT has, with a fitting ``num_classes``."""
     if global_pool not in ("avg", ""):  # the head pools its projected tokens by their mean
         raise ConfigError(f"RMT's global_pool is 'avg' (the head's mean) or '' (no head), got {global_pool!r}")
     if global_pool == "" and num_classes:
