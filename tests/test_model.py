@@ -523,3 +523,13 @@ def test_timms_fx_feature_extractor_traces_rmt():
     with torch.no_grad():
         for nhwc, nchw in zip(fx(x), getter(x), strict=True):  # the stages' own (B, H, W, C) layout
             assert torch.equal(nhwc.permute(0, 3, 1, 2), nchw)
+
+
+def test_torch_export_with_a_dynamic_batch():
+    from torch.export import Dim, export
+
+    model = rmt.RMT(TINY).eval()
+    program = export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        assert (program.module()(x) - model(x)).abs().max() < 1e-5

@@ -238,6 +238,7 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
     ``torch.save({"model": export_official_state_dict(model)}, path)`` writes a file the official
     code's ``load_state_dict`` takes strictly.
     """
+    _refuse_feature_model(model, "export the full model's weights (before features_only wraps it)")
     _refuse_reparameterized(model)
     ours = model.state_dict()
     out: "OrderedDict[str, Tensor]" = OrderedDict()
@@ -249,6 +250,14 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
         out[f"layers.{i}.Relpos.angle"] = stage.position.angle.detach().clone()
         out[f"layers.{i}.Relpos.decay"] = stage.position.decay.detach().clone()
     return out
+
+
+def _refuse_feature_model(model: nn.Module, instead: str) -> None:
+    # timm's feature wrapper holds the network as .model, its head pruned: neither layout's keys
+    from timm.models._features import FeatureGetterNet
+
+    if isinstance(model, FeatureGetterNet):
+        raise CheckpointError(f"a feature model (features_only=True) has no checkpoint layout of its own: {instead}")
 
 
 def _refuse_reparameterized(model: nn.Module) -> None:
@@ -538,6 +547,7 @@ def load_checkpoint(
     does). ``keep_model_classifier``: where the file's classifier has another number of classes
     than ``model``'s (or the file has none), every other tensor, checked, and ``model``'s
     classifiers as they are. Returns which state dict was used."""
+    _refuse_feature_model(model, "build it with its weights: rmt.create_model(NAME, checkpoint=PATH, features_only=True)")
     state_dict, source = select_state_dict(read_checkpoint(path), ema, prefer_ema)
     without_classifier = keep_model_classifier and checkpoint_num_classes(state_dict) != model.num_classes
     # without the classifiers, the check leaves the non-strict load nothing else to miss

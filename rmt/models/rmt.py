@@ -55,9 +55,10 @@ def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, 
     """
     images = max(1, CPU_TOKENS_PER_CHUNK // max(1, tokens_per_image))
     if (
-        x.device.type != "cpu" or x.shape[0] <= images or torch.is_grad_enabled()
         # a trace or an exported program would freeze the chunk count, and with it the batch size
-        or torch.jit.is_tracing() or _exporting()
+        # (asked first: comparing the batch size would itself be recorded)
+        torch.jit.is_tracing() or _exporting()
+        or x.device.type != "cpu" or x.shape[0] <= images or torch.is_grad_enabled()
         or any(m.training for m in module.modules())
     ):
         return fn(x)
