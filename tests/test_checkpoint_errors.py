@@ -123,6 +123,15 @@ def test_a_feature_backbone_loads_a_file_with_another_classifier(tmp_path, schem
         assert torch.equal(headless(x), tuned.eval().forward_features(x))
 
 
+def test_the_official_export_saves_as_safetensors_and_loads_back(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = rmt.create_model("rmt_t")
+    save_file(rmt.export_official_state_dict(reference), tmp_path / "official.safetensors")  # contiguous tensors
+    loaded = rmt.create_model("rmt_t", checkpoint=tmp_path / "official.safetensors")
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_other_input_channels_adapt_the_stem_as_timm_does(tmp_path):
     reference = rmt.create_model("rmt_t")
     rgb = reference.stem[0].weight

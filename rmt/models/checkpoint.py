@@ -236,7 +236,8 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
     """Our model's weights in the official state-dict layout (``Relpos`` buffers included).
 
     ``torch.save({"model": export_official_state_dict(model)}, path)`` writes a file the official
-    code's ``load_state_dict`` takes strictly.
+    code's ``load_state_dict`` takes strictly. The tensors are contiguous, as the official model's
+    are (ours keeps its conv weights channels-last), so safetensors can save them too.
     """
     _refuse_feature_model(model, "export the full model's weights (before features_only wraps it)")
     _refuse_reparameterized(model)
@@ -244,7 +245,7 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     for key, value in ours.items():
         for official, tensor in _to_official(key, value):
-            out[official] = tensor
+            out[official] = tensor.contiguous()
     stages = list(getattr(model, "stages", []))
     for i, stage in enumerate(stages):
         out[f"layers.{i}.Relpos.angle"] = stage.position.angle.detach().clone()
