@@ -16,28 +16,31 @@ PathLike = Union[str, os.PathLike]
 
 
 @contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` when the block succeeds.
-
-    On any failure the temporary file is removed and ``path`` is untouched; an OSError becomes a
-    one-line RMTError naming the file.
-    """
+def replacing(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path``, with the permissions it
+    should have, when the block succeeds. On any failure the temporary file is removed and
+    ``path`` is untouched; OSErrors propagate, for callers with their own message."""
     path = Path(path)
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    except OSError as e:
-        raise RMTError(f"cannot write {path}: {e.strerror or e}") from None
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, replaced_file_mode(path))
         os.replace(tmp, path)
-    except OSError as e:
-        raise RMTError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """:func:`replacing`, with an OSError turned into a one-line RMTError naming the file."""
+    try:
+        with replacing(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise RMTError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def replaced_file_mode(path: PathLike) -> int:

@@ -10,7 +10,8 @@ import torch
 
 from rmt.bench.env import resolve_device
 from rmt.bench.runner import (
-    DTYPES, build_model, check_compile_mode, compile_counts, compile_model, fold_for_inference, precision, quiet_stderr,
+    DTYPES, build_model, check_compile_mode, compile_counts, compile_counts_since, compile_model, fold_for_inference,
+    precision, quiet_stderr,
 )
 from rmt.errors import RMTError, first_line
 
@@ -91,7 +92,7 @@ def profile_model(
                 torch.cuda.synchronize(dev)
             prof.step()
     traces = sorted(set(out.glob("**/*.pt.trace.json*")) - before)
-    graphs, breaks = (now - then for now, then in zip(compile_counts(), compiled_before))
+    graphs, breaks = compile_counts_since(compiled_before)
     on_cuda = dev.type == "cuda"
 
     def self_time(e: Any) -> float:  # microseconds

@@ -528,7 +528,7 @@ def _warm_up(
                 if lists_ops:
                     update["attention_ops"] = ops
             if settings.compile_mode:
-                graphs, breaks = (now - before for now, before in zip(compile_counts(), compiled_before))
+                graphs, breaks = compile_counts_since(compiled_before)
                 # none: dynamo reused graphs another model of this setting compiled (same code
                 # and guards), whose counts went to that model's row
                 if graphs or breaks:
@@ -555,6 +555,12 @@ def compile_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def compile_counts_since(before: tuple[int, int]) -> tuple[int, int]:
+    """Graphs compiled and graph breaks met since :func:`compile_counts` returned ``before``."""
+    graphs, breaks = compile_counts()
+    return graphs - before[0], breaks - before[1]
 
 
 def graph_break_note(graphs: int, breaks: int) -> str:

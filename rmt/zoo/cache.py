@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from typing import Optional
 from filelock import FileLock
 
 from rmt.errors import ZooError
-from rmt.io import replaced_file_mode
+from rmt.io import replacing
 from rmt.zoo.registry import SHA256_HEX, ZooEntry, zoo_file
 
 MANIFEST_VERSION = 1
@@ -171,23 +170,15 @@ class WeightsCache:
 
     def _update_manifest(self, key: str, record: dict) -> None:
         # read-modify-write under its own lock: several models may be stored at once
-        tmp = None
         try:
             with FileLock(str(self._lock_path("manifest"))):
                 manifest = self._read_manifest()
                 manifest["version"] = MANIFEST_VERSION
                 manifest["files"][key] = record
-                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(manifest, f, indent=2, sort_keys=True)
-                    f.write("\n")
-                os.chmod(tmp, replaced_file_mode(self.manifest_path))
-                os.replace(tmp, self.manifest_path)
+                with replacing(self.manifest_path) as tmp:
+                    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         except OSError as e:
             raise cache_write_error(self.root, e, "the manifest") from None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
 
     # ------------------------------------------------------------------------- files
 
@@ -225,8 +216,8 @@ class WeightsCache:
         path = self.file_path(entry)
         if record is None or not path.is_file():
             return None
-        pinned = entry.weights.get("sha256")
-        if pinned and record.sha256 != pinned:
+        pinned = _pin_not_recorded(entry, record)
+        if pinned:
             raise ZooError(
                 f"the cached {path} has sha256 {record.sha256[:16]}..., not the {pinned[:16]}... that {zoo_file()} "
                 f"pins for {entry.name}: it was not used; replace it with the pinned file: `{refetch_command(entry)}`"
@@ -254,9 +245,15 @@ class WeightsCache:
         path = self.file_path(entry)
         if record is None or not path.is_file():
             return "missing"
-        if entry.weights.get("sha256") and record.sha256 != entry.weights["sha256"]:
+        if _pin_not_recorded(entry, record):
             return "changed"
         return "cached" if path.stat().st_size == record.size else "changed"
+
+
+def _pin_not_recorded(entry: ZooEntry, record: CachedFile) -> Optional[str]:
+    """The sha256 zoo.yaml pins for ``entry`` when the cached file's record has another, else None."""
+    pinned = entry.weights.get("sha256")
+    return pinned if pinned and record.sha256 != pinned else None
 
 
 def refetch_command(entry: ZooEntry) -> str:
