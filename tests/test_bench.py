@@ -503,10 +503,11 @@ def test_compiled_rows_count_graphs_and_breaks_and_list_the_graphs_attention_ops
     assert notes == ["broken 64x64 b1: torch.compile made 2 graphs with 1 graph break; the code between them ran eager",
                      "broken_again 64x64 b1: torch.compile reused the graphs of an earlier model of this setting; "
                      "that model's row counts them"]
-    # what the compiled graph runs (the plain math, here "aten::bmm"), not the eager model's CPU kernel
-    assert not any(op.startswith("rmt::") for op in rows["tiny"]["attention_ops"])
+    # what the compiled graph runs (on the CPU, the operator that calls the eager kernels), not the eager model's ops
+    assert "rmt::cpu_manhattan_attention" in rows["tiny"]["attention_ops"]
     eager = run_benchmark(replace(settings, models=["tiny"], compile_mode=None), builders=builders)["results"][0]
     assert eager["compiled_graphs"] is None and "rmt::deferred_normalisation_attention" in eager["attention_ops"]
+    assert "rmt::cpu_manhattan_attention" not in eager["attention_ops"]
 
 
 def test_bench_cli_rejects_bad_input_in_one_line():

@@ -443,6 +443,56 @@ def test_torch_compile_fullgraph_same_output():
     assert (compiled - eager).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("deferred_max_bytes", [None, 0])  # the deferred normalisation; SDPA, another output layout
+def test_compiled_cpu_inference_runs_the_eager_kernels_through_one_operator(deferred_max_bytes, monkeypatch):
+    from rmt.models import attention
+
+    if deferred_max_bytes is not None:
+        monkeypatch.setattr(attention, "CPU_DEFERRED_MAX_SCORE_BYTES", deferred_max_bytes)
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval()
+    _randomize_norms(model)
+    x = torch.randn(8, 3, 64, 64)  # two chunks of images at the first stage
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        eager = model(x)
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = compiled(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    # one call per block and chunk of images (only the first stage's 16x16 tokens come in chunks at batch 8): 2 + 2 + 1 + 1
+    assert calls.get("rmt::cpu_manhattan_attention") == 6
+    # inside, the eager kernels: a row and a column pass in each call of the decomposed stages, one pass in the others
+    inner = "aten::_scaled_dot_product_flash_attention_for_cpu" if deferred_max_bytes == 0 else "rmt::deferred_normalisation_attention"
+    assert calls.get(inner) == 10
+    assert (out - eager).abs().max().item() <= 1e-5
+
+
+def test_compiled_cpu_training_keeps_the_differentiable_math():
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.compile(model, fullgraph=True, dynamic=False)(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, eager[n], rtol=1e-4, atol=1e-5), n
+
+
+@pytest.mark.parametrize("decomposed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_graphs_cpu_attention_operator_passes_opcheck(decomposed, dtype):
+    from rmt.models.attention import _cpu_manhattan_attention_op
+
+    position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed)
+    tables = position.tables(5, 7, dtype, with_masks=True)
+    qk = torch.randn(2, 5, 7, 2, 2, 16, dtype=dtype)
+    v = torch.randn(2, 5, 7, 2, 16, dtype=dtype)
+    masks = (tables.rows.mask, tables.columns.mask, 0) if decomposed else (tables.full.mask, None, 7)
+    torch.library.opcheck(_cpu_manhattan_attention_op, (qk, v, tables.cos, tables.sin, position.decay, *masks))
+
+
 def test_a_model_built_on_the_meta_device_computes_its_unsaved_buffers_again(tmp_path):
     """timm's way to build big models without allocating: meta, to_empty, load, then the buffers the state dict lacks."""
     from timm.models._manipulate import reinit_non_persistent_buffers
@@ -529,7 +579,10 @@ def test_torch_export_with_a_dynamic_batch():
     from torch.export import Dim, export
 
     model = rmt.RMT(TINY).eval()
-    program = export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+    with torch.no_grad():  # an inference export, the case where compiled graphs call the CPU operator
+        program = export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
     x = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         assert (program.module()(x) - model(x)).abs().max() < 1e-5
+    # plain aten operators, which other runtimes can run: not the operator compiled CPU graphs call
+    assert not any(str(node.target).startswith("rmt.") for node in program.graph.nodes)

@@ -34,10 +34,13 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   attention call measured; whole eager models at batch 64 are bound by launch overhead instead,
   where it made rmt_t 10% slower than SDPA), and otherwise SDPA with the memory-efficient backend
   first (as dispatched, about 1.4x slower at stage 1). Under ``torch.compile`` it is the
-  reference math on CUDA, and on the CPU in place of the deferred normalisation (whose range
-  check would break the graph; a ``torch.jit.trace`` too): inductor fuses it with the
-  surrounding ops (rmt_s 16.8 ms per batch against 20.7 ms with the Triton kernel, batch 64
-  bf16, H200). docs/performance.md has the measurements.
+  reference math on CUDA: inductor fuses it with the surrounding ops (rmt_s 16.8 ms per batch
+  against 20.7 ms with the Triton kernel, batch 64 bf16, H200). Compiled CPU inference calls
+  the eager CPU path above, rotary included, as one operator per attention call
+  (``rmt::cpu_manhattan_attention``), which inductor cannot generate: the deferred
+  normalisation's range check reads values. Compiled CPU training (the operator has no
+  backward), ``torch.export`` and ``torch.jit.trace`` take the reference math in place of the
+  deferred normalisation. docs/performance.md has the measurements.
 
 Every kernel receives k already scaled by ``head_dim ** -0.5``: the official code scales k before
 its theta shift, and we fold the scale into the rotary tables of k, so it costs nothing.
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt.models import fused_attention
-from rmt.models.layers import DepthwiseConvNHWC, profiler_label
+from rmt.models.layers import DepthwiseConvNHWC, exporting, profiler_label
 
 ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex", "triton")
 
@@ -164,15 +167,12 @@ class ManhattanPosition(nn.Module):
         # q unscaled, k scaled: (2, 1) broadcasts over the stacked q/k and the heads
         scale = torch.tensor([1.0, (self.dim // self.num_heads) ** -0.5], device=decay.device).reshape(2, 1, 1)
         cos, sin = torch.cos(phase)[:, None, None] * scale, torch.sin(phase)[:, None, None] * scale
-        # each pair is rotated by the same angle: as complex numbers, one multiplication
-        rotation = (
-            torch.complex(cos[..., 0::2], sin[..., 0::2]).reshape(height, width, 2, 1, -1)
-            if dtype == torch.float32 else None
-        )
         # rotate_every_two(x) * sin == swap_pairs(x) * sin_signed, with the pair's minus sign folded in
         sin = (sin.unflatten(-1, (-1, 2)) * torch.tensor([-1.0, 1.0], device=decay.device)).flatten(-2)
-        cos = cos.reshape(height, width, 2, 1, -1).to(dtype)
-        sin = sin.reshape(height, width, 2, 1, -1).to(dtype)
+        cos = cos.reshape(height, width, 2, 1, -1)
+        sin = sin.reshape(height, width, 2, 1, -1)
+        rotation = complex_rotation(cos, sin) if dtype == torch.float32 else None
+        cos, sin = cos.to(dtype), sin.to(dtype)
 
         def bias(distance: Optional[Tensor], grid_width: int) -> DecayBias:
             mask = None
@@ -197,6 +197,13 @@ class ManhattanPosition(nn.Module):
         ).reshape(height * width, 2)
         manhattan = (grid[:, None, :] - grid[None, :, :]).abs().sum(-1)
         return PositionTables(cos, sin, rotation, rows=None, columns=None, full=bias(manhattan, width))
+
+
+def complex_rotation(cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary tables as one complex number per interleaved pair, ``cos + i sin`` of its angle,
+    from the real tables (``sin`` with the pair's sign folded in: the pair's second entry is +sin):
+    each pair is rotated by the same angle, so one complex multiplication rotates it."""
+    return torch.complex(cos[..., 0::2], sin[..., 1::2])
 
 
 def rotate_queries_and_keys(qk: Tensor, tables: PositionTables, inplace: bool = False) -> Tensor:
@@ -356,8 +363,8 @@ def _resolve(kernel: str, q: Tensor) -> _Kernel:
             q.dtype == torch.bfloat16 and length <= CPU_HALF_PRECISION_MAX_LENGTH
         ):
             if b * g * n * length * length * max(q.element_size(), 4) <= CPU_DEFERRED_MAX_SCORE_BYTES:
-                # compiled or traced, the plain math: the range check would break the graph, or
-                # be frozen into the trace with its outcome for the example input
+                # in a graph (compiled training, exported, traced), the plain math: the range check
+                # would break it, or be frozen into it with its outcome for the example input
                 in_graph = torch.compiler.is_compiling() or torch.jit.is_tracing()
                 return _KERNELS["reference" if in_graph else "cpu_deferred_normalisation"]
         elif q.dtype == torch.float16 and length <= CPU_HALF_PRECISION_MAX_LENGTH:
@@ -402,8 +409,67 @@ def manhattan_attention(qk: Tensor, v: Tensor, tables: PositionTables, kernel: s
     b, h, w = qk.shape[:3]
     if _runs_fused(kernel, qk, v, *((h, w) if decomposed else (h * w,))):
         return _fused_manhattan_attention(qk, v, tables, decomposed)
+    if _runs_eager_cpu_path_in_graph(kernel, qk, v):
+        return _cpu_manhattan_attention_in_graph(qk, v, tables, decomposed)
     q, k = rotate_queries_and_keys(qk, tables, inplace=True).unbind(3)
     return (decomposed_attention if decomposed else full_attention)(q, k, v, tables, kernel)
+
+
+def _runs_eager_cpu_path_in_graph(kernel: str, qk: Tensor, v: Tensor) -> bool:
+    """Whether a compiled graph calls ``auto``'s eager CPU path as the operator
+    ``rmt::cpu_manhattan_attention``: in CPU inference. The operator has no backward pass, and an
+    exported program keeps plain aten operators, which other runtimes can run."""
+    return (
+        kernel == "auto" and qk.device.type == "cpu" and torch.compiler.is_compiling() and not exporting()
+        and not (torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad))
+    )
+
+
+def _cpu_manhattan_attention_in_graph(qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool) -> Tensor:
+    if decomposed:
+        out = _cpu_manhattan_attention_op(
+            qk, v, tables.cos, tables.sin, tables.rows.decay, tables.rows.mask, tables.columns.mask, 0
+        )
+        return out.permute(0, 3, 1, 2, 4)  # (B, W, heads, H, d) -> (B, H, W, heads, d)
+    full = tables.full
+    out = _cpu_manhattan_attention_op(qk, v, tables.cos, tables.sin, full.decay, full.mask, None, full.grid_width)
+    return out.permute(0, 2, 3, 1, 4)  # (B, heads, H, W, d) -> (B, H, W, heads, d)
+
+
+# inductor must pass q and k as the eager code lays them out: the rotary views their pairs as complex
+_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
+
+
+@torch.library.custom_op("rmt::cpu_manhattan_attention", mutates_args=("qk",), tags=(_EXACT_STRIDES,))
+def _cpu_manhattan_attention_op(
+    qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, mask: Tensor, columns_mask: Optional[Tensor],
+    grid_width: int,
+) -> Tensor:
+    """``manhattan_attention``'s eager CPU path for ``auto`` as one operator of a compiled graph.
+
+    Its kernels are eager code that inductor cannot generate: the rotary as one complex
+    multiplication in place on qk, and the deferred normalisation, whose range check reads
+    values. In the graph instead, the plain math made folded rmt_s compile 1.5 times as long
+    and run 7% slower at batch 8 (docs/performance.md). ``mask`` is the row pass's of a
+    decomposed stage (then ``columns_mask`` is the column pass's) or the full pass's. Returns
+    the layout the kernels write: (B, W, heads, H, head_dim) decomposed, (B, heads, H, W,
+    head_dim) full.
+    """
+    rotation = complex_rotation(cos, sin) if qk.dtype == torch.float32 else None
+    if columns_mask is not None:
+        rows, columns = DecayBias(mask, decay, 0), DecayBias(columns_mask, decay, 0)
+        tables = PositionTables(cos, sin, rotation, rows=rows, columns=columns, full=None)
+        out = manhattan_attention(qk, v, tables, "auto", decomposed=True).permute(0, 2, 3, 1, 4)
+    else:
+        tables = PositionTables(cos, sin, rotation, None, None, full=DecayBias(mask, decay, grid_width))
+        out = manhattan_attention(qk, v, tables, "auto", decomposed=False).permute(0, 3, 1, 2, 4)
+    return out.contiguous()  # SDPA (long sequences) may write another layout than the fake declares
+
+
+@_cpu_manhattan_attention_op.register_fake
+def _(qk, v, cos, sin, decay, mask, columns_mask, grid_width):
+    b, h, w, n, d = v.shape
+    return v.new_empty((b, w, n, h, d) if columns_mask is not None else (b, n, h, w, d))
 
 
 def _fused_manhattan_attention(
@@ -494,6 +560,7 @@ __all__ = [
     "ManhattanPosition",
     "ManhattanSelfAttention",
     "PositionTables",
+    "complex_rotation",
     "decomposed_attention",
     "full_attention",
     "manhattan_attention",

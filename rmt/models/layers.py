@@ -26,6 +26,12 @@ def _folding(fn: Callable[..., T]) -> Callable[..., T]:
     return run_outside_inference_mode
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing the code (torch >= 2.6; never on older versions)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def profiler_label(name: str) -> contextlib.AbstractContextManager:
     """``record_function(name)`` while a profiler records (so profiles, and ``rmt bench``'s
     attention_ops, name the code it wraps), a no-op otherwise: the label costs CPU time on

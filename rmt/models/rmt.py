@@ -30,6 +30,7 @@ from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
     ResidualDepthwiseConvNHWC,
+    exporting,
     fold_batch_norm,
     fold_bias_into_linear,
     fold_layer_norm_affine,
@@ -57,17 +58,12 @@ def in_cpu_chunks(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, 
     if (
         # a trace or an exported program would freeze the chunk count, and with it the batch size
         # (asked first: comparing the batch size would itself be recorded)
-        torch.jit.is_tracing() or _exporting()
+        torch.jit.is_tracing() or exporting()
         or x.device.type != "cpu" or x.shape[0] <= images or torch.is_grad_enabled()
         or any(m.training for m in module.modules())
     ):
         return fn(x)
     return torch.cat([fn(chunk) for chunk in x.split(images)])
-
-
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
-    return bool(is_exporting and is_exporting())
 
 
 @register_notrace_module  # FX feature extraction: its CPU chunking branches on the batch size
