@@ -460,10 +460,12 @@ def test_compiled_cpu_inference_runs_the_eager_kernels_through_one_operator(defe
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             out = compiled(x)
     calls = {e.key: e.count for e in prof.key_averages()}
-    # one call per block and chunk of images (only the first stage's 16x16 tokens come in chunks at batch 8): 2 + 2 + 1 + 1
+    # one call per block and chunk of images (at batch 8 only the first stage's 16x16 tokens come in
+    # chunks): 2 + 2 + 1 + 1
     assert calls.get("rmt::cpu_manhattan_attention") == 6
     # inside, the eager kernels: a row and a column pass in each call of the decomposed stages, one pass in the others
-    inner = "aten::_scaled_dot_product_flash_attention_for_cpu" if deferred_max_bytes == 0 else "rmt::deferred_normalisation_attention"
+    inner = ("aten::_scaled_dot_product_flash_attention_for_cpu" if deferred_max_bytes == 0
+             else "rmt::deferred_normalisation_attention")
     assert calls.get(inner) == 10
     assert (out - eager).abs().max().item() <= 1e-5
 

@@ -436,11 +436,9 @@ def _cpu_manhattan_attention_in_graph(qk: Tensor, v: Tensor, tables: PositionTab
     return out.permute(0, 2, 3, 1, 4)  # (B, heads, H, W, d) -> (B, H, W, heads, d)
 
 
-# inductor must pass q and k as the eager code lays them out: the rotary views their pairs as complex
-_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
-
-
-@torch.library.custom_op("rmt::cpu_manhattan_attention", mutates_args=("qk",), tags=(_EXACT_STRIDES,))
+# inductor passes a custom operator's inputs in the strides eager code gives them (its default
+# layout constraint), which the rotary needs: it views q and k's channel pairs as complex numbers
+@torch.library.custom_op("rmt::cpu_manhattan_attention", mutates_args=("qk",))
 def _cpu_manhattan_attention_op(
     qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, decay: Tensor, mask: Tensor, columns_mask: Optional[Tensor],
     grid_width: int,
