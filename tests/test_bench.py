@@ -646,12 +646,18 @@ def test_bench_cli_input_errors_are_one_line_before_any_work(tmp_path):
 
 
 def test_ctrl_c_says_interrupted_and_exits_130(tmp_path):
+    # Ctrl-C's default action in the child even where the tests run in a background job, whose
+    # processes inherit an ignored SIGINT (Python then installs no KeyboardInterrupt handler)
     process = subprocess.Popen([sys.executable, "-m", "rmt_cli.main", "bench", "rmt_t", "--batch", "1", "--img-size", "64",
                                 "--iters", "1000000", "--device", "cpu", "--json", str(tmp_path / "run.json")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(10)  # started, and timing
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(10)  # started, and timing
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a million iterations must not outlive a failed test
     assert process.returncode == 130 and err.strip() == "interrupted"
     assert not (tmp_path / "run.json").exists()
 
