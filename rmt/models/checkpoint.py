@@ -80,7 +80,7 @@ def read_checkpoint(path: PathLike) -> Any:
             f"{path} is an HTML page, not a checkpoint: a web page (a share or login page) was saved "
             "instead of the file; download the file itself"
         )
-    if is_safetensors(path):
+    if _safetensors_head(head):
         return _read_safetensors(path, size)
     try:
         # a file object, not the path: torch.load takes any path ending in .safetensors for a
@@ -118,10 +118,14 @@ def is_safetensors(path: PathLike) -> bool:
     """True for a safetensors file: an 8-byte header length, then a JSON header (``{``)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            return _safetensors_head(f.read(9))
     except OSError:
         return False
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100 << 20
+
+
+def _safetensors_head(head: bytes) -> bool:
+    """Whether a file's first bytes (at least 9 of them) are a safetensors header's start."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100 << 20
 
 
 def _read_safetensors(path: str, size: int) -> dict[str, Tensor]:
