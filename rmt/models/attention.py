@@ -447,8 +447,8 @@ def _cpu_manhattan_attention_op(
 
     Its kernels are eager code that inductor cannot generate: the rotary as one complex
     multiplication in place on qk, and the deferred normalisation, whose range check reads
-    values. In the graph instead, the plain math made folded rmt_s compile 1.5 times as long
-    and run 7% slower at batch 8 (docs/performance.md). ``mask`` is the row pass's of a
+    values. In the graph instead, the plain math made folded rmt_s compile 1.5 to 1.6 times as
+    long and run 7% slower at batch 8 (docs/performance.md). ``mask`` is the row pass's of a
     decomposed stage (then ``columns_mask`` is the column pass's) or the full pass's. Returns
     the layout the kernels write: (B, W, heads, H, head_dim) decomposed, (B, heads, H, W,
     head_dim) full.
