@@ -64,6 +64,7 @@ def bench(
     compile: Optional[str] = typer.Option(
         None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune.",
     ),
+    freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing, weights as graph constants (cast and packed once)."),
     attn_kernel: Optional[str] = typer.Option(None, "--attn-kernel", help="RMT attention kernel: auto, sdpa, reference, flex or triton (see docs/models.md)."),
     reparam: bool = typer.Option(False, "--reparam", help="Fold each model for inference first (norms, batch norms, conv biases, layer scales; same outputs)."),
     warmup: Optional[int] = typer.Option(None, help="Warmup passes (default 10 on CUDA, 1 on CPU)."),
@@ -95,6 +96,7 @@ def bench(
         dtype=dtype,
         channels_last=channels_last,
         compile_mode=compile,
+        freeze=freeze,
         warmup=warmup,
         iters=iters,
         attn_kernel=attn_kernel,
@@ -149,6 +151,7 @@ def _print_bench(report: dict[str, Any]) -> None:
     title = (
         f"{env.get('device_name')} | {settings['dtype']}"
         f"{' | compile=' + settings['compile_mode'] if settings.get('compile_mode') else ''}"
+        f"{', frozen' if settings.get('freeze') else ''}"
         f"{' | channels_last' if settings.get('channels_last') else ''} | torch {env['torch']} | "
         f"ratios to {settings['baseline']}"
     )
@@ -296,6 +299,7 @@ def profile(
     compile_mode: Optional[str] = typer.Option(
         None, "--compile", help="Profile the model compiled (as rmt bench --compile); optional MODE: default, reduce-overhead, max-autotune.",
     ),
+    freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing (as rmt bench --freeze)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary here."),
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
@@ -307,11 +311,11 @@ def profile(
         check_writable(json_out)
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam,
-                            compile_mode=compile_mode)
+                            compile_mode=compile_mode, freeze=freeze)
     if json_out:  # before printing: a closed standard output must not lose it
         write_json_atomic(json_out, summary)
     folded = ", folded for inference" if summary["reparameterized"] else ""
-    folded += f", compiled ({compile_mode})" if compile_mode else ""
+    folded += f", compiled ({compile_mode}{', frozen' if freeze else ''})" if compile_mode else ""
     table = Table(title=f"{model}: top operators by {summary['time']} per step (batch {batch}, {dtype}{folded})", title_style="bold")
     for column in ("operator", "ms/step", "share", "calls/step") + (("self MB",) if memory else ()):
         table.add_column(column, justify="left" if column == "operator" else "right")

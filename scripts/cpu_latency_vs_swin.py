@@ -7,6 +7,7 @@ over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
     python scripts/cpu_latency_vs_swin.py --models rmt_t rmt_s rmt_b --batch 8 --threads 2 --rounds 7
     python scripts/cpu_latency_vs_swin.py --kernels auto reference ...   (each RMT model on each kernel)
     python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile)
+    python scripts/cpu_latency_vs_swin.py --compile --freeze ...   (compiled with inductor's freezing)
     python scripts/cpu_latency_vs_swin.py --reparam ...   (each RMT model also reparameterized, RMT.reparameterize)
     python scripts/cpu_latency_vs_swin.py --dtype bf16 --reparam --weight-cache-ab ...
         (bf16 autocast; each folded model also without its weight cache, AutocastWeightCache)
@@ -24,7 +25,7 @@ import timm
 import torch
 
 import rmt  # noqa: F401  (registers the RMT variants with timm)
-from rmt.bench.runner import precision
+from rmt.bench.runner import compile_model, precision
 
 BASELINE = "swin_tiny_patch4_window7_224"
 
@@ -39,12 +40,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model, Swin-T included")
+    parser.add_argument("--freeze", action="store_true", help="with --compile: inductor's freezing (rmt bench --freeze)")
     parser.add_argument("--reparam", action="store_true", help="also run each RMT model reparameterized for inference")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: CPU autocast")
     parser.add_argument("--weight-cache-ab", action="store_true",
                         help="with --reparam: also run each folded model with autocast's cache off, casting its weights every pass")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.freeze and not args.compile:
+        parser.error("--freeze needs --compile")
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -60,7 +64,7 @@ def main() -> None:
                     models[f"{label}[reparam,no-cache]"] = models[f"{label}[reparam]"]
                     no_cache.add(f"{label}[reparam,no-cache]")
     if args.compile:
-        models = {label: torch.compile(model) for label, model in models.items()}
+        models = {label: compile_model(model, "default", args.freeze) for label, model in models.items()}
     names = list(models)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -81,7 +85,7 @@ def main() -> None:
     base = statistics.median(times[BASELINE])
     results = []
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.img_size}px, {args.dtype}, "
-          f"median of {args.rounds} interleaved rounds{', compiled' if args.compile else ''}")
+          f"median of {args.rounds} interleaved rounds{', compiled' if args.compile else ''}{' and frozen' if args.freeze else ''}")
     for name in names:
         med = statistics.median(times[name])
         results.append({"model": name, "median_ms": round(med, 2), "ratio_to_swin_t": round(med / base, 3)})
@@ -91,7 +95,7 @@ def main() -> None:
             json.dump({"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
                        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                       "kernels": args.kernels, "compiled": args.compile, "reparam": args.reparam, "dtype": args.dtype,
+                       "kernels": args.kernels, "compiled": args.compile, "frozen": args.freeze, "reparam": args.reparam, "dtype": args.dtype,
                        "results": results}, f, indent=2)
 
 

@@ -34,6 +34,11 @@ JOBS = [
     # budget these two may need a call of their own, --only ...)
     ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
     ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
+    # compiled with inductor's freezing: the weights' bf16 casts made once when compiling instead
+    # of as kernels of every pass (300 of the 1,152 nodes of folded rmt_s's graph, 55 of Swin-T's
+    # 341, in inductor's CPU graphs at bf16)
+    ("compiled_reparam_frozen_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True, freeze=True), None),
+    ("cuda_graphs_reparam_frozen_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True, freeze=True), None),
     # the same with the Triton kernel in the graph (auto compiles the plain math): which to pick
     # for compiled models (on an H200, as built, it was 12.3 against 13.1 ms under CUDA graphs)
     ("cuda_graphs_reparam_triton_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), "triton"),
@@ -93,7 +98,7 @@ def _run_job(name: str, spec: dict, kernel: str | None, args: argparse.Namespace
     results["jobs"][name] = report
     for r in report["results"]:
         results["summary"].append({
-            "job": name, "model": r["model"] + ("[reparam]" if r.get("reparameterized") else ""), "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
+            "job": name, "model": r["model"] + ("[reparam]" if r.get("reparameterized") else "") + ("[frozen]" if r.get("frozen") else ""), "batch": r["batch"], "img": f"{r['img_size'][0]}x{r['img_size'][1]}",
             "img_s": r["throughput"], "ratio": r.get("ratio_to_baseline"), "ms": (r["latency_ms"] or {}).get("median"),
             "mem_mb": r["peak_memory_mb"], "mfu": r["mfu"], "ops": ",".join(o.split("::")[-1] for o in r["attention_ops"])[:60],
             "graphs": r.get("compiled_graphs"), "breaks": r.get("graph_breaks"),

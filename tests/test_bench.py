@@ -412,6 +412,8 @@ def test_profile_rejects_an_unknown_compile_mode_before_writing(tmp_path):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", batch=0)
     with pytest.raises(RMTError, match="top must be at least 1, got -1"):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", top=-1)
+    with pytest.raises(RMTError, match="--freeze needs --compile"):
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", freeze=True)
     assert not (tmp_path / "prof").exists()
 
 
@@ -471,6 +473,64 @@ def test_compiled_settings_are_static_and_start_from_fresh_caches(monkeypatch):
     assert calls == ["reset", compiled, "reset", compiled]
 
 
+class _RecordsFreezing(nn.Module):
+    """Records, on each call, whether inductor's freezing is on and autograd off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.calls: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        self.calls.append((inductor_config.freezing, torch.is_grad_enabled()))
+        return self.conv(x).mean((2, 3))
+
+
+def test_bench_freeze_compiles_with_freezing_as_a_setting_of_its_own(monkeypatch):
+    with pytest.raises(RMTError, match="--freeze needs --compile"):
+        BenchSettings(models=["tiny"], device="cpu", freeze=True).validate()
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # what reaches the compiled graph
+    recorder = _RecordsFreezing()
+    settings = BenchSettings(models=["recorder"], batches=[1], img_sizes=[(64, 64)], device="cpu", warmup=0,
+                             iters=1, compile_mode="default", freeze=True)
+    frozen = run_benchmark(settings, builders={"recorder": lambda size: recorder})
+    # the first call counts FLOPs, before compiling; dynamo and inductor read the flag while
+    # tracing and compiling, so every call of the compiled model has it, with autograd off
+    assert recorder.calls[0] == (False, False)
+    assert len(recorder.calls) >= 3 and set(recorder.calls[1:]) == {(True, False)}
+    assert frozen["settings"]["freeze"] is True and frozen["results"][0]["frozen"] is True
+    assert frozen["results"][0]["status"] == "ok"
+    assert "frozen" in to_csv(frozen).splitlines()[0].split(",")
+    plain = run_benchmark(replace(settings, freeze=False), builders={"recorder": lambda size: _RecordsFreezing()})
+    assert plain["results"][0]["frozen"] is False
+    # a frozen run is another setting for compare, never a like-for-like regression check
+    verdict = compare_reports(plain, frozen)
+    assert {d.status for d in verdict.deltas} == {"missing", "new"}
+
+
+def test_frozen_compiled_model_keeps_the_weights_it_was_compiled_with():
+    """--freeze really freezes (weights as constants of the graph: a parameter changed after
+    compiling does not reach it), with eager's outputs; folded RMT, whose CPU attention is a
+    custom operator in the graph."""
+    from rmt.bench.runner import compile_model
+
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval().reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        eager = model(x)
+        frozen = compile_model(model, "default", freeze=True)
+        first = frozen(x)
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.head.fc.weight.mul_(2)
+    with torch.inference_mode():
+        assert not torch.allclose(model(x), eager)
+        assert torch.equal(frozen(x), first)
+
+
 class _GraphBreak(nn.Module):
     """Two convs with a graph break between them."""
 
@@ -513,7 +573,8 @@ def test_compiled_rows_count_graphs_and_breaks_and_list_the_graphs_attention_ops
 def test_bench_cli_rejects_bad_input_in_one_line():
     for args, message in ((["bench", "rmt_ss"], "did you mean"), (["bench", "rmt_t", "--dtype", "int8"], "unknown dtype"),
                           (["bench", "rmt_t", "--img-size", "big"], "not N or HxW"),
-                          (["bench", "rmt_t", "--attn-kernel", "fast"], "unknown attention kernel")):
+                          (["bench", "rmt_t", "--attn-kernel", "fast"], "unknown attention kernel"),
+                          (["bench", "rmt_t", "--freeze"], "--freeze needs --compile")):
         result = _cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr

@@ -31,6 +31,7 @@ def profile_model(
     model: Optional[torch.nn.Module] = None,
     reparameterize: bool = False,
     compile_mode: Optional[str] = None,
+    freeze: bool = False,
 ) -> dict[str, Any]:
     """Profile ``wait + warmup + active`` forward passes on a schedule and write the trace to ``out_dir``.
 
@@ -39,7 +40,8 @@ def profile_model(
     (:func:`rmt.bench.runner.fold_for_inference`). ``compile_mode`` profiles the model compiled
     with that ``torch.compile`` mode and static shapes, as ``rmt bench --compile`` runs it: the
     first (wait) step compiles, and the fused kernels are the operators listed. It starts with
-    ``torch.compiler.reset()``, which drops every compiled function of this process.
+    ``torch.compiler.reset()``, which drops every compiled function of this process. ``freeze``
+    compiles with inductor's freezing (:class:`rmt.bench.runner.FrozenCompiled`).
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -48,6 +50,8 @@ def profile_model(
         if value < least:
             raise RMTError(f"{what} must be at least {least}, got {value}")
     check_compile_mode(compile_mode)
+    if freeze and compile_mode is None:
+        raise RMTError("--freeze needs --compile: it is how compiled graphs hold the weights")
     if compile_mode is not None and wait + warmup < 2:
         # CUDA graphs are recorded on a model's second call: profiled steps should replay them
         raise RMTError("a compiled model needs wait + warmup >= 2 steps before the profiled ones")
@@ -71,7 +75,7 @@ def profile_model(
     if compile_mode is not None:
         # graphs of an earlier compile in this process would be reused uncounted
         torch.compiler.reset()
-        model = compile_model(model, compile_mode)
+        model = compile_model(model, compile_mode, freeze)
     x = torch.randn(batch, 3, *img_size, device=dev)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
@@ -116,6 +120,7 @@ def profile_model(
         "img_size": list(img_size),
         "reparameterized": folded,
         "compile": compile_mode,
+        "frozen": freeze,
         "compiled_graphs": graphs if compile_mode else None,
         "graph_breaks": breaks if compile_mode else None,
         "steps": {"wait": wait, "warmup": warmup, "active": active},

@@ -48,10 +48,35 @@ def check_compile_mode(mode: Optional[str]) -> None:
         raise RMTError(f"unknown compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
 
 
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
+def compile_model(model: nn.Module, mode: str, freeze: bool = False) -> nn.Module:
     """``torch.compile`` as ``rmt bench --compile MODE`` runs it: static shapes, so that each setting
-    measures the kernels specialised for its own size and batch."""
-    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+    measures the kernels specialised for its own size and batch. ``freeze``: with inductor's
+    freezing (:class:`FrozenCompiled`)."""
+    compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+    return FrozenCompiled(compiled) if freeze else compiled
+
+
+class FrozenCompiled(nn.Module):
+    """Calls a compiled model with inductor's freezing on, for inference: the weights become
+    constants of the graph, so their casts to the autocast dtype, layout changes and CPU weight
+    packing are done once, at compile time, instead of on every pass. The graph keeps the weights
+    it was compiled with: later changes to the model's parameters do not reach it.
+
+    Dynamo and inductor read ``torch._inductor.config.freezing`` while they trace and compile, on
+    the first call (and on any recompile), and only without autograd; hence a patch around each
+    call. (``torch.compile(options={"freezing": True})`` does not reach dynamo, and in torch 2.14
+    it compiled without freezing, silently.)
+    """
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.compiled(x)
 
 
 @dataclass
@@ -63,6 +88,7 @@ class BenchSettings:
     dtype: Optional[str] = None  # None: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = False
     compile_mode: Optional[str] = None  # None: eager; else a torch.compile mode ("default", ...)
+    freeze: bool = False  # with compile_mode: compile with inductor's freezing (FrozenCompiled)
     warmup: Optional[int] = None  # None: 10 on CUDA, 1 on CPU
     iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
     attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
@@ -88,6 +114,8 @@ class BenchSettings:
         if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise RMTError(f"the time budget must be a positive number of seconds, got {self.time_budget_s:g}")
         check_compile_mode(self.compile_mode)
+        if self.freeze and not self.compile_mode:
+            raise RMTError("--freeze needs --compile: it is how compiled graphs hold the weights")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if any(b <= 0 for b in self.batches):
@@ -327,6 +355,9 @@ def run_benchmark(
     notes = []
     if not on_cuda:
         notes.append("CPU figures are not GPU figures: run on a CUDA machine for GPU throughput")
+    elif settings.freeze:  # made when compiling, before the memory pass
+        notes.append("frozen: peak memory counts the weights as the model holds them, not the copies "
+                     "the frozen graphs keep (cast to the autocast dtype or laid out anew)")
     baseline = settings.baseline or settings.models[0]
     grid = [(size, batch) for size in settings.img_sizes for batch in settings.batches]
     total_steps = len(grid) * len(settings.models) * 3
@@ -424,6 +455,7 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
         "dtype": settings.dtype,
         "channels_last": settings.channels_last,
         "compile": settings.compile_mode,
+        "frozen": settings.freeze,
         "attn_kernel": None,
         "reparameterized": False,
         "attention_ops": [],
@@ -479,7 +511,7 @@ def _prepare(
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if settings.compile_mode:  # its attention ops are those of the compiled graph, after the warmup
-            model = compile_model(model, settings.compile_mode)
+            model = compile_model(model, settings.compile_mode, settings.freeze)
         else:
             with precision(device, settings.dtype, settings.autocast_cache):
                 row["attention_ops"] = attention_ops(model, torch.randn(1, 3, *size, device=device))
