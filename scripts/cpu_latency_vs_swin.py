@@ -6,7 +6,8 @@ over the rounds is reported with its ratio to swin_tiny_patch4_window7_224.
 
     python scripts/cpu_latency_vs_swin.py --models rmt_t rmt_s rmt_b --batch 8 --threads 2 --rounds 7
     python scripts/cpu_latency_vs_swin.py --kernels auto reference ...   (each RMT model on each kernel)
-    python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile)
+    python scripts/cpu_latency_vs_swin.py --compile ...   (every model, Swin-T too, under torch.compile,
+        as rmt bench compiles: static shapes)
     python scripts/cpu_latency_vs_swin.py --compile --freeze ...   (compiled with inductor's freezing)
     python scripts/cpu_latency_vs_swin.py --reparam ...   (each RMT model also reparameterized, RMT.reparameterize)
     python scripts/cpu_latency_vs_swin.py --dtype bf16 --reparam --weight-cache-ab ...

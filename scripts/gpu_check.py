@@ -34,11 +34,6 @@ JOBS = [
     # budget these two may need a call of their own, --only ...)
     ("compiled_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True), None),
     ("cuda_graphs_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), None),
-    # compiled with inductor's freezing: the weights' bf16 casts made once when compiling instead
-    # of as kernels of every pass (300 of the 1,152 nodes of folded rmt_s's graph, 55 of Swin-T's
-    # 341, in inductor's CPU graphs at bf16)
-    ("compiled_reparam_frozen_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True, freeze=True), None),
-    ("cuda_graphs_reparam_frozen_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True, freeze=True), None),
     # the same with the Triton kernel in the graph (auto compiles the plain math): which to pick
     # for compiled models (on an H200, as built, it was 12.3 against 13.1 ms under CUDA graphs)
     ("cuda_graphs_reparam_triton_bf16", dict(models=["rmt_t", "rmt_s"], batches=[64], compile_mode="reduce-overhead", reparameterize=True), "triton"),
@@ -50,6 +45,10 @@ JOBS = [
     # where the GPU time of the compiled models goes: inductor's fused kernels by name
     # (two compiles of about 80 s on an H100: with the default budget, a call of its own, --only ...)
     ("profile_compiled", dict(profiles=[("rmt_s", True, "default"), ("swin_t", False, "default")]), None),
+    # compiled with inductor's freezing (rmt bench --freeze): the weights' bf16 casts made once
+    # when compiling instead of in every pass (docs/performance.md, "Freezing compiled graphs")
+    ("compiled_reparam_frozen_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default", reparameterize=True, freeze=True), None),
+    ("cuda_graphs_reparam_frozen_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="reduce-overhead", reparameterize=True, freeze=True), None),
     ("compiled_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64], compile_mode="default"), None),
     # the Triton kernel inside a compiled graph (auto compiles the plain math instead)
     ("compiled_triton_bf16", dict(models=["rmt_s"], batches=[64], compile_mode="default"), "triton"),

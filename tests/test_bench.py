@@ -23,7 +23,7 @@ from rmt.bench.compare import compare_reports
 from rmt.bench.flops import count_flops
 from rmt.bench.report import plot, read_report, to_csv
 from rmt.io import write_json_atomic
-from rmt.bench.runner import BenchSettings, latency_stats, parse_img_size, run_benchmark
+from rmt.bench.runner import BenchSettings, compile_model, latency_stats, parse_img_size, run_benchmark
 from rmt.errors import RMTError
 from rmt.models.config import RMTConfig
 
@@ -502,20 +502,36 @@ def test_bench_freeze_compiles_with_freezing_as_a_setting_of_its_own(monkeypatch
     assert len(recorder.calls) >= 3 and set(recorder.calls[1:]) == {(True, False)}
     assert frozen["settings"]["freeze"] is True and frozen["results"][0]["frozen"] is True
     assert frozen["results"][0]["status"] == "ok"
-    assert "frozen" in to_csv(frozen).splitlines()[0].split(",")
+    assert next(csv.DictReader(io.StringIO(to_csv(frozen))))["frozen"] == "True"
     plain = run_benchmark(replace(settings, freeze=False), builders={"recorder": lambda size: _RecordsFreezing()})
     assert plain["results"][0]["frozen"] is False
     # a frozen run is another setting for compare, never a like-for-like regression check
     verdict = compare_reports(plain, frozen)
     assert {d.status for d in verdict.deltas} == {"missing", "new"}
+    # reports from before the field are unfrozen runs
+    older = {**plain, "results": [{k: v for k, v in r.items() if k != "frozen"} for r in plain["results"]]}
+    assert {d.status for d in compare_reports(older, plain).deltas} == {"ok"}
+    # called from Python with autograd on, the compiled model still compiles frozen
+    recorder.calls.clear()
+    with torch.enable_grad():
+        compile_model(recorder, "default", freeze=True)(torch.randn(1, 3, 8, 8))
+    assert recorder.calls == [(True, False)]
+
+
+def test_profile_freeze_compiles_with_freezing(tmp_path, monkeypatch):
+    from rmt.bench.profile import profile_model
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # what reaches the compiled graph
+    recorder = _RecordsFreezing()
+    summary = profile_model("recorder", tmp_path / "prof", img_size=(16, 16), device="cpu", active=1,
+                            model=recorder, compile_mode="default", freeze=True)
+    assert summary["frozen"] is True and set(recorder.calls) == {(True, False)}
 
 
 def test_frozen_compiled_model_keeps_the_weights_it_was_compiled_with():
-    """--freeze really freezes (weights as constants of the graph: a parameter changed after
-    compiling does not reach it), with eager's outputs; folded RMT, whose CPU attention is a
+    """--freeze really freezes (weights as constants of the graph: a parameter changed in place
+    after compiling does not reach it), with eager's outputs; folded RMT, whose CPU attention is a
     custom operator in the graph."""
-    from rmt.bench.runner import compile_model
-
     torch.manual_seed(0)
     model = rmt.RMT(TINY).eval().reparameterize()
     x = torch.randn(2, 3, 64, 64)

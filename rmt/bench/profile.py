@@ -10,8 +10,8 @@ import torch
 
 from rmt.bench.env import resolve_device
 from rmt.bench.runner import (
-    DTYPES, build_model, check_compile_mode, compile_counts, compile_counts_since, compile_model, fold_for_inference,
-    precision, quiet_stderr,
+    DTYPES, build_model, check_compile_mode, check_freeze, compile_counts, compile_counts_since, compile_model,
+    fold_for_inference, precision, quiet_stderr,
 )
 from rmt.errors import RMTError, first_line
 
@@ -50,8 +50,7 @@ def profile_model(
         if value < least:
             raise RMTError(f"{what} must be at least {least}, got {value}")
     check_compile_mode(compile_mode)
-    if freeze and compile_mode is None:
-        raise RMTError("--freeze needs --compile: it is how compiled graphs hold the weights")
+    check_freeze(compile_mode, freeze)
     if compile_mode is not None and wait + warmup < 2:
         # CUDA graphs are recorded on a model's second call: profiled steps should replay them
         raise RMTError("a compiled model needs wait + warmup >= 2 steps before the profiled ones")

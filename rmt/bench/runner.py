@@ -59,24 +59,32 @@ def compile_model(model: nn.Module, mode: str, freeze: bool = False) -> nn.Modul
 class FrozenCompiled(nn.Module):
     """Calls a compiled model with inductor's freezing on, for inference: the weights become
     constants of the graph, so their casts to the autocast dtype, layout changes and CPU weight
-    packing are done once, at compile time, instead of on every pass. The graph keeps the weights
-    it was compiled with: later changes to the model's parameters do not reach it.
+    packing are done once, at compile time, instead of on every pass. The graph keeps the values
+    it was compiled with: in-place changes to the parameters (an optimizer step,
+    ``load_state_dict``) do not reach it.
 
     Dynamo and inductor read ``torch._inductor.config.freezing`` while they trace and compile, on
-    the first call (and on any recompile), and only without autograd; hence a patch around each
-    call. (``torch.compile(options={"freezing": True})`` does not reach dynamo, and in torch 2.14
-    it compiled without freezing, silently.)
+    the first call (and on any recompile), and only without autograd; hence the flag and
+    ``no_grad`` around each call. (``torch.compile(options={"freezing": True})`` does not reach
+    dynamo: on torch 2.14 it compiled without freezing, silently.)
     """
 
     def __init__(self, compiled: nn.Module) -> None:
+        import torch._inductor.config as inductor_config  # imports inductor: only when freezing
+
         super().__init__()
         self.compiled = compiled
+        self._freezing = inductor_config.patch(freezing=True)  # re-entrant: made once, not per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
-
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), self._freezing:
             return self.compiled(x)
+
+
+def check_freeze(compile_mode: Optional[str], freeze: bool) -> None:
+    """Raise a one-line RMTError for ``freeze`` without a compile mode."""
+    if freeze and compile_mode is None:
+        raise RMTError("--freeze needs --compile: freezing applies to compiled graphs only")
 
 
 @dataclass
@@ -114,8 +122,7 @@ class BenchSettings:
         if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
             raise RMTError(f"the time budget must be a positive number of seconds, got {self.time_budget_s:g}")
         check_compile_mode(self.compile_mode)
-        if self.freeze and not self.compile_mode:
-            raise RMTError("--freeze needs --compile: it is how compiled graphs hold the weights")
+        check_freeze(self.compile_mode, self.freeze)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if any(b <= 0 for b in self.batches):
@@ -355,7 +362,7 @@ def run_benchmark(
     notes = []
     if not on_cuda:
         notes.append("CPU figures are not GPU figures: run on a CUDA machine for GPU throughput")
-    elif settings.freeze:  # made when compiling, before the memory pass
+    elif settings.freeze:  # the frozen copies are made when compiling, before the memory pass
         notes.append("frozen: peak memory counts the weights as the model holds them, not the copies "
                      "the frozen graphs keep (cast to the autocast dtype or laid out anew)")
     baseline = settings.baseline or settings.models[0]
