@@ -4,14 +4,15 @@ Times one Manhattan self-attention call, from the projections on: the rotary of 
 both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for: the
 Triton kernel (rotary fused) with one head per program, also with 4 and 8 warps (``triton_w4``,
 ``triton_w8``; the default is 2 or 4 by tile size), and with a sequence's heads grouped two, four
-or eight to a program (``triton_heads2``...), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
+or eight to a program (``triton_heads2``...), and for stage 3 both passes in one program an image and
+head (``triton_one_program``, 8 warps, and ``_w16``), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
 memory-efficient backend, the plain reference path eagerly and compiled, and (--flex)
 FlexAttention compiled with its default and with small tiles. Every timed call starts with one
 copy of the stacked q/k projection, which the rotary then overwrites (as in the model). Every
 stage's uncompiled variants run before the compiled ones, so a short budget reaches every
 stage's Triton launches. Then,
 inside the time budget, whole models in the same process (``--models``; ``--reparam`` folds the
-RMT models first), eager rmt_s with and without grouped heads among them. Results go to
+RMT models first), eager rmt_s with and without grouped heads and one-program stage 3 among them. Results go to
 OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
@@ -101,13 +102,17 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
     def run(kernel: str) -> torch.Tensor:
         return manhattan_attention(work.copy_(qk), v, tables, kernel, decomposed)
 
-    def fused(heads_per_program: int, num_warps: int | None = None) -> torch.Tensor:
-        return attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, heads_per_program, num_warps)
+    def fused(heads_per_program: int, num_warps: int | None = None, passes_in_one_program: bool = False) -> torch.Tensor:
+        return attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, heads_per_program, num_warps,
+                                                    passes_in_one_program)
 
+    one_program = decomposed and fused_attention.fits_one_program(qk, h, w)
     variants = {
         "triton": lambda: run("triton"),
         **{f"triton_w{warps}": functools.partial(fused, 1, warps) for warps in (4, 8)},
         **{f"triton_heads{p}": functools.partial(fused, p) for p in groupings(max(h, w) if decomposed else h * w, n)},
+        **{f"triton_one_program{f'_w{warps}' if warps else ''}": functools.partial(fused, 1, warps, True)
+           for warps in ((None, 16) if one_program else ())},
         "sdpa": lambda: run("sdpa"),
         "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run),
         "reference": lambda: run("reference"),
@@ -166,18 +171,20 @@ def main() -> None:
 
     x = torch.randn(args.batch, 3, 224, 224, device=dev)
     fused = attention._fused_manhattan_attention
+    # variants of auto's Triton path: each launch grouping as many heads per program as it takes;
+    # both passes of the stages that fit in one program
+    tuned = {"grouped": functools.partial(widest_grouping, fused=fused),
+             "one_program": functools.partial(fused, passes_in_one_program=True)}
     for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "grouped", False),
-                                   ("rmt_s", "sdpa", False), ("swin_t", None, True), ("rmt_s", "auto", True),
-                                   ("rmt_s", "reference", True)):
+                                   ("rmt_s", "one_program", False), ("rmt_s", "sdpa", False), ("swin_t", None, True),
+                                   ("rmt_s", "auto", True), ("rmt_s", "reference", True)):
         label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
         if time.perf_counter() - begin > args.budget:
             results["models"][label] = "skipped (budget)"
             continue
-        # "grouped": auto, with each Triton launch grouping as many heads per program as it takes
-        attention._fused_manhattan_attention = (
-            functools.partial(widest_grouping, fused=fused) if kernel == "grouped" else fused)
+        attention._fused_manhattan_attention = tuned.get(kernel, fused)
         model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
-                                  **({"attn_kernel": "auto" if kernel == "grouped" else kernel} if kernel else {}))
+                                  **({"attn_kernel": "auto" if kernel in tuned else kernel} if kernel else {}))
         if args.reparam and name != "swin_t":
             model.reparameterize()
         model = model.eval().to(dev)

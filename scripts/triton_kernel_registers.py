@@ -4,7 +4,8 @@ Compiles ``rmt.models.fused_attention``'s kernel for an NVIDIA target (default s
 with the installed Triton and runs the ptxas that Triton ships with ``-v`` on each PTX: the
 registers a thread uses bound how many programs an SM holds at once. Configurations: rmt_s's
 attention passes at 224 px (tokens padded to a power of two, head_dim), bf16 with the rotary
-fused, one head per program with the default and more warps, and grouped heads.
+fused, one head per program with the default and more warps, and grouped heads; and the kernel
+running both passes of stage 3 in one program (``decomposed_decayed_attention``).
 
     python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
 """
@@ -23,7 +24,7 @@ from triton.compiler import ASTSource
 
 from rmt.io import write_json_atomic
 from rmt.models import fused_attention
-from rmt.models.fused_attention import _decayed_attention_kernel, _warps
+from rmt.models.fused_attention import DECOMPOSED_WARPS, _decayed_attention_kernel, _decomposed_attention_kernel, _warps
 
 # (pass, tokens padded, head_dim, heads per program): rmt_s at 224 px
 PASSES = [
@@ -32,16 +33,17 @@ PASSES = [
     ("stage3 14 tokens", 16, 32, 1), ("stage3 14 tokens", 16, 32, 8),
     ("stage4 49 tokens", 64, 32, 1), ("stage4 49 tokens", 64, 32, 2),
 ]
+# (stage, grid side padded, head_dim): decomposed stages whose whole grid one program holds
+GRIDS = [("stage3 14x14, both passes", 16, 32)]
 
 
-def registers(block: int, head_dim: int, heads: int, warps: int, arch: int) -> dict:
-    """ptxas's report for one configuration: registers a thread, spill bytes."""
-    constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True, "HEADS": heads}
+def registers(kernel, constants: dict, warps: int, arch: int) -> dict:
+    """ptxas's report for one configuration of a kernel taking bf16 tensors: registers a thread, spill bytes."""
     signature = {
         name: "constexpr" if name in constants else "*fp32" if name == "decay_ptr" else "*bf16" if name.endswith("_ptr") else "i32"
-        for name in inspect.signature(_decayed_attention_kernel.fn).parameters
+        for name in inspect.signature(kernel.fn).parameters
     }
-    compiled = triton.compile(ASTSource(fn=_decayed_attention_kernel, signature=signature, constexprs=constants),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as folder:
@@ -62,15 +64,28 @@ def main() -> None:
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
     rows = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(f"{row['pass']:23s} heads/program {row['heads_per_program']}  warps {row['num_warps']}"
+              f"{'*' if row['default_warps'] else ' '}  {row['registers']:3d} registers  "
+              f"{row['spill_store_bytes']} B spilled", flush=True)
+
     for name, block, head_dim, heads in PASSES:
         default = _warps(block * heads, head_dim)
+        constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True, "HEADS": heads}
         for warps in sorted({default, 4, 8}) if heads == 1 else (default,):
-            row = {"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
-                   "num_warps": warps, "default_warps": warps == default, **registers(block, head_dim, heads, warps, args.arch)}
-            rows.append(row)
-            print(f"{name:17s} heads/program {heads}  warps {warps}{'*' if row['default_warps'] else ' '}  "
-                  f"{row['registers']:3d} registers  {row['spill_store_bytes']} B spilled", flush=True)
-    print("* the default warps for that tile (fused_attention._warps)")
+            report({"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
+                    "num_warps": warps, "default_warps": warps == default,
+                    **registers(_decayed_attention_kernel, constants, warps, args.arch)})
+    # both passes of a decomposed stage in one program (decomposed_decayed_attention)
+    for name, side, head_dim in GRIDS:
+        constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True}
+        for warps in (4, 8, 16):
+            report({"pass": name, "tokens_padded": side * side, "head_dim": head_dim, "heads_per_program": 1,
+                    "num_warps": warps, "default_warps": warps == DECOMPOSED_WARPS, "both_passes": True,
+                    **registers(_decomposed_attention_kernel, constants, warps, args.arch)})
+    print("* the default warps for that tile (fused_attention._warps; DECOMPOSED_WARPS for both passes)")
     if args.json:
         write_json_atomic(args.json, {"triton": triton.__version__, "arch": f"sm_{args.arch}a",
                                       "max_rows": fused_attention.MAX_ROWS, "rows": rows})

@@ -137,19 +137,115 @@ def test_manhattan_attention_with_the_triton_kernel_rotates_and_attends_like_the
     assert (fused - reference).abs().max().item() < 1e-5
 
 
-def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch):
-    launches = []
-    launch = fused_attention._launch
-    monkeypatch.setattr(fused_attention, "_launch", lambda *args: launches.append(1) or launch(*args))
+def _decomposed_by_definition(q, k, v, decay):
+    """Attention along each row of (B, H, W, heads, d) inputs, then along each column of its output."""
+    rows = _by_definition(q, k, v, decay, 0)
+    return _by_definition(q.transpose(1, 2), k.transpose(1, 2), rows.transpose(1, 2), decay, 0).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "size, heads, head_dim",
+    # stage 3 of every RMT at 224 px (14 x 14), a non-square grid padded both ways, the 16-token limit
+    [((14, 14), 2, 32), ((7, 12), 3, 16), ((16, 5), 1, 64), ((1, 16), 2, 16)],
+)
+def test_both_passes_in_one_program_by_definition(size, heads, head_dim):
+    torch.manual_seed(0)
+    h, w = size
+    stacked = torch.randn(2, w, h, 2, heads, head_dim, device=DEVICE)
+    q, k = stacked.transpose(1, 2).unbind(3)  # strided, as the model's
+    v = torch.randn(2, h, w, heads, head_dim, device=DEVICE)
+    decay = torch.log(1 - 2 ** (-2 - 4 * torch.arange(heads, device=DEVICE) / heads))
+    out = fused_attention.decomposed_decayed_attention(q, k, v, decay)
+    assert out.shape == (2, h, w, heads, head_dim) and out.is_contiguous()
+    assert (out.double() - _decomposed_by_definition(q, k, v, decay)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_both_passes_in_one_program_in_half_precision(dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter cannot multiply bfloat16 tiles")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 14, 14, 8, 32, device=DEVICE) for _ in range(3))
+    decay = torch.log(1 - 2 ** (-2 - 4 * torch.arange(8, device=DEVICE) / 8))
+    expected = _decomposed_by_definition(q, k, v, decay)
+    out = fused_attention.decomposed_decayed_attention(*(t.to(dtype) for t in (q, k, v)), decay)
+    assert out.dtype == dtype
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 2e-2
+
+
+@pytest.mark.parametrize("size, one_program", [((14, 14), True), ((12, 16), True), ((20, 12), False)])
+def test_one_program_rotates_and_attends_like_the_reference(monkeypatch, size, one_program):
+    launches = {"one program": 0, "a pass": 0}
+    for name, key in (("_launch_decomposed", "one program"), ("_launch", "a pass")):
+        launch = getattr(fused_attention, name)
+        monkeypatch.setattr(fused_attention, name, lambda *args, launch=launch, key=key: launches.update(
+            {key: launches[key] + 1}) or launch(*args))
+    torch.manual_seed(0)
+    h, w = size
+    position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
+    tables = position.tables(h, w, torch.float32, with_masks=True)
+    qk, v = torch.randn(2, h, w, 2, 2, 32, device=DEVICE), torch.randn(2, h, w, 2, 32, device=DEVICE)
+    fused = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=True)
+    reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
+    assert (fused - reference).abs().max().item() < 1e-5
+    # a grid over 16 tokens a side takes the two passes
+    assert launches == ({"one program": 1, "a pass": 0} if one_program else {"one program": 0, "a pass": 2})
+
+
+def test_one_program_refuses_a_larger_grid():
+    q = torch.randn(1, 17, 8, 2, 16, device=DEVICE)
+    assert not fused_attention.fits_one_program(q, 17, 8)
+    assert fused_attention.fits_one_program(q, 16, 8)
+    assert not fused_attention.fits_one_program(q[..., :8], 8, 8)  # head_dim 8
+    with pytest.raises(ValueError, match="at most 16 tokens a side, got 17 x 8"):
+        fused_attention.decomposed_decayed_attention(q, q, q, torch.zeros(2))
+
+
+def test_a_model_with_both_passes_in_one_program_matches_the_reference_path(official_mini, monkeypatch):
+    import functools
+
+    import rmt.models.attention as attention
+
+    calls = []
+    kernel = fused_attention.decomposed_decayed_attention
+    monkeypatch.setattr(fused_attention, "decomposed_decayed_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(attention, "_fused_manhattan_attention",
+                        functools.partial(attention._fused_manhattan_attention, passes_in_one_program=True))
+    entry = official_mini["models"]["mini_a"]
+    model = rmt.RMT.from_official(attn_kernel="triton", **entry["config"]).eval().to(DEVICE)
+    model.load_state_dict(convert_checkpoint(entry["state_dict"], model))
+    # at 64 x 96 px stage 2 (decomposed, head_dim 16) is 8 x 12 tokens: one program an image and head
+    x = torch.randn(2, 3, 64, 96, device=DEVICE)
+    with torch.inference_mode():
+        fused = model(x)
+        model.set_attn_kernel("reference")
+        reference = model(x)
+    assert len(calls) == 2  # stage 2's two blocks
+    assert (fused - reference).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("passes_in_one_program, launcher, launches", [(False, "_launch", 2), (True, "_launch_decomposed", 1)])
+def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one_program, launcher, launches):
+    import functools
+
+    import rmt.models.attention as attention
+
+    calls = []
+    launch = getattr(fused_attention, launcher)
+    monkeypatch.setattr(fused_attention, launcher, lambda *args: calls.append(1) or launch(*args))
+    monkeypatch.setattr(attention, "_fused_manhattan_attention", functools.partial(
+        attention._fused_manhattan_attention, passes_in_one_program=passes_in_one_program))
     torch.manual_seed(0)
     position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
-    tables = position.tables(14, 20, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, 14, 20, 2, 2, 16, device=DEVICE), torch.randn(2, 14, 20, 2, 16, device=DEVICE)
+    tables = position.tables(14, 12, torch.float32, with_masks=True)
+    qk, v = torch.randn(2, 14, 12, 2, 2, 16, device=DEVICE), torch.randn(2, 14, 12, 2, 16, device=DEVICE)
     with torch.no_grad():
         # fullgraph: a graph break (an untraceable call on the way to the kernel) raises
         compiled = torch.compile(manhattan_attention, backend="aot_eager", fullgraph=True, dynamic=False)
         out = compiled(qk.clone(), v, tables, "triton", True)
-        assert len(launches) == 2  # the row and the column pass, from the compiled graph
+        # from the compiled graph, as rmt::decayed_attention (the row and the column pass) or
+        # rmt::decomposed_decayed_attention (both)
+        assert len(calls) == launches
         reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
     assert (out - reference).abs().max().item() < 1e-5
 

@@ -472,11 +472,18 @@ def _(qk, v, cos, sin, decay, mask, columns_mask, grid_width):
 
 def _fused_manhattan_attention(
     qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool, heads_per_program: int = 1,
-    num_warps: Optional[int] = None,
+    num_warps: Optional[int] = None, passes_in_one_program: bool = False,
 ) -> Tensor:
+    """``manhattan_attention`` on the Triton kernels. The tuning arguments are for
+    scripts/gpu_attention_variants.py, which times them; the model runs the defaults, the
+    configuration measured on Hopper. ``passes_in_one_program``: a decomposed stage small enough
+    (:func:`fused_attention.fits_one_program`) runs both passes in one kernel, one program an
+    image and head."""
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
+    if decomposed and passes_in_one_program and fused_attention.fits_one_program(q, h, w):
+        return fused_attention.decomposed_decayed_attention(q, k, v, tables.rows.decay, cos, sin, num_warps)
     if decomposed:
         rows = fused_attention.decayed_attention(
             q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps

@@ -1,4 +1,4 @@
-"""Decayed attention over short sequences in one Triton kernel, for CUDA inference.
+"""Decayed attention over short sequences in Triton kernels, for CUDA inference.
 
 At 224 px every attention pass of RMT is short: the decomposed stages attend along rows and
 columns of 56, 28 and 14 tokens, and stage 4 attends over 7 x 7 = 49 tokens. Library attention
@@ -7,7 +7,9 @@ head_dim) tensors, so each pass pays for padding, a materialised (heads, L, L) d
 the copies that lay the row and column sequences out. Here one program holds one whole
 sequence of one head: it reads q, k and v through their strides (the row pass and the column
 pass read the same (B, H, W, heads, head_dim) tensors), computes the decay from the token
-indices, and writes its output straight into (B, H, W, heads, head_dim) order.
+indices, and writes its output straight into (B, H, W, heads, head_dim) order. A second kernel
+runs both passes of a decomposed stage whose grid is at most 16 x 16 tokens (stage 3 at 224 px)
+in one program an image and head, keeping the row pass's output in the program.
 
 Forward only: the attention kernels of :mod:`rmt.models.attention` choose it when no gradient
 is recorded, and keep the differentiable kernels for training.
@@ -36,6 +38,10 @@ except ImportError:  # CPU-only torch wheels do not ship Triton
 MAX_LENGTH = 64  # one program holds an L x L score tile in registers
 MAX_ROWS = 128  # tokens (padded to a power of two, at least 16) times heads per program
 HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16, tl.arange powers of two
+# decomposed attention in one program: a head's whole grid, 16 x 16 tokens padded, in registers;
+# at 4 warps ptxas spills (sm_90a, head_dim 32; scripts/triton_kernel_registers.py)
+MAX_GRID_SIDE = 16
+DECOMPOSED_WARPS = 8
 
 
 def supports(q: Tensor, length: int) -> bool:
@@ -149,6 +155,87 @@ if triton is not None:
         tl.store(_tile(out_ptr, batch, group, head, i, d, o_strides_b, o_strides_g, o_strides_l, o_strides_h),
                  out.to(out_ptr.dtype.element_ty), mask=rows)
 
+    @triton.jit
+    def _image_tile(ptr, batch, head, y, x, d, stride_b, stride_y, stride_x, stride_h):
+        """Pointers to the (len(y), len(x), head_dim) tile of one head of one image: [a, b] is the
+        token at (y[a], x[b])."""
+        return (ptr + batch * stride_b + head * stride_h + y[:, None, None] * stride_y
+                + x[None, :, None] * stride_x + d[None, None, :])
+
+    @triton.jit
+    def _load_image(ptr, cos_ptr, sin_ptr, table_offset, batch, head, y, x, d, inside,
+                    stride_b, stride_y, stride_x, stride_h, table_y, table_x, ROTATE: tl.constexpr):
+        """:func:`_load` for one head's tile of a whole image. The rotary splits the tile into the
+        pairs' even and odd entries and loads half of each table (a pair's two cos entries are
+        equal, its sin entries equal but for the sign). With the full tables and a second load of
+        the swapped tile, as :func:`_load` does, ptxas gave this kernel 255 registers a thread,
+        spilling, at 8 warps (sm_90a, stage 3 of rmt_s); this way, 205 without spilling."""
+        t = tl.load(_image_tile(ptr, batch, head, y, x, d, stride_b, stride_y, stride_x, stride_h), mask=inside, other=0.0)
+        if ROTATE:
+            pair = tl.arange(0, d.shape[0] // 2)
+            at = table_offset + y[:, None, None] * table_y + x[None, :, None] * table_x + 2 * pair[None, None, :]
+            cos = tl.load(cos_ptr + at, mask=inside, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + at + 1, mask=inside, other=0.0).to(tl.float32)  # +sin: the odd entry's
+            even, odd = tl.split(tl.reshape(t.to(tl.float32), (y.shape[0], x.shape[0], d.shape[0] // 2, 2)))
+            rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
+            t = tl.reshape(rotated, (y.shape[0], x.shape[0], d.shape[0])).to(t.dtype)
+        return t
+
+    @triton.jit
+    def _attend_along_lines(q, k, v, decay, length, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+        """softmax(q k^T + decay * |i - j|) v along the middle axis of (lines, BLOCK, head_dim) tiles,
+        each line a sequence of ``length`` tokens (keys beyond it masked out); float32 out."""
+        if IEEE:
+            scores = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.permute(k, (0, 2, 1)))
+        i = tl.arange(0, BLOCK)
+        scores += decay * tl.abs(i[:, None] - i[None, :]).to(tl.float32)[None, :, :]
+        scores = tl.where((i < length)[None, None, :], scores, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, axis=2)[:, :, None])
+        total = tl.sum(weights, axis=2)
+        if IEEE:
+            out = tl.dot(weights, v, input_precision="ieee")
+        else:
+            out = tl.dot(weights.to(v.dtype), v)
+        return out / total[:, :, None]
+
+    @triton.jit
+    def _decomposed_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, decay_ptr, cos_ptr, sin_ptr,
+        q_strides_b, q_strides_y, q_strides_x, q_strides_h,
+        k_strides_b, k_strides_y, k_strides_x, k_strides_h,
+        v_strides_b, v_strides_y, v_strides_x, v_strides_h,
+        o_strides_b, o_strides_y, o_strides_x, o_strides_h,
+        table_strides_y, table_strides_x, table_strides_qk,
+        heads, height, width,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+        ROTATE: tl.constexpr,
+    ):
+        # one program: one head of one image, its whole (BLOCK_H, BLOCK_W, head_dim) grid; the row
+        # pass's output stays in the program for the column pass
+        program = tl.program_id(0)
+        head = program % heads
+        batch = (program // heads).to(tl.int64)  # int64: large batches overflow int32 offsets
+        y = tl.arange(0, BLOCK_H)
+        x = tl.arange(0, BLOCK_W)
+        d = tl.arange(0, HEAD_DIM)
+        inside = (y < height)[:, None, None] & (x < width)[None, :, None]
+        q = _load_image(q_ptr, cos_ptr, sin_ptr, 0, batch, head, y, x, d, inside,
+                        q_strides_b, q_strides_y, q_strides_x, q_strides_h, table_strides_y, table_strides_x, ROTATE)
+        k = _load_image(k_ptr, cos_ptr, sin_ptr, table_strides_qk, batch, head, y, x, d, inside,
+                        k_strides_b, k_strides_y, k_strides_x, k_strides_h, table_strides_y, table_strides_x, ROTATE)
+        v = _load_image(v_ptr, cos_ptr, sin_ptr, 0, batch, head, y, x, d, inside,
+                        v_strides_b, v_strides_y, v_strides_x, v_strides_h, table_strides_y, table_strides_x, False)
+        decay = tl.load(decay_ptr + head)
+        # along each row, rounded to the inputs' dtype as the two-pass form stores it between passes
+        rows = _attend_along_lines(q, k, v, decay, width, BLOCK_W, IEEE).to(v.dtype)
+        # along each column: the tiles transposed to (W, H, head_dim)
+        out = _attend_along_lines(tl.permute(q, (1, 0, 2)), tl.permute(k, (1, 0, 2)), tl.permute(rows, (1, 0, 2)),
+                                  decay, height, BLOCK_H, IEEE)
+        tl.store(_image_tile(out_ptr, batch, head, x, y, d, o_strides_b, o_strides_x, o_strides_y, o_strides_h),
+                 out.to(out_ptr.dtype.element_ty), mask=tl.permute(inside, (1, 0, 2)))
+
 
 def decayed_attention(
     q: Tensor,
@@ -194,29 +281,41 @@ def _launch(
     b, g, length, n, d = q.shape
     out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
     out_view = out.transpose(1, 2) if transpose_out else out
-    if (cos is None) != (sin is None):
-        raise ValueError("decayed_attention needs both cos and sin, or neither")
-    rotate = cos is not None
-    if rotate and (cos.stride() != sin.stride() or cos.shape != (g, length, 2, d)):
-        raise ValueError("decayed_attention needs cos and sin as (G, L, 2, head_dim) views of one layout")
-    if any(t.stride(-1) != 1 for t in (q, k, v, out_view) + ((cos, sin) if rotate else ())):
-        raise ValueError("decayed_attention needs head_dim contiguous")
+    table_strides = _table_strides("decayed_attention", (q, k, v, out_view), cos, sin, "(G, L, 2, head_dim)", (g, length, 2, d))
     block = _padded_length(length)
     if not groups_heads(length, n, heads_per_program):
         raise ValueError(f"decayed_attention cannot give {heads_per_program} of {n} heads of {length} tokens to one program")
-    table_strides = cos.stride()[:3] if rotate else (0, 0, 0)
-    # Triton launches on the current device, not the tensors' (a model on cuda:1 while cuda:0 is current)
-    on_other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
-    with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
+    with _on_the_tensors_gpu(q):
         _decayed_attention_kernel[(b * g * (n // heads_per_program),)](
-            q, k, v, out_view, decay.float().contiguous(), cos if rotate else q, sin if rotate else q,
+            q, k, v, out_view, decay.float().contiguous(), q if cos is None else cos, q if sin is None else sin,
             *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
             *table_strides,
             g, n, length, grid_width,
-            BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32, ROTATE=rotate,
-            HEADS=heads_per_program, num_warps=num_warps or _warps(block * heads_per_program, d),
+            BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32,
+            ROTATE=cos is not None, HEADS=heads_per_program, num_warps=num_warps or _warps(block * heads_per_program, d),
         )
     return out
+
+
+def _table_strides(
+    name: str, tensors: tuple[Tensor, ...], cos: Optional[Tensor], sin: Optional[Tensor], layout: str,
+    table_shape: tuple[int, ...],
+) -> tuple[int, int, int]:
+    """The first three strides of the rotary tables (zeros without them), after checking what the
+    kernels assume: both tables or neither, of one layout, head_dim contiguous everywhere."""
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{name} needs both cos and sin, or neither")
+    if cos is not None and (cos.stride() != sin.stride() or cos.shape != table_shape):
+        raise ValueError(f"{name} needs cos and sin as {layout} views of one layout")
+    if any(t.stride(-1) != 1 for t in tensors + (() if cos is None else (cos, sin))):
+        raise ValueError(f"{name} needs head_dim contiguous")
+    return (0, 0, 0) if cos is None else cos.stride()[:3]
+
+
+def _on_the_tensors_gpu(q: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current device, not the tensors' (a model on cuda:1 while cuda:0 is current)."""
+    on_other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
+    return torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext()
 
 
 def _warps(rows: int, head_dim: int) -> int:
@@ -225,6 +324,61 @@ def _warps(rows: int, head_dim: int) -> int:
     rule for one head per program; at 2 warps a 64-token tile of head_dim 16 takes 198 registers a
     thread for sm90 (ptxas), which limits the programs an SM holds: ``num_warps`` compares."""
     return 8 if rows >= 128 else 4 if rows * head_dim >= 64 * 32 else 2
+
+
+def decomposed_decayed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    num_warps: Optional[int] = None,
+) -> Tensor:
+    """Both passes of decomposed attention in one kernel: attention with the decay
+    ``decay[head] * |i - j|`` along each row of (B, H, W, heads, head_dim) q, k and v (k
+    pre-scaled, any strides, head_dim contiguous), then along each column of its output, as the
+    two calls of :func:`decayed_attention` in ``_fused_manhattan_attention`` compute it.
+
+    One program attends one head of one image, its whole grid, so the row pass's output never
+    leaves it: q, k and v are read once (q and k rotated once, not once a pass) and the output
+    written once, in one launch, where the two-pass form also writes and reads back the row
+    pass's output and reads q and k twice. For grids of at most :data:`MAX_GRID_SIDE` tokens a
+    side (:func:`fits_one_program`; stage 3 of every RMT at 224 px is 14 x 14). ``cos`` and
+    ``sin``: (H, W, 2, head_dim) views of the rotary tables (q's, then k's). Returns (B, H, W,
+    heads, head_dim).
+    """
+    if torch.compiler.is_compiling():
+        return _decomposed_attention_op(q, k, v, decay, cos, sin, num_warps)
+    with profiler_label("rmt::decomposed_decayed_attention"):
+        return _launch_decomposed(q, k, v, decay, cos, sin, num_warps)
+
+
+def _launch_decomposed(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+    num_warps: Optional[int],
+) -> Tensor:
+    b, h, w, n, d = q.shape
+    if max(h, w) > MAX_GRID_SIDE:
+        raise ValueError(f"decomposed_decayed_attention takes grids of at most {MAX_GRID_SIDE} tokens a side, got {h} x {w}")
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    table_strides = _table_strides("decomposed_decayed_attention", (q, k, v), cos, sin, "(H, W, 2, head_dim)", (h, w, 2, d))
+    with _on_the_tensors_gpu(q):
+        _decomposed_attention_kernel[(b * n,)](
+            q, k, v, out, decay.float().contiguous(), q if cos is None else cos, q if sin is None else sin,
+            *(s for t in (q, k, v, out) for s in t.stride()[:4]),
+            *table_strides,
+            n, h, w,
+            BLOCK_H=_padded_length(h), BLOCK_W=_padded_length(w), HEAD_DIM=d, IEEE=q.dtype == torch.float32,
+            ROTATE=cos is not None, num_warps=num_warps or DECOMPOSED_WARPS,
+        )
+    return out
+
+
+def fits_one_program(q: Tensor, height: int, width: int) -> bool:
+    """Whether :func:`decomposed_decayed_attention` runs an ``height`` x ``width`` grid of q's
+    head_dim, dtype and device."""
+    return max(height, width) <= MAX_GRID_SIDE and supports(q, max(height, width))
 
 
 @torch.library.custom_op("rmt::decayed_attention", mutates_args=())
@@ -242,4 +396,27 @@ def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_p
     return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
 
 
-__all__ = ["MAX_LENGTH", "MAX_ROWS", "decayed_attention", "groups_heads", "measured_gpu", "supports"]
+@torch.library.custom_op("rmt::decomposed_decayed_attention", mutates_args=())
+def _decomposed_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+    num_warps: Optional[int] = None,
+) -> Tensor:
+    return _launch_decomposed(q, k, v, decay, cos, sin, num_warps)
+
+
+@_decomposed_attention_op.register_fake
+def _(q, k, v, decay, cos=None, sin=None, num_warps=None):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+__all__ = [
+    "MAX_GRID_SIDE",
+    "MAX_LENGTH",
+    "MAX_ROWS",
+    "decayed_attention",
+    "decomposed_decayed_attention",
+    "fits_one_program",
+    "groups_heads",
+    "measured_gpu",
+    "supports",
+]
