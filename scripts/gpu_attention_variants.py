@@ -12,7 +12,9 @@ copy of the stacked q/k projection, which the rotary then overwrites (as in the 
 stage's uncompiled variants run before the compiled ones, so a short budget reaches every
 stage's Triton launches. Then,
 inside the time budget, whole models in the same process (``--models``; ``--reparam`` folds the
-RMT models first), eager rmt_s with and without grouped heads and one-program stage 3 among them. Results go to
+RMT models first): eager rmt_s with and without grouped heads and one-program stage 3, and
+compiled rmt_s with the reference math (``auto``), with the Triton kernels as operators
+(``triton``) and with those and one-program stage 3. Results go to
 OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
@@ -171,20 +173,25 @@ def main() -> None:
 
     x = torch.randn(args.batch, 3, 224, 224, device=dev)
     fused = attention._fused_manhattan_attention
-    # variants of auto's Triton path: each launch grouping as many heads per program as it takes;
-    # both passes of the stages that fit in one program
-    tuned = {"grouped": functools.partial(widest_grouping, fused=fused),
-             "one_program": functools.partial(fused, passes_in_one_program=True)}
+    # variants of the Triton path, by label: (attention kernel, the Triton path's function); "grouped":
+    # each launch grouping as many heads per program as it takes; "one_program": both passes of the
+    # stages that fit in one program. Compiled, auto is the reference math on CUDA, and "triton"
+    # puts the Triton kernels in the graph as operators.
+    one_program = functools.partial(fused, passes_in_one_program=True)
+    tuned = {"grouped": ("auto", functools.partial(widest_grouping, fused=fused)), "one_program": ("auto", one_program),
+             "triton_one_program": ("triton", one_program)}
     for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "grouped", False),
                                    ("rmt_s", "one_program", False), ("rmt_s", "sdpa", False), ("swin_t", None, True),
-                                   ("rmt_s", "auto", True), ("rmt_s", "reference", True)):
+                                   ("rmt_s", "auto", True), ("rmt_s", "triton_one_program", True),
+                                   ("rmt_s", "triton", True)):
         label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
         if time.perf_counter() - begin > args.budget:
             results["models"][label] = "skipped (budget)"
+            (out / "attention.json").write_text(json.dumps(results, indent=1))
             continue
-        attention._fused_manhattan_attention = tuned.get(kernel, fused)
+        attn_kernel, attention._fused_manhattan_attention = tuned.get(kernel, (kernel, fused))
         model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
-                                  **({"attn_kernel": "auto" if kernel in tuned else kernel} if kernel else {}))
+                                  **({"attn_kernel": attn_kernel} if kernel else {}))
         if args.reparam and name != "swin_t":
             model.reparameterize()
         model = model.eval().to(dev)

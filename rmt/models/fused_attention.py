@@ -8,8 +8,9 @@ the copies that lay the row and column sequences out. Here one program holds one
 sequence of one head: it reads q, k and v through their strides (the row pass and the column
 pass read the same (B, H, W, heads, head_dim) tensors), computes the decay from the token
 indices, and writes its output straight into (B, H, W, heads, head_dim) order. A second kernel
-runs both passes of a decomposed stage whose grid is at most 16 x 16 tokens (stage 3 at 224 px)
-in one program an image and head, keeping the row pass's output in the program.
+runs both passes of a decomposed stage whose grid is at most 16 x 16 tokens (stage 3 of rmt_s,
+rmt_b and rmt_l at 224 px) in one program an image and head, keeping the row pass's output in
+the program.
 
 Forward only: the attention kernels of :mod:`rmt.models.attention` choose it when no gradient
 is recorded, and keep the differentiable kernels for training.
@@ -344,7 +345,8 @@ def decomposed_decayed_attention(
     leaves it: q, k and v are read once (q and k rotated once, not once a pass) and the output
     written once, in one launch, where the two-pass form also writes and reads back the row
     pass's output and reads q and k twice. For grids of at most :data:`MAX_GRID_SIDE` tokens a
-    side (:func:`fits_one_program`; stage 3 of every RMT at 224 px is 14 x 14). ``cos`` and
+    side (:func:`fits_one_program`; stage 3 at 224 px is 14 x 14, decomposed in all variants but
+    rmt_t). ``cos`` and
     ``sin``: (H, W, 2, head_dim) views of the rotary tables (q's, then k's). Returns (B, H, W,
     heads, head_dim).
     """
