@@ -1,21 +1,24 @@
 """Which attention kernel is fastest for RMT's short sequences on CUDA?
 
 Times one Manhattan self-attention call, from the projections on: the rotary of q and k, then
-both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for: the
-Triton kernel (rotary fused) with one head per program, also with 4 and 8 warps (``triton_w4``,
-``triton_w8``; the default is 2 or 4 by tile size), and with a sequence's heads grouped two, four
-or eight to a program (``triton_heads2``...), and for stage 3 both passes in one program an image and
-head (``triton_one_program``, 8 warps, and ``_w16``), SDPA as dispatched (cuDNN on Hopper), SDPA forced to the
-memory-efficient backend, the plain reference path eagerly and compiled, and (--flex)
-FlexAttention compiled with its default and with small tiles. Every timed call starts with one
-copy of the stacked q/k projection, which the rotary then overwrites (as in the model). Every
-stage's uncompiled variants run before the compiled ones, so a short budget reaches every
-stage's Triton launches. Then,
-inside the time budget, whole models in the same process (``--models``; ``--reparam`` folds the
-RMT models first): eager rmt_s with and without grouped heads and one-program stage 3, and
-compiled rmt_s with the reference math (``auto``), with the Triton kernels as operators
-(``triton``) and with those and one-program stage 3. Results go to
-OUT/attention.json.
+both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for:
+- the Triton kernel (rotary fused) with one head per program, also with 4 and 8 warps
+  (``triton_w4``, ``triton_w8``; the default is 2 or 4 by tile size), and with a sequence's
+  heads grouped two, four or eight to a program (``triton_heads2``...);
+- for stage 3, both passes in one Triton program an image and head (``triton_one_program``, 8
+  warps, and ``_w16``), and both passes as SDPA calls over the whole grid with row and column
+  masks (``sdpa_masked_grid``, eagerly and compiled);
+- SDPA as dispatched (cuDNN on Hopper), SDPA forced to the memory-efficient backend, the plain
+  reference path eagerly and compiled, and (--flex) FlexAttention compiled with its default and
+  with small tiles.
+Every timed call starts with one copy of the stacked q/k projection, which the rotary then
+overwrites (as in the model). Every stage's uncompiled variants run before the compiled ones, so
+a short budget reaches every stage's Triton launches. Then, inside the time budget, whole models
+in the same process (``--models``; ``--reparam`` folds the RMT models first): eager rmt_s with
+and without grouped heads and one-program stage 3, with SDPA with and without the masked grid at
+stage 3, and compiled rmt_s with the reference math (``auto``) with and without the masked grid,
+with the Triton kernels as operators (``triton``), and with those and one-program stage 3.
+Results go to OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -56,6 +60,47 @@ def widest_grouping(qk, v, tables, decomposed, heads_per_program=1, *, fused):
     h, w, n = qk.shape[1], qk.shape[2], qk.shape[4]
     widest = groupings(max(h, w) if decomposed else h * w, n)
     return fused(qk, v, tables, decomposed, widest[-1] if widest else 1)
+
+
+# decomposed stages of at most this many tokens take the masked-grid form in the "grid" variants
+# (stage 3 at 224 px, 196 tokens; stage 2's 784 would multiply the attention's work by 28)
+GRID_MAX_TOKENS = 256
+_grid_masks_cache: dict = {}
+
+
+def grid_masks(decay: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and the column pass of a decomposed stage as attention masks over the whole H x W
+    grid, (1, heads, H*W, H*W): ``decay * distance`` between tokens of the same row (column),
+    -inf between others. Cached per stage in eager code; a compiled graph computes them itself."""
+    key = (decay.data_ptr(), h, w, dtype) if not torch.compiler.is_compiling() else None
+    if key in _grid_masks_cache:
+        return _grid_masks_cache[key]
+    y, x = (t.flatten() for t in torch.meshgrid(torch.arange(h, device=decay.device),
+                                                torch.arange(w, device=decay.device), indexing="ij"))
+
+    def mask(along: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+        scores = decay.float()[:, None, None] * (along[:, None] - along[None, :]).abs()
+        return scores.masked_fill(line[:, None] != line[None, :], float("-inf")).unsqueeze(0).to(dtype)
+
+    masks = mask(x, y), mask(y, x)
+    if key is not None:
+        _grid_masks_cache[key] = masks
+    return masks
+
+
+def decomposed_as_masked_grid(q, k, v, tables, kernel, *, decomposed_attention):
+    """``attention.decomposed_attention`` with each pass as one SDPA call over the whole grid of a
+    small stage (at most GRID_MAX_TOKENS tokens): the decomposed passes as full attention masked
+    to the row or column, W (H) times the multiply-adds of the passes, in one library kernel call
+    on sequences of H*W tokens instead of many of H or W. Larger stages as ``decomposed_attention``."""
+    b, h, w, n, d = q.shape
+    if h * w > GRID_MAX_TOKENS:
+        return decomposed_attention(q, k, v, tables, kernel)
+    rows_mask, columns_mask = grid_masks(tables.rows.decay, h, w, q.dtype)
+    q, k, v = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, H*W, d) views
+    rows = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, scale=1.0)  # k arrives scaled
+    out = F.scaled_dot_product_attention(q, k, rows, attn_mask=columns_mask, scale=1.0)
+    return out.transpose(1, 2).unflatten(1, (h, w))
 
 
 def time_ms(fn, warmup: int = 5, reps: int = 30) -> float:
@@ -98,7 +143,7 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
     work = torch.empty_like(qk)
     position = ManhattanPosition(n * d, n, 2.0, 6.0 if n >= 8 else 4.0, decomposed).to(dev)
     tables = position.tables(h, w, dtype, with_masks=True)
-    reference = manhattan_attention(qk.float(), v.float(), position.tables(h, w, torch.float32, True),
+    reference = manhattan_attention(qk.float().clone(), v.float(), position.tables(h, w, torch.float32, True),
                                     "reference", decomposed)
 
     def run(kernel: str) -> torch.Tensor:
@@ -107,6 +152,10 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
     def fused(heads_per_program: int, num_warps: int | None = None, passes_in_one_program: bool = False) -> torch.Tensor:
         return attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, heads_per_program, num_warps,
                                                     passes_in_one_program)
+
+    def masked_grid() -> torch.Tensor:
+        q, k = attention.rotate_queries_and_keys(work.copy_(qk), tables, inplace=True).unbind(3)
+        return decomposed_as_masked_grid(q, k, v, tables, "sdpa", decomposed_attention=attention.decomposed_attention)
 
     one_program = decomposed and fused_attention.fits_one_program(qk, h, w)
     variants = {
@@ -117,6 +166,8 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
            for warps in ((None, 16) if one_program else ())},
         "sdpa": lambda: run("sdpa"),
         "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run),
+        **({"sdpa_masked_grid": lambda: masked_grid(), "sdpa_masked_grid_compiled": torch.compile(lambda: masked_grid())}
+           if decomposed and h * w <= GRID_MAX_TOKENS else {}),
         "reference": lambda: run("reference"),
         "reference_compiled": torch.compile(lambda: run("reference")),
     }
@@ -173,23 +224,32 @@ def main() -> None:
 
     x = torch.randn(args.batch, 3, 224, 224, device=dev)
     fused = attention._fused_manhattan_attention
-    # variants of the Triton path, by label: (attention kernel, the Triton path's function); "grouped":
-    # each launch grouping as many heads per program as it takes; "one_program": both passes of the
-    # stages that fit in one program. Compiled, auto is the reference math on CUDA, and "triton"
-    # puts the Triton kernels in the graph as operators.
+    # variants, by label: (attention kernel, the Triton path's function, decomposed attention's
+    # function). "grouped": each Triton launch grouping as many heads per program as it takes;
+    # "one_program": both passes of the stages that fit in one Triton program; "sdpa_grid" and
+    # "auto_grid": stage 3 as masked-grid SDPA calls (decomposed_as_masked_grid), the other passes
+    # as "sdpa" or "auto" (eager, the Triton kernel would take stage 3 under "auto"). Compiled,
+    # "auto" is the reference math on CUDA, and "triton" puts the Triton kernels in the graph as
+    # operators.
+    decomposed = attention.decomposed_attention
+    grid = functools.partial(decomposed_as_masked_grid, decomposed_attention=decomposed)
     one_program = functools.partial(fused, passes_in_one_program=True)
-    tuned = {"grouped": ("auto", functools.partial(widest_grouping, fused=fused)), "one_program": ("auto", one_program),
-             "triton_one_program": ("triton", one_program)}
+    model_variants = {"grouped": ("auto", functools.partial(widest_grouping, fused=fused), decomposed),
+                      "one_program": ("auto", one_program, decomposed),
+                      "triton_one_program": ("triton", one_program, decomposed),
+                      "sdpa_grid": ("sdpa", fused, grid), "auto_grid": ("auto", fused, grid)}
     for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "grouped", False),
-                                   ("rmt_s", "one_program", False), ("rmt_s", "sdpa", False), ("swin_t", None, True),
-                                   ("rmt_s", "auto", True), ("rmt_s", "triton_one_program", True),
-                                   ("rmt_s", "triton", True)):
+                                   ("rmt_s", "one_program", False), ("rmt_s", "sdpa", False), ("rmt_s", "sdpa_grid", False),
+                                   ("swin_t", None, True), ("rmt_s", "auto", True), ("rmt_s", "auto_grid", True),
+                                   ("rmt_s", "triton_one_program", True), ("rmt_s", "triton", True)):
         label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
         if time.perf_counter() - begin > args.budget:
             results["models"][label] = "skipped (budget)"
             (out / "attention.json").write_text(json.dumps(results, indent=1))
             continue
-        attn_kernel, attention._fused_manhattan_attention = tuned.get(kernel, (kernel, fused))
+        attn_kernel, attention._fused_manhattan_attention, attention.decomposed_attention = model_variants.get(
+            kernel, (kernel, fused, decomposed))
+        _grid_masks_cache.clear()  # keyed by the decay buffer's address, which a new model may reuse
         model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
                                   **({"attn_kernel": attn_kernel} if kernel else {}))
         if args.reparam and name != "swin_t":
@@ -199,7 +259,7 @@ def main() -> None:
             model = torch.compile(model)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
             ms = time_ms(lambda: model(x), warmup=5, reps=20)
-        attention._fused_manhattan_attention = fused
+        attention._fused_manhattan_attention, attention.decomposed_attention = fused, decomposed
         results["models"][label] = {"ms": round(ms, 3), "img_s": round(args.batch / ms * 1000, 1)}
         print(label, results["models"][label], flush=True)
         (out / "attention.json").write_text(json.dumps(results, indent=1))
