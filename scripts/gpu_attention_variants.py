@@ -62,19 +62,26 @@ def widest_grouping(qk, v, tables, decomposed, heads_per_program=1, *, fused):
     return fused(qk, v, tables, decomposed, widest[-1] if widest else 1)
 
 
-# decomposed stages of at most this many tokens take the masked-grid form in the "grid" variants
-# (stage 3 at 224 px, 196 tokens; stage 2's 784 would multiply the attention's work by 28)
-GRID_MAX_TOKENS = 256
+# decomposed stages of at most this many tokens take the masked-grid form in the "masked_grid"
+# variants (stage 3 at 224 px, 196 tokens; stage 2's 784 would multiply the attention's work by 28)
+MASKED_GRID_MAX_TOKENS = 256
 _grid_masks_cache: dict = {}
 
 
 def grid_masks(decay: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The row and the column pass of a decomposed stage as attention masks over the whole H x W
     grid, (1, heads, H*W, H*W): ``decay * distance`` between tokens of the same row (column),
-    -inf between others. Cached per stage in eager code; a compiled graph computes them itself."""
-    key = (decay.data_ptr(), h, w, dtype) if not torch.compiler.is_compiling() else None
-    if key in _grid_masks_cache:
-        return _grid_masks_cache[key]
+    -inf between others. Cached per stage in eager code (by the decay buffer's address: clear
+    the cache for each new model); a compiled graph computes them itself."""
+    if torch.compiler.is_compiling():
+        return _build_grid_masks(decay, h, w, dtype)
+    key = (decay.data_ptr(), h, w, dtype)
+    if key not in _grid_masks_cache:
+        _grid_masks_cache[key] = _build_grid_masks(decay, h, w, dtype)
+    return _grid_masks_cache[key]
+
+
+def _build_grid_masks(decay: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     y, x = (t.flatten() for t in torch.meshgrid(torch.arange(h, device=decay.device),
                                                 torch.arange(w, device=decay.device), indexing="ij"))
 
@@ -82,19 +89,17 @@ def grid_masks(decay: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> tuple
         scores = decay.float()[:, None, None] * (along[:, None] - along[None, :]).abs()
         return scores.masked_fill(line[:, None] != line[None, :], float("-inf")).unsqueeze(0).to(dtype)
 
-    masks = mask(x, y), mask(y, x)
-    if key is not None:
-        _grid_masks_cache[key] = masks
-    return masks
+    return mask(x, y), mask(y, x)
 
 
 def decomposed_as_masked_grid(q, k, v, tables, kernel, *, decomposed_attention):
     """``attention.decomposed_attention`` with each pass as one SDPA call over the whole grid of a
-    small stage (at most GRID_MAX_TOKENS tokens): the decomposed passes as full attention masked
-    to the row or column, W (H) times the multiply-adds of the passes, in one library kernel call
-    on sequences of H*W tokens instead of many of H or W. Larger stages as ``decomposed_attention``."""
+    small stage (at most MASKED_GRID_MAX_TOKENS tokens): the decomposed passes as full attention
+    masked to the row or column, W (H) times the multiply-adds of the passes, in one library
+    kernel call on sequences of H*W tokens instead of many of H or W. Larger stages as
+    ``decomposed_attention``."""
     b, h, w, n, d = q.shape
-    if h * w > GRID_MAX_TOKENS:
+    if h * w > MASKED_GRID_MAX_TOKENS:
         return decomposed_attention(q, k, v, tables, kernel)
     rows_mask, columns_mask = grid_masks(tables.rows.decay, h, w, q.dtype)
     q, k, v = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, H*W, d) views
@@ -167,7 +172,7 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
         "sdpa": lambda: run("sdpa"),
         "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run),
         **({"sdpa_masked_grid": lambda: masked_grid(), "sdpa_masked_grid_compiled": torch.compile(lambda: masked_grid())}
-           if decomposed and h * w <= GRID_MAX_TOKENS else {}),
+           if decomposed and h * w <= MASKED_GRID_MAX_TOKENS else {}),
         "reference": lambda: run("reference"),
         "reference_compiled": torch.compile(lambda: run("reference")),
     }
@@ -196,73 +201,94 @@ def main() -> None:
                      "torch": torch.__version__, "reparam": args.reparam, "stages": {}, "models": {}}
     stages = {stage: _stage_variants(*shape, batch=args.batch, dev=dev, dtype=dtype, flex=args.flex)
               for stage, shape in STAGES.items()}
-    # every stage's uncompiled variants first, then those that compile (slow to start), so that a
-    # short budget still reaches every stage's Triton launches
+    # uncompiled first, then what compiles (slow to start), so that a short budget still reaches
+    # every stage's Triton launches and the eager models
     for compiled in (False, True):
-        for stage, (variants, reference) in stages.items():
-            row = results["stages"].setdefault(stage, {})
-            for name, fn in variants.items():
-                if ("compiled" in name) != compiled:
-                    continue
-                if time.perf_counter() - begin > args.budget:
-                    row[name] = "skipped (budget)"
-                    continue
-                try:
-                    result = fn()
-                    err = ((result.float() - reference).norm() / reference.norm()).item()
-                    row[name] = {"ms": round(time_ms(fn), 4), "rel_err_vs_fp32": round(err, 5)}
-                except Exception as e:  # record and go on
-                    row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                print(stage, name, row[name], flush=True)
-            (out / "attention.json").write_text(json.dumps(results, indent=1))
-    if not args.models:
-        return
-    # whole models, same process, if time is left
+        _time_stages(stages, compiled, results, args.budget - (time.perf_counter() - begin), out)
+        if args.models:
+            _time_models(compiled, args, results, args.budget - (time.perf_counter() - begin), out)
+
+
+def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out: Path) -> None:
+    begin = time.perf_counter()
+    for stage, (variants, reference) in stages.items():
+        row = results["stages"].setdefault(stage, {})
+        for name, fn in variants.items():
+            if ("compiled" in name) != compiled:
+                continue
+            if time.perf_counter() - begin > budget:
+                row[name] = "skipped (budget)"
+                continue
+            try:
+                result = fn()
+                err = ((result.float() - reference).norm() / reference.norm()).item()
+                row[name] = {"ms": round(time_ms(fn), 4), "rel_err_vs_fp32": round(err, 5)}
+            except Exception as e:  # record and go on
+                row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(stage, name, row[name], flush=True)
+        (out / "attention.json").write_text(json.dumps(results, indent=1))
+
+
+# whole models, (name, variant): eager, then compiled
+MODELS = {
+    False: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "grouped"), ("rmt_s", "one_program"), ("rmt_s", "sdpa"),
+            ("rmt_s", "sdpa_masked_grid")],
+    True: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto_masked_grid"), ("rmt_s", "triton_one_program"),
+           ("rmt_s", "triton")],
+}
+
+
+def _time_models(compiled: bool, args: argparse.Namespace, results: dict, budget: float, out: Path) -> None:
     import timm
 
     import rmt  # noqa: F401
 
+    begin = time.perf_counter()
+    dev, dtype = torch.device(args.device), torch.bfloat16
     x = torch.randn(args.batch, 3, 224, 224, device=dev)
-    fused = attention._fused_manhattan_attention
-    # variants, by label: (attention kernel, the Triton path's function, decomposed attention's
-    # function). "grouped": each Triton launch grouping as many heads per program as it takes;
-    # "one_program": both passes of the stages that fit in one Triton program; "sdpa_grid" and
-    # "auto_grid": stage 3 as masked-grid SDPA calls (decomposed_as_masked_grid), the other passes
-    # as "sdpa" or "auto" (eager, the Triton kernel would take stage 3 under "auto"). Compiled,
-    # "auto" is the reference math on CUDA, and "triton" puts the Triton kernels in the graph as
-    # operators.
-    decomposed = attention.decomposed_attention
-    grid = functools.partial(decomposed_as_masked_grid, decomposed_attention=decomposed)
-    one_program = functools.partial(fused, passes_in_one_program=True)
-    model_variants = {"grouped": ("auto", functools.partial(widest_grouping, fused=fused), decomposed),
-                      "one_program": ("auto", one_program, decomposed),
-                      "triton_one_program": ("triton", one_program, decomposed),
-                      "sdpa_grid": ("sdpa", fused, grid), "auto_grid": ("auto", fused, grid)}
-    for name, kernel, compiled in (("swin_t", None, False), ("rmt_s", "auto", False), ("rmt_s", "grouped", False),
-                                   ("rmt_s", "one_program", False), ("rmt_s", "sdpa", False), ("rmt_s", "sdpa_grid", False),
-                                   ("swin_t", None, True), ("rmt_s", "auto", True), ("rmt_s", "auto_grid", True),
-                                   ("rmt_s", "triton_one_program", True), ("rmt_s", "triton", True)):
-        label = f"{name}{'_' + kernel if kernel else ''}{'_compiled' if compiled else '_eager'}"
-        if time.perf_counter() - begin > args.budget:
+    triton_path, by_lines = attention._fused_manhattan_attention, attention.decomposed_attention
+    masked_grid = functools.partial(decomposed_as_masked_grid, decomposed_attention=by_lines)
+    one_program = functools.partial(triton_path, passes_in_one_program=True)
+    # variant -> (attention kernel, the Triton path, decomposed attention). "grouped": each Triton
+    # launch grouping as many heads per program as it takes; "one_program": both passes of the
+    # stages that fit in one Triton program; "..._masked_grid": stage 3 as masked-grid SDPA calls,
+    # the other passes as "sdpa" (eager: under "auto" the Triton kernel would take stage 3) or
+    # "auto". Compiled, "auto" is the reference math on CUDA, and "triton" puts the Triton kernels
+    # in the graph as operators.
+    variants = {"grouped": ("auto", functools.partial(widest_grouping, fused=triton_path), by_lines),
+                "one_program": ("auto", one_program, by_lines),
+                "triton_one_program": ("triton", one_program, by_lines),
+                "sdpa_masked_grid": ("sdpa", triton_path, masked_grid),
+                "auto_masked_grid": ("auto", triton_path, masked_grid)}
+    for name, variant in MODELS[compiled]:
+        label = f"{name}{'_' + variant if variant else ''}{'_compiled' if compiled else '_eager'}"
+        if time.perf_counter() - begin > budget:
             results["models"][label] = "skipped (budget)"
-            (out / "attention.json").write_text(json.dumps(results, indent=1))
             continue
-        attn_kernel, attention._fused_manhattan_attention, attention.decomposed_attention = model_variants.get(
-            kernel, (kernel, fused, decomposed))
+        kernel, attention._fused_manhattan_attention, attention.decomposed_attention = variants.get(
+            variant, (variant, triton_path, by_lines))
         _grid_masks_cache.clear()  # keyed by the decay buffer's address, which a new model may reuse
-        model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
-                                  **({"attn_kernel": attn_kernel} if kernel else {}))
-        if args.reparam and name != "swin_t":
-            model.reparameterize()
-        model = model.eval().to(dev)
-        if compiled:
-            model = torch.compile(model)
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
-            ms = time_ms(lambda: model(x), warmup=5, reps=20)
-        attention._fused_manhattan_attention, attention.decomposed_attention = fused, decomposed
-        results["models"][label] = {"ms": round(ms, 3), "img_s": round(args.batch / ms * 1000, 1)}
+        try:
+            model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
+                                      **({"attn_kernel": kernel} if kernel else {}))
+            if args.reparam and name != "swin_t":
+                model.reparameterize()
+            model = model.eval().to(dev)
+            if compiled:
+                # dynamo guards each variant's module attributes and patched functions: a fresh
+                # cache keeps the variants from counting towards one recompile limit
+                torch.compiler.reset()
+                model = torch.compile(model)
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
+                ms = time_ms(lambda: model(x), warmup=5, reps=20)
+            results["models"][label] = {"ms": round(ms, 3), "img_s": round(args.batch / ms * 1000, 1)}
+        except Exception as e:  # record and go on: the models after it still run
+            results["models"][label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            attention._fused_manhattan_attention, attention.decomposed_attention = triton_path, by_lines
         print(label, results["models"][label], flush=True)
         (out / "attention.json").write_text(json.dumps(results, indent=1))
+    (out / "attention.json").write_text(json.dumps(results, indent=1))
 
 
 def _with_backend(backend, run):

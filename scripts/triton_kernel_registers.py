@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 
 from rmt.io import write_json_atomic
 from rmt.models import fused_attention
-from rmt.models.fused_attention import DECOMPOSED_WARPS, _decayed_attention_kernel, _decomposed_attention_kernel, _warps
+from rmt.models.fused_attention import ONE_PROGRAM_WARPS, _decayed_attention_kernel, _decomposed_attention_kernel, _warps
 
 # (pass, tokens padded, head_dim, heads per program): rmt_s at 224 px
 PASSES = [
@@ -67,7 +67,7 @@ def main() -> None:
 
     def report(row: dict) -> None:
         rows.append(row)
-        print(f"{row['pass']:23s} heads/program {row['heads_per_program']}  warps {row['num_warps']}"
+        print(f"{row['pass']:25s} heads/program {row['heads_per_program']}  warps {row['num_warps']}"
               f"{'*' if row['default_warps'] else ' '}  {row['registers']:3d} registers  "
               f"{row['spill_store_bytes']} B spilled", flush=True)
 
@@ -76,16 +76,16 @@ def main() -> None:
         constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True, "HEADS": heads}
         for warps in sorted({default, 4, 8}) if heads == 1 else (default,):
             report({"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
-                    "num_warps": warps, "default_warps": warps == default,
+                    "num_warps": warps, "default_warps": warps == default, "both_passes": False,
                     **registers(_decayed_attention_kernel, constants, warps, args.arch)})
     # both passes of a decomposed stage in one program (decomposed_decayed_attention)
     for name, side, head_dim in GRIDS:
         constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True}
         for warps in (4, 8, 16):
             report({"pass": name, "tokens_padded": side * side, "head_dim": head_dim, "heads_per_program": 1,
-                    "num_warps": warps, "default_warps": warps == DECOMPOSED_WARPS, "both_passes": True,
+                    "num_warps": warps, "default_warps": warps == ONE_PROGRAM_WARPS, "both_passes": True,
                     **registers(_decomposed_attention_kernel, constants, warps, args.arch)})
-    print("* the default warps for that tile (fused_attention._warps; DECOMPOSED_WARPS for both passes)")
+    print("* the default warps for that tile (fused_attention._warps; ONE_PROGRAM_WARPS for both passes)")
     if args.json:
         write_json_atomic(args.json, {"triton": triton.__version__, "arch": f"sm_{args.arch}a",
                                       "max_rows": fused_attention.MAX_ROWS, "rows": rows})

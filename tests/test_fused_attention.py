@@ -153,6 +153,7 @@ def test_both_passes_in_one_program_by_definition(size, heads, head_dim):
     h, w = size
     stacked = torch.randn(2, w, h, 2, heads, head_dim, device=DEVICE)
     q, k = stacked.transpose(1, 2).unbind(3)  # strided, as the model's
+    k = k.contiguous()  # and k with strides of its own
     v = torch.randn(2, h, w, heads, head_dim, device=DEVICE)
     decay = torch.log(1 - 2 ** (-2 - 4 * torch.arange(heads, device=DEVICE) / heads))
     out = fused_attention.decomposed_decayed_attention(q, k, v, decay)
@@ -171,6 +172,20 @@ def test_both_passes_in_one_program_in_half_precision(dtype):
     out = fused_attention.decomposed_decayed_attention(*(t.to(dtype) for t in (q, k, v)), decay)
     assert out.dtype == dtype
     assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 2e-2
+
+
+def test_one_program_rounds_as_the_two_passes_in_half_precision():
+    # the rotated q and k, and the row pass's output, rounded to float16 as the two-pass form
+    # stores them: bit for bit through the interpreter; on a GPU the products' summation order
+    # may differ, which can move a rounding by an ulp (2 ** -10 relative)
+    torch.manual_seed(0)
+    position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
+    tables = position.tables(14, 14, torch.float16, with_masks=True)
+    qk = torch.randn(4, 14, 14, 2, 2, 32, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(4, 14, 14, 2, 32, device=DEVICE, dtype=torch.float16)
+    one = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=True)
+    two = _fused_manhattan_attention(qk.clone(), v, tables, True)
+    assert ((one.float() - two.float()).abs().max() / two.float().abs().max()).item() <= (0 if DEVICE == "cpu" else 4e-3)
 
 
 @pytest.mark.parametrize("size, one_program", [((14, 14), True), ((12, 16), True), ((20, 12), False)])
@@ -224,8 +239,9 @@ def test_a_model_with_both_passes_in_one_program_matches_the_reference_path(offi
     assert (fused - reference).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("passes_in_one_program, launcher, launches", [(False, "_launch", 2), (True, "_launch_decomposed", 1)])
-def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one_program, launcher, launches):
+@pytest.mark.parametrize("passes_in_one_program, size, launcher, launches",
+                         [(False, (14, 20), "_launch", 2), (True, (14, 12), "_launch_decomposed", 1)])
+def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one_program, size, launcher, launches):
     import functools
 
     import rmt.models.attention as attention
@@ -236,9 +252,10 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one
     monkeypatch.setattr(attention, "_fused_manhattan_attention", functools.partial(
         attention._fused_manhattan_attention, passes_in_one_program=passes_in_one_program))
     torch.manual_seed(0)
+    h, w = size
     position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
-    tables = position.tables(14, 12, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, 14, 12, 2, 2, 16, device=DEVICE), torch.randn(2, 14, 12, 2, 16, device=DEVICE)
+    tables = position.tables(h, w, torch.float32, with_masks=True)
+    qk, v = torch.randn(2, h, w, 2, 2, 16, device=DEVICE), torch.randn(2, h, w, 2, 16, device=DEVICE)
     with torch.no_grad():
         # fullgraph: a graph break (an untraceable call on the way to the kernel) raises
         compiled = torch.compile(manhattan_attention, backend="aot_eager", fullgraph=True, dynamic=False)
@@ -248,6 +265,21 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one
         assert len(calls) == launches
         reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
     assert (out - reference).abs().max().item() < 1e-5
+
+
+def test_the_custom_operators_pass_torch_librarys_checks():
+    # their fake implementations (the shapes and strides a compiled graph plans for) against the
+    # real outputs, their schemas, and their registration
+    torch.manual_seed(0)
+    position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
+    tables = position.tables(14, 12, torch.float32, with_masks=True)
+    qk, v = torch.randn(2, 14, 12, 2, 2, 16, device=DEVICE), torch.randn(2, 14, 12, 2, 16, device=DEVICE)
+    q, k = qk.unbind(3)
+    cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]
+    decay = tables.rows.decay
+    torch.library.opcheck(fused_attention._decomposed_attention_op, (q, k, v, decay, cos, sin))
+    for transpose_out in (False, True):
+        torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, transpose_out, cos, sin))
 
 
 def test_the_kernel_refuses_half_a_rotary_table():

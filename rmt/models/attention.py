@@ -478,11 +478,12 @@ def _fused_manhattan_attention(
     scripts/gpu_attention_variants.py, which times them; the model runs the defaults, the
     configuration measured on Hopper. ``passes_in_one_program``: a decomposed stage small enough
     (:func:`fused_attention.fits_one_program`) runs both passes in one kernel, one program an
-    image and head."""
+    image and head (``heads_per_program`` does not apply to it)."""
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
     if decomposed and passes_in_one_program and fused_attention.fits_one_program(q, h, w):
+        # the row and the column pass share one decay (ManhattanPosition._build)
         return fused_attention.decomposed_decayed_attention(q, k, v, tables.rows.decay, cos, sin, num_warps)
     if decomposed:
         rows = fused_attention.decayed_attention(

@@ -42,7 +42,7 @@ HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16, tl.arange powers of two
 # decomposed attention in one program: a head's whole grid, 16 x 16 tokens padded, in registers;
 # at 4 warps ptxas spills (sm_90a, head_dim 32; scripts/triton_kernel_registers.py)
 MAX_GRID_SIDE = 16
-DECOMPOSED_WARPS = 8
+ONE_PROGRAM_WARPS = 8
 
 
 def supports(q: Tensor, length: int) -> bool:
@@ -337,7 +337,7 @@ def decomposed_decayed_attention(
     num_warps: Optional[int] = None,
 ) -> Tensor:
     """Both passes of decomposed attention in one kernel: attention with the decay
-    ``decay[head] * |i - j|`` along each row of (B, H, W, heads, head_dim) q, k and v (k
+    ``decay[head] * |i - j|`` (one decay for both passes, as RMT's tables have) along each row of (B, H, W, heads, head_dim) q, k and v (k
     pre-scaled, any strides, head_dim contiguous), then along each column of its output, as the
     two calls of :func:`decayed_attention` in ``_fused_manhattan_attention`` compute it.
 
@@ -363,7 +363,7 @@ def _launch_decomposed(
     b, h, w, n, d = q.shape
     if max(h, w) > MAX_GRID_SIDE:
         raise ValueError(f"decomposed_decayed_attention takes grids of at most {MAX_GRID_SIDE} tokens a side, got {h} x {w}")
-    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    out = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
     table_strides = _table_strides("decomposed_decayed_attention", (q, k, v), cos, sin, "(H, W, 2, head_dim)", (h, w, 2, d))
     with _on_the_tensors_gpu(q):
         _decomposed_attention_kernel[(b * n,)](
@@ -372,7 +372,7 @@ def _launch_decomposed(
             *table_strides,
             n, h, w,
             BLOCK_H=_padded_length(h), BLOCK_W=_padded_length(w), HEAD_DIM=d, IEEE=q.dtype == torch.float32,
-            ROTATE=cos is not None, num_warps=num_warps or DECOMPOSED_WARPS,
+            ROTATE=cos is not None, num_warps=num_warps or ONE_PROGRAM_WARPS,
         )
     return out
 
@@ -408,7 +408,7 @@ def _decomposed_attention_op(
 
 @_decomposed_attention_op.register_fake
 def _(q, k, v, decay, cos=None, sin=None, num_warps=None):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+    return q.new_empty(q.shape)
 
 
 __all__ = [
