@@ -3,8 +3,9 @@
 Times one Manhattan self-attention call, from the projections on: the rotary of q and k, then
 both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for:
 - the Triton kernel (rotary fused) with one head per program, also with 4 and 8 warps
-  (``triton_w4``, ``triton_w8``; the default is 2 or 4 by tile size), and with a sequence's
-  heads grouped two, four or eight to a program (``triton_heads2``...);
+  (``triton_w4``, ``triton_w8``; the default is 2 or 4 by tile size), with the rotary by the
+  tiles' even and odd entries and half tables (``triton_pairs``: fewer registers), and with a
+  sequence's heads grouped two, four or eight to a program (``triton_heads2``...);
 - for stage 3, both passes in one Triton program an image and head (``triton_one_program``, 8
   warps, and ``_w16``), and both passes as SDPA calls over the whole grid with row and column
   masks (``sdpa_masked_grid``, eagerly and compiled);
@@ -15,7 +16,7 @@ Every timed call starts with one copy of the stacked q/k projection, which the r
 overwrites (as in the model). Every stage's uncompiled variants run before the compiled ones, so
 a short budget reaches every stage's Triton launches. Then, inside the time budget, whole models
 in the same process (``--models``; ``--reparam`` folds the RMT models first): eager rmt_s with
-and without grouped heads and one-program stage 3, with SDPA with and without the masked grid at
+and without grouped heads, one-program stage 3 and the rotary by pairs, with SDPA with and without the masked grid at
 stage 3, and compiled rmt_s with the reference math (``auto``) with and without the masked grid,
 with the Triton kernels as operators (``triton``), and with those and one-program stage 3.
 Results go to OUT/attention.json.
@@ -154,9 +155,10 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
     def run(kernel: str) -> torch.Tensor:
         return manhattan_attention(work.copy_(qk), v, tables, kernel, decomposed)
 
-    def fused(heads_per_program: int, num_warps: int | None = None, passes_in_one_program: bool = False) -> torch.Tensor:
+    def fused(heads_per_program: int, num_warps: int | None = None, passes_in_one_program: bool = False,
+              rotary_pairs: bool = False) -> torch.Tensor:
         return attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, heads_per_program, num_warps,
-                                                    passes_in_one_program)
+                                                    passes_in_one_program, rotary_pairs)
 
     def masked_grid() -> torch.Tensor:
         q, k = attention.rotate_queries_and_keys(work.copy_(qk), tables, inplace=True).unbind(3)
@@ -166,6 +168,7 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
     variants = {
         "triton": lambda: run("triton"),
         **{f"triton_w{warps}": functools.partial(fused, 1, warps) for warps in (4, 8)},
+        "triton_pairs": functools.partial(fused, 1, rotary_pairs=True),
         **{f"triton_heads{p}": functools.partial(fused, p) for p in groupings(max(h, w) if decomposed else h * w, n)},
         **{f"triton_one_program{f'_w{warps}' if warps else ''}": functools.partial(fused, 1, warps, True)
            for warps in ((None, 16) if one_program else ())},
@@ -231,8 +234,8 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
 
 # whole models, (name, variant): eager, then compiled
 MODELS = {
-    False: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "grouped"), ("rmt_s", "one_program"), ("rmt_s", "sdpa"),
-            ("rmt_s", "sdpa_masked_grid")],
+    False: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "grouped"), ("rmt_s", "one_program"), ("rmt_s", "pairs"),
+            ("rmt_s", "sdpa"), ("rmt_s", "sdpa_masked_grid")],
     True: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto_masked_grid"), ("rmt_s", "triton_one_program"),
            ("rmt_s", "triton")],
 }
@@ -251,12 +254,14 @@ def _time_models(compiled: bool, args: argparse.Namespace, results: dict, budget
     one_program = functools.partial(triton_path, passes_in_one_program=True)
     # variant -> (attention kernel, the Triton path, decomposed attention). "grouped": each Triton
     # launch grouping as many heads per program as it takes; "one_program": both passes of the
-    # stages that fit in one Triton program; "..._masked_grid": stage 3 as masked-grid SDPA calls,
+    # stages that fit in one Triton program; "pairs": the Triton kernel's rotary by pairs and half
+    # tables (fewer registers); "..._masked_grid": stage 3 as masked-grid SDPA calls,
     # the other passes as "sdpa" (eager: under "auto" the Triton kernel would take stage 3) or
     # "auto". Compiled, "auto" is the reference math on CUDA, and "triton" puts the Triton kernels
     # in the graph as operators.
     variants = {"grouped": ("auto", functools.partial(widest_grouping, fused=triton_path), by_lines),
                 "one_program": ("auto", one_program, by_lines),
+                "pairs": ("auto", functools.partial(triton_path, rotary_pairs=True), by_lines),
                 "triton_one_program": ("triton", one_program, by_lines),
                 "sdpa_masked_grid": ("sdpa", triton_path, masked_grid),
                 "auto_masked_grid": ("auto", triton_path, masked_grid)}

@@ -101,6 +101,26 @@ def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, gr
         assert (fused - reference).abs().max().item() < 1e-5, heads_per_program
 
 
+@pytest.mark.parametrize("decomposed, size", [(True, (12, 20)), (False, (7, 7))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_by_pairs_rotates_and_attends_like_the_full_tables(decomposed, size, dtype):
+    torch.manual_seed(0)
+    h, w = size
+    position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
+    tables = position.tables(h, w, dtype, with_masks=True)
+    qk = torch.randn(2, h, w, 2, 2, 32, device=DEVICE, dtype=dtype)
+    v = torch.randn(2, h, w, 2, 32, device=DEVICE, dtype=dtype)
+    pairs = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, rotary_pairs=True)
+    full_tables = _fused_manhattan_attention(qk.clone(), v, tables, decomposed)
+    if dtype == torch.float32:
+        reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
+        assert (pairs - reference).abs().max().item() < 1e-5
+    # the same float32 products, rounded alike: bit for bit through the interpreter; on a GPU an
+    # ulp (2 ** -10 relative in float16) may move with the order of the products' summation
+    error = ((pairs.float() - full_tables.float()).abs().max() / full_tables.float().abs().max()).item()
+    assert error <= (0 if DEVICE == "cpu" else 4e-3)
+
+
 def test_the_kernel_refuses_a_head_grouping_it_cannot_run():
     q, k, v, decay = _strided_inputs(1, 2, 56, 6, 16)
     for heads_per_program in (4, 3, 8):  # not dividing 6, not a power of two, 64 x 8 rows
@@ -280,6 +300,7 @@ def test_the_custom_operators_pass_torch_librarys_checks():
     torch.library.opcheck(fused_attention._decomposed_attention_op, (q, k, v, decay, cos, sin))
     for transpose_out in (False, True):
         torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, transpose_out, cos, sin))
+    torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, False, cos, sin, 1, None, True))
 
 
 def test_the_kernel_refuses_half_a_rotary_table():

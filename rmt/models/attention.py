@@ -472,13 +472,14 @@ def _(qk, v, cos, sin, decay, mask, columns_mask, grid_width):
 
 def _fused_manhattan_attention(
     qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool, heads_per_program: int = 1,
-    num_warps: Optional[int] = None, passes_in_one_program: bool = False,
+    num_warps: Optional[int] = None, passes_in_one_program: bool = False, rotary_pairs: bool = False,
 ) -> Tensor:
     """``manhattan_attention`` on the Triton kernels. The tuning arguments are for
     scripts/gpu_attention_variants.py, which times them; the model runs the defaults, the
     configuration measured on Hopper. ``passes_in_one_program``: a decomposed stage small enough
     (:func:`fused_attention.fits_one_program`) runs both passes in one kernel, one program an
-    image and head (``heads_per_program`` does not apply to it)."""
+    image and head (``heads_per_program`` and ``rotary_pairs`` do not apply to it, whose rotary is
+    always by pairs). ``rotary_pairs``: :func:`fused_attention.decayed_attention`'s."""
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
@@ -487,17 +488,17 @@ def _fused_manhattan_attention(
         return fused_attention.decomposed_decayed_attention(q, k, v, tables.rows.decay, cos, sin, num_warps)
     if decomposed:
         rows = fused_attention.decayed_attention(
-            q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps
+            q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps, rotary_pairs
         )  # (B, H, W, heads, d)
         # the column pass reads the same tensors transposed and writes back in (B, H, W) order
         return fused_attention.decayed_attention(
             q.transpose(1, 2), k.transpose(1, 2), rows.transpose(1, 2), tables.columns.decay, 0, True,
-            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps,
+            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps, rotary_pairs,
         )
     q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
     cos, sin = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d)
     full = fused_attention.decayed_attention(
-        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps
+        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps, rotary_pairs
     )
     return full.view(b, h, w, n, d)
 
