@@ -16,10 +16,11 @@ Every timed call starts with one copy of the stacked q/k projection, which the r
 overwrites (as in the model). Every stage's uncompiled variants run before the compiled ones, so
 a short budget reaches every stage's Triton launches. Then, inside the time budget, whole models
 in the same process (``--models``; ``--reparam`` folds the RMT models first): eager rmt_s with
-and without grouped heads, one-program stage 3 and the rotary by pairs, with SDPA with and without the masked grid at
-stage 3, and compiled rmt_s with the reference math (``auto``) with and without the masked grid,
-with the Triton kernels as operators (``triton``), and with those and one-program stage 3.
-Results go to OUT/attention.json.
+and without grouped heads, one-program stage 3 and the rotary by pairs, with SDPA with and
+without the masked grid at stage 3; compiled rmt_s with the reference math (``auto``) with and
+without the masked grid, with the Triton kernels as operators (``triton``), and with those and
+one-program stage 3. Eager models run before the compiled kernels. Results go to
+OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """

@@ -354,18 +354,18 @@ def decomposed_decayed_attention(
     num_warps: Optional[int] = None,
 ) -> Tensor:
     """Both passes of decomposed attention in one kernel: attention with the decay
-    ``decay[head] * |i - j|`` (one decay for both passes, as RMT's tables have) along each row of (B, H, W, heads, head_dim) q, k and v (k
-    pre-scaled, any strides, head_dim contiguous), then along each column of its output, as the
-    two calls of :func:`decayed_attention` in ``_fused_manhattan_attention`` compute it.
+    ``decay[head] * |i - j|`` along each row of (B, H, W, heads, head_dim) q, k and v (k
+    pre-scaled, any strides, head_dim contiguous), then along each column of its output, with
+    one decay for both passes as RMT's tables have: what the two calls of
+    :func:`decayed_attention` in ``_fused_manhattan_attention`` compute.
 
     One program attends one head of one image, its whole grid, so the row pass's output never
     leaves it: q, k and v are read once (q and k rotated once, not once a pass) and the output
     written once, in one launch, where the two-pass form also writes and reads back the row
     pass's output and reads q and k twice. For grids of at most :data:`MAX_GRID_SIDE` tokens a
-    side (:func:`fits_one_program`; stage 3 at 224 px is 14 x 14, decomposed in all variants but
-    rmt_t). ``cos`` and
-    ``sin``: (H, W, 2, head_dim) views of the rotary tables (q's, then k's). Returns (B, H, W,
-    heads, head_dim).
+    side (:func:`fits_one_program`; stage 3 at 224 px is 14 x 14, decomposed in all variants
+    but rmt_t). ``cos`` and ``sin``: (H, W, 2, head_dim) views of the rotary tables (q's, then
+    k's). Returns (B, H, W, heads, head_dim).
     """
     if torch.compiler.is_compiling():
         return _decomposed_attention_op(q, k, v, decay, cos, sin, num_warps)
