@@ -103,15 +103,16 @@ def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, gr
 
 @pytest.mark.parametrize("decomposed, size", [(True, (12, 20)), (False, (7, 7))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rotary_by_pairs_rotates_and_attends_like_the_full_tables(decomposed, size, dtype):
+@pytest.mark.parametrize("heads_per_program", [1, 2])
+def test_rotary_by_pairs_rotates_and_attends_like_the_full_tables(decomposed, size, dtype, heads_per_program):
     torch.manual_seed(0)
     h, w = size
     position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
     tables = position.tables(h, w, dtype, with_masks=True)
     qk = torch.randn(2, h, w, 2, 2, 32, device=DEVICE, dtype=dtype)
     v = torch.randn(2, h, w, 2, 32, device=DEVICE, dtype=dtype)
-    pairs = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, rotary_pairs=True)
-    full_tables = _fused_manhattan_attention(qk.clone(), v, tables, decomposed)
+    pairs = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program, rotary_pairs=True)
+    full_tables = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program)
     if dtype == torch.float32:
         reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
         assert (pairs - reference).abs().max().item() < 1e-5
@@ -119,6 +120,42 @@ def test_rotary_by_pairs_rotates_and_attends_like_the_full_tables(decomposed, si
     # ulp (2 ** -10 relative in float16) may move with the order of the products' summation
     error = ((pairs.float() - full_tables.float()).abs().max() / full_tables.float().abs().max()).item()
     assert error <= (0 if DEVICE == "cpu" else 4e-3)
+
+
+def _rotated_by_pairs(x, cos, sin):
+    """x (B, G, L, heads, d) rotated pair by pair by cos (G, L, d) at each pair's even entry and
+    sin at its odd entry, in float32: what the kernel's rotary by pairs reads of the tables."""
+    c, s = cos[..., 0::2][None, :, :, None].float(), sin[..., 1::2][None, :, :, None].float()
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack((even * c - odd * s, odd * c + even * s), -1).flatten(-2).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "layout, heads_per_program",
+    # the full pass's 60 tokens take 64 rows a head: two heads a program at most
+    [("rows", 1), ("rows", 4), ("columns", 1), ("columns", 2), ("full", 1), ("full", 2)],
+)
+def test_rotary_by_pairs_reads_each_pairs_table_entries(layout, heads_per_program):
+    # random tables, without RMT's structure (a pair's two cos entries equal, its sin entries
+    # equal but for the sign), under which reading the wrong entry would go unseen
+    torch.manual_seed(0)
+    b, h, w, n, d = 2, 6, 10, 4, 16
+    cos, sin = torch.randn(h, w, 2, d, device=DEVICE), torch.randn(h, w, 2, d, device=DEVICE)
+    q, k, v = torch.randn(b, h, w, 3, n, d, device=DEVICE).unbind(3)
+    decay = torch.log(1 - 2 ** (-2 - 4 * torch.arange(n, device=DEVICE) / n))
+    grid_width = 0
+    if layout == "columns":
+        cos, sin, q, k, v = cos.transpose(0, 1), sin.transpose(0, 1), *(t.transpose(1, 2) for t in (q, k, v))
+    elif layout == "full":
+        cos, sin, grid_width = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d), w
+        q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
+    out = fused_attention.decayed_attention(q, k, v, decay, grid_width, False, cos, sin, heads_per_program,
+                                            rotary_pairs=True)
+    expected = fused_attention.decayed_attention(
+        _rotated_by_pairs(q, cos[:, :, 0], sin[:, :, 0]), _rotated_by_pairs(k, cos[:, :, 1], sin[:, :, 1]), v, decay,
+        grid_width, False, heads_per_program=heads_per_program,
+    )
+    assert (out - expected).abs().max().item() < 1e-5
 
 
 def test_the_kernel_refuses_a_head_grouping_it_cannot_run():

@@ -276,7 +276,9 @@ def decayed_attention(
     the warps per program (default: by tile size, :func:`_warps`), for the same comparison.
     ``rotary_pairs``: the rotary by the tiles' even and odd entries and half of each table, as
     the one-program kernel does (ptxas: 128 registers a thread instead of 198 at stage 1's
-    default 2 warps), to compare likewise; the default is the form measured on Hopper.
+    default 2 warps), to compare likewise; the default is the form measured on Hopper. It reads
+    a pair's cos at its even entry and sin at its odd one, so it needs tables in which a pair's
+    two cos entries are equal and its sin entries equal but for the sign, as RMT's are.
 
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
