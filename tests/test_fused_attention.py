@@ -1,4 +1,4 @@
-"""The Triton kernel for short decayed attention (rmt.models.fused_attention).
+"""The Triton kernels for short decayed attention (rmt.models.fused_attention).
 
 Without a GPU these run through Triton's CPU interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), which cannot multiply bfloat16 tiles; on a GPU they run the compiled kernel,
@@ -7,12 +7,15 @@ bfloat16 included.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 import rmt  # noqa: E402
+import rmt.models.attention as attention  # noqa: E402
 from rmt.models import fused_attention  # noqa: E402
 from rmt.models.attention import (  # noqa: E402
     ManhattanPosition, _fused_manhattan_attention, _runs_fused, manhattan_attention,
@@ -202,7 +205,7 @@ def _decomposed_by_definition(q, k, v, decay):
 
 @pytest.mark.parametrize(
     "size, heads, head_dim",
-    # stage 3 of every RMT at 224 px (14 x 14), a non-square grid padded both ways, the 16-token limit
+    # stage 3 at 224 px (14 x 14), a non-square grid padded both ways, the 16-token limit
     [((14, 14), 2, 32), ((7, 12), 3, 16), ((16, 5), 1, 64), ((1, 16), 2, 16)],
 )
 def test_both_passes_in_one_program_by_definition(size, heads, head_dim):
@@ -274,10 +277,6 @@ def test_one_program_refuses_a_larger_grid():
 
 
 def test_a_model_with_both_passes_in_one_program_matches_the_reference_path(official_mini, monkeypatch):
-    import functools
-
-    import rmt.models.attention as attention
-
     calls = []
     kernel = fused_attention.decomposed_decayed_attention
     monkeypatch.setattr(fused_attention, "decomposed_decayed_attention", lambda *args: calls.append(1) or kernel(*args))
@@ -299,10 +298,6 @@ def test_a_model_with_both_passes_in_one_program_matches_the_reference_path(offi
 @pytest.mark.parametrize("passes_in_one_program, size, launcher, launches",
                          [(False, (14, 20), "_launch", 2), (True, (14, 12), "_launch_decomposed", 1)])
 def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one_program, size, launcher, launches):
-    import functools
-
-    import rmt.models.attention as attention
-
     calls = []
     launch = getattr(fused_attention, launcher)
     monkeypatch.setattr(fused_attention, launcher, lambda *args: calls.append(1) or launch(*args))
