@@ -109,6 +109,18 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _softmax_times(scores, v, AXIS: tl.constexpr, IEEE: tl.constexpr):
+        """softmax(scores) v over the keys' axis AXIS (the last) of float32 scores, masked keys at
+        -inf, normalised after the product (one division a row of the output); float32 out."""
+        weights = tl.exp(scores - tl.expand_dims(tl.max(scores, axis=AXIS), AXIS))
+        total = tl.sum(weights, axis=AXIS)
+        if IEEE:  # fp32 inputs: full fp32 products, as the reference path computes them
+            out = tl.dot(weights, v, input_precision="ieee")
+        else:
+            out = tl.dot(weights.to(v.dtype), v)
+        return out / tl.expand_dims(total, AXIS)
+
+    @triton.jit
     def _decayed_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, decay_ptr, cos_ptr, sin_ptr,
         q_strides_b, q_strides_g, q_strides_l, q_strides_h,
@@ -154,14 +166,7 @@ if triton is not None:
         keys = valid[None, :]
         if HEADS > 1:
             keys = keys & (head[:, None] == head[None, :])
-        scores = tl.where(keys, scores, float("-inf"))
-        weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-        total = tl.sum(weights, axis=1)
-        if IEEE:
-            out = tl.dot(weights, v, input_precision="ieee")
-        else:
-            out = tl.dot(weights.to(v.dtype), v)
-        out = out / total[:, None]
+        out = _softmax_times(tl.where(keys, scores, float("-inf")), v, 1, IEEE)
         tl.store(_tile(out_ptr, batch, group, head, i, d, o_strides_b, o_strides_g, o_strides_l, o_strides_h),
                  out.to(out_ptr.dtype.element_ty), mask=rows)
 
@@ -201,14 +206,7 @@ if triton is not None:
             scores = tl.dot(q, tl.permute(k, (0, 2, 1)))
         i = tl.arange(0, BLOCK)
         scores += decay * tl.abs(i[:, None] - i[None, :]).to(tl.float32)[None, :, :]
-        scores = tl.where((i < length)[None, None, :], scores, float("-inf"))
-        weights = tl.exp(scores - tl.max(scores, axis=2)[:, :, None])
-        total = tl.sum(weights, axis=2)
-        if IEEE:
-            out = tl.dot(weights, v, input_precision="ieee")
-        else:
-            out = tl.dot(weights.to(v.dtype), v)
-        return out / total[:, :, None]
+        return _softmax_times(tl.where((i < length)[None, None, :], scores, float("-inf")), v, 2, IEEE)
 
     @triton.jit
     def _decomposed_attention_kernel(
