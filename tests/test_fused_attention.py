@@ -39,6 +39,16 @@ def _by_definition(q, k, v, decay, grid_width):
     return torch.einsum("bgnij,bgjnd->bgind", torch.softmax(scores, dim=-1), v)
 
 
+def _stage_inputs(h, w, heads, head_dim, decomposed, batch=2, dtype=torch.float32):
+    """A stage's rotary tables and decay, and random projections as manhattan_attention takes
+    them: qk (B, H, W, 2, heads, head_dim), not yet rotated, and v (B, H, W, heads, head_dim)."""
+    position = ManhattanPosition(heads * head_dim, heads, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
+    tables = position.tables(h, w, dtype, with_masks=True)
+    qk = torch.randn(batch, h, w, 2, heads, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, h, w, heads, head_dim, device=DEVICE, dtype=dtype)
+    return tables, qk, v
+
+
 def _strided_inputs(batch, groups, length, heads, head_dim, dtype=torch.float32):
     """q and k as the model has them (unbound from one stacked, transposed projection), v dense."""
     stacked = torch.randn(batch, length, groups, 2, heads, head_dim, device=DEVICE, dtype=dtype)
@@ -95,9 +105,7 @@ def test_kernel_with_other_warp_counts_by_definition(num_warps):
 def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, groupings):
     torch.manual_seed(0)
     h, w = size
-    position = ManhattanPosition(64, 4, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
-    tables = position.tables(h, w, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, h, w, 2, 4, 16, device=DEVICE), torch.randn(2, h, w, 4, 16, device=DEVICE)
+    tables, qk, v = _stage_inputs(h, w, 4, 16, decomposed)
     reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
     for heads_per_program in groupings:  # 49 tokens: 64 rows a head, two heads at most
         fused = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program)
@@ -110,10 +118,7 @@ def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, gr
 def test_rotary_by_pairs_rotates_and_attends_like_the_full_tables(decomposed, size, dtype, heads_per_program):
     torch.manual_seed(0)
     h, w = size
-    position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
-    tables = position.tables(h, w, dtype, with_masks=True)
-    qk = torch.randn(2, h, w, 2, 2, 32, device=DEVICE, dtype=dtype)
-    v = torch.randn(2, h, w, 2, 32, device=DEVICE, dtype=dtype)
+    tables, qk, v = _stage_inputs(h, w, 2, 32, decomposed, dtype=dtype)
     pairs = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program, rotary_pairs=True)
     full_tables = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program)
     if dtype == torch.float32:
@@ -187,9 +192,7 @@ def test_kernel_in_half_precision(dtype, heads_per_program):
 def test_manhattan_attention_with_the_triton_kernel_rotates_and_attends_like_the_reference(decomposed, size):
     torch.manual_seed(0)
     h, w = size
-    position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=decomposed).to(DEVICE)
-    tables = position.tables(h, w, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, h, w, 2, 2, 16, device=DEVICE), torch.randn(2, h, w, 2, 16, device=DEVICE)
+    tables, qk, v = _stage_inputs(h, w, 2, 16, decomposed)
     assert _runs_fused("triton", qk, v, *((h, w) if decomposed else (h * w,)))
     fused = manhattan_attention(qk.clone(), v, tables, "triton", decomposed)
     reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
@@ -239,10 +242,7 @@ def test_one_program_rounds_as_the_two_passes_in_half_precision():
     # stores them: bit for bit through the interpreter; on a GPU the products' summation order
     # may differ, which can move a rounding by an ulp (2 ** -10 relative)
     torch.manual_seed(0)
-    position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
-    tables = position.tables(14, 14, torch.float16, with_masks=True)
-    qk = torch.randn(4, 14, 14, 2, 2, 32, device=DEVICE, dtype=torch.float16)
-    v = torch.randn(4, 14, 14, 2, 32, device=DEVICE, dtype=torch.float16)
+    tables, qk, v = _stage_inputs(14, 14, 2, 32, True, batch=4, dtype=torch.float16)
     one = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=True)
     two = _fused_manhattan_attention(qk.clone(), v, tables, True)
     assert ((one.float() - two.float()).abs().max() / two.float().abs().max()).item() <= (0 if DEVICE == "cpu" else 4e-3)
@@ -257,9 +257,7 @@ def test_one_program_rotates_and_attends_like_the_reference(monkeypatch, size, o
             {key: launches[key] + 1}) or launch(*args))
     torch.manual_seed(0)
     h, w = size
-    position = ManhattanPosition(64, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
-    tables = position.tables(h, w, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, h, w, 2, 2, 32, device=DEVICE), torch.randn(2, h, w, 2, 32, device=DEVICE)
+    tables, qk, v = _stage_inputs(h, w, 2, 32, True)
     fused = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=True)
     reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
     assert (fused - reference).abs().max().item() < 1e-5
@@ -305,9 +303,7 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one
         attention._fused_manhattan_attention, passes_in_one_program=passes_in_one_program))
     torch.manual_seed(0)
     h, w = size
-    position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
-    tables = position.tables(h, w, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, h, w, 2, 2, 16, device=DEVICE), torch.randn(2, h, w, 2, 16, device=DEVICE)
+    tables, qk, v = _stage_inputs(h, w, 2, 16, True)
     with torch.no_grad():
         # fullgraph: a graph break (an untraceable call on the way to the kernel) raises
         compiled = torch.compile(manhattan_attention, backend="aot_eager", fullgraph=True, dynamic=False)
@@ -323,9 +319,7 @@ def test_the_custom_operators_pass_torch_librarys_checks():
     # their fake implementations (the shapes and strides a compiled graph plans for) against the
     # real outputs, their schemas, and their registration
     torch.manual_seed(0)
-    position = ManhattanPosition(32, 2, 2.0, 4.0, decomposed=True).to(DEVICE)
-    tables = position.tables(14, 12, torch.float32, with_masks=True)
-    qk, v = torch.randn(2, 14, 12, 2, 2, 16, device=DEVICE), torch.randn(2, 14, 12, 2, 16, device=DEVICE)
+    tables, qk, v = _stage_inputs(14, 12, 2, 16, True)
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]
     decay = tables.rows.decay
