@@ -15,12 +15,13 @@ both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, 
 Every timed call starts with one copy of the stacked q/k projection, which the rotary then
 overwrites (as in the model). Every stage's uncompiled variants run before the compiled ones, so
 a short budget reaches every stage's Triton launches. Then, inside the time budget, whole models
-in the same process (``--models``; ``--reparam`` folds the RMT models first): eager rmt_s with
-and without grouped heads, one-program stage 3 and the rotary by pairs, with SDPA with and
-without the masked grid at stage 3; compiled rmt_s with the reference math (``auto``) with and
-without the masked grid, with the Triton kernels as operators (``triton``), and with those and
-one-program stage 3. Eager models run before the compiled kernels. Results go to
-OUT/attention.json.
+(``--models``; ``--reparam`` folds the RMT models first), each with a variant of its attention
+(``use_variant``: a kernel, then changes such as ``+one_program``): eager rmt_s with and without
+grouped heads, one-program stage 3 and the rotary by pairs, and with SDPA with and without the
+masked grid at stage 3, beside Swin-T; then the compiled models of COMPILED_MODELS. Those compile
+in processes of their own, all at once (one took about 80 s on an H100), with ``--alongside``
+(the GPU tests) beside them; then they are timed one at a time, in interleaved rounds, and the
+profiled ones report their GPU time by kernel kind. Results go to OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """
@@ -32,7 +33,12 @@ import functools
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import torch
@@ -190,27 +196,41 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", type=float, default=150.0)
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds for the kernels and the eager models")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--flex", action="store_true", help="also FlexAttention with several tile sizes (slow to compile)")
-    parser.add_argument("--models", action="store_true", help="then whole models in the same process")
+    parser.add_argument("--models", action="store_true", help="then whole models: eager, then compiled")
+    parser.add_argument("--model-batches", type=int, nargs="+", help="the eager models' batches (default: --batch)")
     parser.add_argument("--reparam", action="store_true", help="fold the RMT models for inference first")
+    parser.add_argument("--compiled", nargs="+", choices=list(COMPILED_MODELS), metavar="LABEL",
+                        help=f"which compiled models (default: all of {', '.join(COMPILED_MODELS)})")
+    parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds for the compiled models to be ready")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of the compiled models")
+    parser.add_argument("--alongside", help="a shell command to run while the models compile (the GPU tests); "
+                                            "the compiled models are timed after it ends")
+    parser.add_argument("--serve", choices=list(COMPILED_MODELS), help=argparse.SUPPRESS)  # one compiled model's process
     args = parser.parse_args()
+    args.model_batches = args.model_batches or [args.batch]
+    if args.serve:
+        return serve(args.serve, args)
     out = Path(os.environ.get("OUT", "runs/attn"))
     out.mkdir(parents=True, exist_ok=True)
     begin = time.perf_counter()
     dev, dtype = torch.device(args.device), torch.bfloat16
     results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "batch": args.batch,
-                     "torch": torch.__version__, "reparam": args.reparam, "stages": {}, "models": {}}
+                     "torch": torch.__version__, "reparam": args.reparam, "stages": {}, "models": {},
+                     "compiled_models": {}}
     stages = {stage: _stage_variants(*shape, batch=args.batch, dev=dev, dtype=dtype, flex=args.flex)
               for stage, shape in STAGES.items()}
     # uncompiled first, then what compiles (slow to start), so that a short budget still reaches
     # every stage's Triton launches and the eager models
-    for compiled in (False, True):
-        _time_stages(stages, compiled, results, args.budget - (time.perf_counter() - begin), out)
-        if args.models:
-            _time_models(compiled, args, results, args.budget - (time.perf_counter() - begin), out)
+    _time_stages(stages, False, results, args.budget, out)
+    if args.models:
+        _time_eager_models(args, results, args.budget - (time.perf_counter() - begin), out)
+    _time_stages(stages, True, results, args.budget - (time.perf_counter() - begin), out)
+    if args.models:
+        _time_compiled_models(args, results, out)
 
 
 def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out: Path) -> None:
@@ -233,68 +253,256 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
         (out / "attention.json").write_text(json.dumps(results, indent=1))
 
 
-# whole models, (name, variant): eager, then compiled
-MODELS = {
-    False: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "grouped"), ("rmt_s", "one_program"), ("rmt_s", "pairs"),
-            ("rmt_s", "sdpa"), ("rmt_s", "sdpa_masked_grid")],
-    True: [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto_masked_grid"), ("rmt_s", "triton_one_program"),
-           ("rmt_s", "triton")],
-}
+# whole models, (name, variant): a variant is an attention kernel ("auto", "triton", "sdpa"), then
+# "+"-joined changes to it (VARIANT_CHANGES); swin_t has none. Eager models run in this process;
+# compiled ones each in a process of their own (COMPILED_MODELS).
+EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), ("rmt_s", "auto+one_program"),
+                ("rmt_s", "auto+pairs"), ("rmt_s", "auto+one_program+pairs"), ("rmt_s", "sdpa"),
+                ("rmt_s", "sdpa+masked_grid")]
+# "grouped": each Triton launch groups as many heads a program as it takes; "one_program": both
+# passes of the decomposed stages that fit in one Triton program; "pairs": the two-pass kernel's
+# rotary by pairs and half tables (fewer registers); "masked_grid": stage 3 as masked-grid SDPA
+# calls (eager "auto" would run the Triton kernel there instead, so pair it with "sdpa" eagerly).
+VARIANT_CHANGES = ("grouped", "one_program", "pairs", "masked_grid")
+TRITON_PATH, BY_LINES = attention._fused_manhattan_attention, attention.decomposed_attention
 
 
-def _time_models(compiled: bool, args: argparse.Namespace, results: dict, budget: float, out: Path) -> None:
+def use_variant(variant: str) -> str:
+    """Point the attention module at a variant's functions; returns its attention kernel."""
+    kernel, *changes = variant.split("+")
+    unknown = sorted(set(changes) - set(VARIANT_CHANGES))
+    if kernel not in attention.ATTENTION_KERNELS or unknown:
+        raise SystemExit(f"unknown variant {variant!r}: a kernel of {attention.ATTENTION_KERNELS}, then + any of {VARIANT_CHANGES}")
+    fused = functools.partial(TRITON_PATH, passes_in_one_program="one_program" in changes, rotary_pairs="pairs" in changes)
+    attention._fused_manhattan_attention = (functools.partial(widest_grouping, fused=fused) if "grouped" in changes
+                                            else fused)
+    attention.decomposed_attention = (functools.partial(decomposed_as_masked_grid, decomposed_attention=BY_LINES)
+                                      if "masked_grid" in changes else BY_LINES)
+    _grid_masks_cache.clear()  # keyed by the decay buffer's address, which a new model may reuse
+    return kernel
+
+
+def restore_attention() -> None:
+    attention._fused_manhattan_attention, attention.decomposed_attention = TRITON_PATH, BY_LINES
+
+
+def build_model(name: str, variant: str | None, reparam: bool, dev: torch.device) -> torch.nn.Module:
     import timm
 
-    import rmt  # noqa: F401
+    import rmt  # noqa: F401  (registers the RMT models with timm)
 
+    kernel = use_variant(variant) if variant else None
+    model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
+                              **({"attn_kernel": kernel} if kernel else {}))
+    if reparam and name != "swin_t":
+        model.reparameterize()
+    return model.eval().to(dev)
+
+
+def _time_eager_models(args: argparse.Namespace, results: dict, budget: float, out: Path) -> None:
     begin = time.perf_counter()
     dev, dtype = torch.device(args.device), torch.bfloat16
-    x = torch.randn(args.batch, 3, 224, 224, device=dev)
-    triton_path, by_lines = attention._fused_manhattan_attention, attention.decomposed_attention
-    masked_grid = functools.partial(decomposed_as_masked_grid, decomposed_attention=by_lines)
-    one_program = functools.partial(triton_path, passes_in_one_program=True)
-    # variant -> (attention kernel, the Triton path, decomposed attention). "grouped": each Triton
-    # launch grouping as many heads per program as it takes; "one_program": both passes of the
-    # stages that fit in one Triton program; "pairs": the Triton kernel's rotary by pairs and half
-    # tables (fewer registers); "..._masked_grid": stage 3 as masked-grid SDPA calls,
-    # the other passes as "sdpa" (eager: under "auto" the Triton kernel would take stage 3) or
-    # "auto". Compiled, "auto" is the reference math on CUDA, and "triton" puts the Triton kernels
-    # in the graph as operators.
-    variants = {"grouped": ("auto", functools.partial(widest_grouping, fused=triton_path), by_lines),
-                "one_program": ("auto", one_program, by_lines),
-                "pairs": ("auto", functools.partial(triton_path, rotary_pairs=True), by_lines),
-                "triton_one_program": ("triton", one_program, by_lines),
-                "sdpa_masked_grid": ("sdpa", triton_path, masked_grid),
-                "auto_masked_grid": ("auto", triton_path, masked_grid)}
-    for name, variant in MODELS[compiled]:
-        label = f"{name}{'_' + variant if variant else ''}{'_compiled' if compiled else '_eager'}"
-        if time.perf_counter() - begin > budget:
-            results["models"][label] = "skipped (budget)"
-            continue
-        kernel, attention._fused_manhattan_attention, attention.decomposed_attention = variants.get(
-            variant, (variant, triton_path, by_lines))
-        _grid_masks_cache.clear()  # keyed by the decay buffer's address, which a new model may reuse
+    for batch in args.model_batches:
+        x = torch.randn(batch, 3, 224, 224, device=dev)
+        for name, variant in EAGER_MODELS:
+            label = f"{name}{'_' + variant if variant else ''}_eager"
+            row = results["models"].setdefault(label, {})
+            if time.perf_counter() - begin > budget:
+                row[batch] = "skipped (budget)"
+                continue
+            try:
+                model = build_model(name, variant, args.reparam, dev)
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
+                    ms = time_ms(lambda: model(x), warmup=5, reps=20)
+                row[batch] = {"ms": round(ms, 3), "img_s": round(batch / ms * 1000, 1)}
+            except Exception as e:  # record and go on: the models after it still run
+                row[batch] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            finally:
+                restore_attention()
+            print(label, batch, row[batch], flush=True)
+            (out / "attention.json").write_text(json.dumps(results, indent=1))
+
+
+# Compiled models, by label: (name, variant, torch.compile mode, frozen, batches as multiples of
+# --batch, profiled). Each
+# compiles in a process of its own, all at once: compiling one took about 80 s on an H100, most of
+# it single-threaded Python in dynamo and inductor. Then they are timed one at a time, in
+# interleaved rounds, and the profiled ones give their GPU time by kernel.
+COMPILED_MODELS = {
+    f"{name}{'_' + variant if variant else ''}_{'cuda_graphs' if mode == 'reduce-overhead' else 'compiled'}"
+    f"{'_frozen' if frozen else ''}": (name, variant, mode, frozen, batches, profiled)
+    for name, variant, mode, frozen, batches, profiled in [
+        ("swin_t", None, "default", False, (1, 4), True),
+        ("rmt_s", "auto", "default", False, (1, 4), True),  # the plain math, as the model compiles today
+        ("rmt_s", "auto+masked_grid", "default", False, (1,), False),
+        ("rmt_s", "triton", "default", False, (1,), False),
+        ("rmt_s", "triton+pairs", "default", False, (1,), False),
+        ("rmt_s", "triton+one_program", "default", False, (1, 4), True),
+        ("rmt_s", "triton+one_program+pairs", "default", False, (1, 4), True),
+        ("rmt_t", "auto", "default", False, (1, 4), False),
+        ("rmt_t", "triton", "default", False, (1,), False),
+        ("rmt_t", "triton+pairs", "default", False, (1,), False),
+        ("swin_t", None, "default", True, (1,), False),
+        ("rmt_s", "auto", "default", True, (1,), False),
+        ("rmt_s", "triton+one_program", "default", True, (1,), False),
+        ("swin_t", None, "reduce-overhead", False, (1,), False),
+        ("rmt_s", "auto", "reduce-overhead", False, (1,), False),
+        ("rmt_s", "triton+one_program", "reduce-overhead", False, (1,), False),
+        ("rmt_s", "triton+one_program+pairs", "reduce-overhead", False, (1,), False),
+        ("rmt_t", "auto", "reduce-overhead", False, (1,), False),
+        ("rmt_t", "triton+pairs", "reduce-overhead", False, (1,), False),
+    ]
+}
+REPLY = "@@ "  # marks the protocol's lines among whatever else a compiled model's process prints
+
+
+def serve(label: str, args: argparse.Namespace) -> None:
+    """One compiled model's process: compile and warm up, say ready, then answer "time" and
+    "profile" on stdin until it closes."""
+    from rmt.bench.runner import compile_model
+
+    name, variant, mode, frozen, multiples, _ = COMPILED_MODELS[label]
+    batches = [args.batch * m for m in multiples]
+    dev = torch.device(args.device)
+    begin = time.perf_counter()
+    try:
+        model = compile_model(build_model(name, variant, args.reparam, dev), mode, frozen)
+        inputs = {batch: torch.randn(batch, 3, 224, 224, device=dev) for batch in batches}
+
+        def forward(batch: int) -> None:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                model(inputs[batch])
+
+        for batch in batches:
+            for _ in range(3):  # compiles; CUDA graphs are recorded on a later call
+                forward(batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    except Exception as e:
+        _reply({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+        return
+    _reply({"compile_s": round(time.perf_counter() - begin, 1)})
+    for line in sys.stdin:
+        if line.strip() == "time":
+            _reply({batch: time_ms(functools.partial(forward, batch), warmup=3, reps=20) for batch in batches})
+        elif line.strip() == "profile":
+            _reply(kernel_times(functools.partial(forward, batches[0])))
+
+
+def _reply(message: dict) -> None:
+    print(REPLY + json.dumps(message), flush=True)
+
+
+def _read_reply(child: subprocess.Popen) -> dict | None:
+    """The child's next protocol line, or None when it ended."""
+    for line in child.stdout:
+        if line.startswith(REPLY):
+            return json.loads(line[len(REPLY):])
+    return None
+
+
+# where a compiled model's GPU time goes, by the kernel names' telltale parts (first match)
+KERNEL_KINDS = [
+    ("attention, our Triton kernels", ("_decayed_attention_kernel", "_decomposed_attention_kernel")),
+    ("matrix products", ("triton_tem_", "gemm", "nvjet", "xmma", "cutlass")),
+    ("inductor reductions (norms, softmax)", ("triton_per_", "triton_red_")),
+    ("inductor pointwise", ("triton_poi_",)),  # inductor's names hold the ops they fuse: before the library kinds
+    ("attention, SDPA", ("fmha", "flash", "attention", "sdpa")),
+    ("convolutions", ("conv", "implicit", "winograd", "depthwise")),
+]
+
+
+def kernel_times(forward, steps: int = 3) -> dict:
+    """The GPU time of one forward pass by kernel kind, and the 25 kernels that take the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return {}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            forward()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = next((kind for kind, parts in KERNEL_KINDS if any(p in e.key.lower() for p in parts)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1000 / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    return {"kernel_ms_per_pass": round(sum(by_kind.values()), 3),
+            "by_kind_ms": {kind: round(ms, 3) for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"kernel": e.key[:120], "ms": round(e.self_device_time_total / 1000 / steps, 4),
+                             "calls": e.count // steps} for e in top]}
+
+
+def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) -> None:
+    """Start a process for each compiled model, all at once (and --alongside beside them); when
+    they are ready and --alongside has ended, time them in interleaved rounds, one at a time."""
+    labels = args.compiled or list(COMPILED_MODELS)
+    logs = Path(tempfile.mkdtemp(prefix="rmt_compiled_models_"))
+    # each process's own compile workers: a few, since the processes themselves share the cores
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "4")}
+    children = {}
+    for label in labels:
+        command = [sys.executable, __file__, "--serve", label, "--device", args.device, "--batch", str(args.batch)]
+        command += ["--reparam"] if args.reparam else []
+        with open(logs / f"{label}.log", "w") as log:
+            children[label] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                               text=True, env=env)
+    alongside = subprocess.Popen(args.alongside, shell=True) if args.alongside else None
+    rows = results["compiled_models"]
+    deadline = time.monotonic() + args.compile_timeout
+    with ThreadPoolExecutor(len(children)) as pool:
+        first = {label: pool.submit(_read_reply, child) for label, child in children.items()}
+        for label, reply in first.items():
+            try:
+                rows[label] = reply.result(timeout=max(0.0, deadline - time.monotonic())) or {"error": "exited"}
+            except FutureTimeout:
+                rows[label] = {"error": f"not ready in {args.compile_timeout:.0f} s"}
+                children[label].kill()  # ends the reader thread too
+            if "error" in rows[label]:
+                log = (logs / f"{label}.log").read_text().strip().splitlines()
+                rows[label]["log_tail"] = log[-8:]
+                children[label].kill()
+            print(label, rows[label], flush=True)
+    ready = [label for label in labels if "error" not in rows[label]]
+    if alongside:
+        alongside.wait()
+    times: dict = {label: {} for label in ready}
+    for _ in range(args.rounds):
+        for label in ready:  # one at a time: the GPU is theirs alone while timed
+            children[label].stdin.write("time\n")
+            children[label].stdin.flush()
+            for batch, ms in (_read_reply(children[label]) or {}).items():
+                times[label].setdefault(int(batch), []).append(ms)
+    for label in ready:
+        rows[label]["batches"] = {batch: {"ms": round(statistics.median(ms), 3), "rounds_ms": [round(t, 3) for t in ms],
+                                          "img_s": round(batch / statistics.median(ms) * 1000, 1)}
+                                  for batch, ms in times[label].items()}
+        if COMPILED_MODELS[label][5]:
+            children[label].stdin.write("profile\n")
+            children[label].stdin.flush()
+            rows[label]["profile"] = _read_reply(children[label])
+        children[label].stdin.close()
+    for child in children.values():
         try:
-            model = timm.create_model("swin_tiny_patch4_window7_224" if name == "swin_t" else name,
-                                      **({"attn_kernel": kernel} if kernel else {}))
-            if args.reparam and name != "swin_t":
-                model.reparameterize()
-            model = model.eval().to(dev)
-            if compiled:
-                # dynamo guards each variant's module attributes and patched functions: a fresh
-                # cache keeps the variants from counting towards one recompile limit
-                torch.compiler.reset()
-                model = torch.compile(model)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
-                ms = time_ms(lambda: model(x), warmup=5, reps=20)
-            results["models"][label] = {"ms": round(ms, 3), "img_s": round(args.batch / ms * 1000, 1)}
-        except Exception as e:  # record and go on: the models after it still run
-            results["models"][label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        finally:
-            attention._fused_manhattan_attention, attention.decomposed_attention = triton_path, by_lines
-        print(label, results["models"][label], flush=True)
-        (out / "attention.json").write_text(json.dumps(results, indent=1))
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    _add_ratios_to_swin(rows)
     (out / "attention.json").write_text(json.dumps(results, indent=1))
+    for label, row in rows.items():
+        print(label, {batch: (b["ms"], b.get("to_swin_t")) for batch, b in row.get("batches", {}).items()} or row, flush=True)
+
+
+def _add_ratios_to_swin(rows: dict) -> None:
+    """Each model's throughput as a multiple of Swin-T's compiled the same way (mode, freezing)."""
+    for label, row in rows.items():
+        name, _, mode, frozen, _, _ = COMPILED_MODELS[label]
+        swin = rows.get(next(key for key, (n, _, m, f, _, _) in COMPILED_MODELS.items()
+                             if n == "swin_t" and m == mode and f == frozen), {})
+        for batch, timing in row.get("batches", {}).items():
+            if batch in swin.get("batches", {}):
+                timing["to_swin_t"] = round(swin["batches"][batch]["ms"] / timing["ms"], 3)
 
 
 def _with_backend(backend, run):
