@@ -4,8 +4,8 @@ Compiles ``rmt.models.fused_attention``'s kernel for an NVIDIA target (default s
 with the installed Triton and runs the ptxas that Triton ships with ``-v`` on each PTX: the
 registers a thread uses bound how many programs an SM holds at once. Configurations: rmt_s's
 attention passes at 224 px (tokens padded to a power of two, head_dim), bf16 with the rotary
-fused, one head per program with the default and more warps, grouped heads, and the rotary by
-pairs; and the kernel running both passes of stage 3 in one program (``decomposed_decayed_attention``).
+fused, one head per program with the default and more warps, and grouped heads; and the kernel
+running both passes of stage 3 in one program (``decomposed_decayed_attention``).
 
     python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
 """
@@ -73,21 +73,18 @@ def main() -> None:
 
     for name, block, head_dim, heads in PASSES:
         default = _warps(block * heads, head_dim)
-        for pairs in (False, True):
-            constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True,
-                         "HEADS": heads, "PAIRS": pairs}
-            # the rotary by pairs (decayed_attention(rotary_pairs=True)) at the default warps
-            for warps in (default,) if pairs or heads > 1 else sorted({default, 4, 8}):
-                report({"pass": name + (", pairs" if pairs else ""), "tokens_padded": block, "head_dim": head_dim,
-                        "heads_per_program": heads, "num_warps": warps, "default_warps": warps == default,
-                        "both_passes": False, "rotary_pairs": pairs,
-                        **registers(_decayed_attention_kernel, constants, warps, args.arch)})
+        constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True,
+                     "HEADS": heads}
+        for warps in (default,) if heads > 1 else sorted({default, 4, 8}):
+            report({"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
+                    "num_warps": warps, "default_warps": warps == default, "both_passes": False,
+                    **registers(_decayed_attention_kernel, constants, warps, args.arch)})
     # both passes of a decomposed stage in one program (decomposed_decayed_attention)
     for name, side, head_dim in GRIDS:
         constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True}
         for warps in (4, 8, 16):
             report({"pass": name, "tokens_padded": side * side, "head_dim": head_dim, "heads_per_program": 1,
-                    "num_warps": warps, "default_warps": warps == ONE_PROGRAM_WARPS, "both_passes": True, "rotary_pairs": True,
+                    "num_warps": warps, "default_warps": warps == ONE_PROGRAM_WARPS, "both_passes": True,
                     **registers(_decomposed_attention_kernel, constants, warps, args.arch)})
     print("* the default warps for that tile (fused_attention._warps; ONE_PROGRAM_WARPS for both passes)")
     if args.json:

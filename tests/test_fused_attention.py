@@ -112,27 +112,9 @@ def test_grouped_heads_rotate_and_attend_like_the_reference(decomposed, size, gr
         assert (fused - reference).abs().max().item() < 1e-5, heads_per_program
 
 
-@pytest.mark.parametrize("decomposed, size", [(True, (12, 20)), (False, (7, 7))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads_per_program", [1, 2])
-def test_rotary_by_pairs_rotates_and_attends_like_the_full_tables(decomposed, size, dtype, heads_per_program):
-    torch.manual_seed(0)
-    h, w = size
-    tables, qk, v = _stage_inputs(h, w, 2, 32, decomposed, dtype=dtype)
-    pairs = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program, rotary_pairs=True)
-    full_tables = _fused_manhattan_attention(qk.clone(), v, tables, decomposed, heads_per_program)
-    if dtype == torch.float32:
-        reference = manhattan_attention(qk.clone(), v, tables, "reference", decomposed)
-        assert (pairs - reference).abs().max().item() < 1e-5
-    # the same float32 products, rounded alike: bit for bit through the interpreter; on a GPU an
-    # ulp (2 ** -10 relative in float16) may move with the order of the products' summation
-    error = ((pairs.float() - full_tables.float()).abs().max() / full_tables.float().abs().max()).item()
-    assert error <= (0 if DEVICE == "cpu" else 4e-3)
-
-
 def _rotated_by_pairs(x, cos, sin):
     """x (B, G, L, heads, d) rotated pair by pair by cos (G, L, d) at each pair's even entry and
-    sin at its odd entry, in float32: what the kernel's rotary by pairs reads of the tables."""
+    sin at its odd entry, in float32: what the kernels' rotary reads of the tables."""
     c, s = cos[..., 0::2][None, :, :, None].float(), sin[..., 1::2][None, :, :, None].float()
     even, odd = x[..., 0::2].float(), x[..., 1::2].float()
     return torch.stack((even * c - odd * s, odd * c + even * s), -1).flatten(-2).to(x.dtype)
@@ -143,7 +125,7 @@ def _rotated_by_pairs(x, cos, sin):
     # the full pass's 60 tokens take 64 rows a head: two heads a program at most
     [("rows", 1), ("rows", 4), ("columns", 1), ("columns", 2), ("full", 1), ("full", 2)],
 )
-def test_rotary_by_pairs_reads_each_pairs_table_entries(layout, heads_per_program):
+def test_the_rotary_reads_each_pairs_table_entries(layout, heads_per_program):
     # random tables, without RMT's structure (a pair's two cos entries equal, its sin entries
     # equal but for the sign), under which reading the wrong entry would go unseen
     torch.manual_seed(0)
@@ -157,8 +139,7 @@ def test_rotary_by_pairs_reads_each_pairs_table_entries(layout, heads_per_progra
     elif layout == "full":
         cos, sin, grid_width = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d), w
         q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
-    out = fused_attention.decayed_attention(q, k, v, decay, grid_width, False, cos, sin, heads_per_program,
-                                            rotary_pairs=True)
+    out = fused_attention.decayed_attention(q, k, v, decay, grid_width, False, cos, sin, heads_per_program)
     expected = fused_attention.decayed_attention(
         _rotated_by_pairs(q, cos[:, :, 0], sin[:, :, 0]), _rotated_by_pairs(k, cos[:, :, 1], sin[:, :, 1]), v, decay,
         grid_width, False, heads_per_program=heads_per_program,
@@ -243,8 +224,8 @@ def test_one_program_rounds_as_the_two_passes_in_half_precision():
     # may differ, which can move a rounding by an ulp (2 ** -10 relative)
     torch.manual_seed(0)
     tables, qk, v = _stage_inputs(14, 14, 2, 32, True, batch=4, dtype=torch.float16)
-    one = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=True)
-    two = _fused_manhattan_attention(qk.clone(), v, tables, True)
+    one = _fused_manhattan_attention(qk.clone(), v, tables, True)
+    two = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=False)
     assert ((one.float() - two.float()).abs().max() / two.float().abs().max()).item() <= (0 if DEVICE == "cpu" else 4e-3)
 
 
@@ -258,7 +239,7 @@ def test_one_program_rotates_and_attends_like_the_reference(monkeypatch, size, o
     torch.manual_seed(0)
     h, w = size
     tables, qk, v = _stage_inputs(h, w, 2, 32, True)
-    fused = _fused_manhattan_attention(qk.clone(), v, tables, True, passes_in_one_program=True)
+    fused = _fused_manhattan_attention(qk.clone(), v, tables, True)
     reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
     assert (fused - reference).abs().max().item() < 1e-5
     # a grid over 16 tokens a side takes the two passes
@@ -278,8 +259,6 @@ def test_a_model_with_both_passes_in_one_program_matches_the_reference_path(offi
     calls = []
     kernel = fused_attention.decomposed_decayed_attention
     monkeypatch.setattr(fused_attention, "decomposed_decayed_attention", lambda *args: calls.append(1) or kernel(*args))
-    monkeypatch.setattr(attention, "_fused_manhattan_attention",
-                        functools.partial(attention._fused_manhattan_attention, passes_in_one_program=True))
     entry = official_mini["models"]["mini_a"]
     model = rmt.RMT.from_official(attn_kernel="triton", **entry["config"]).eval().to(DEVICE)
     model.load_state_dict(convert_checkpoint(entry["state_dict"], model))
@@ -326,7 +305,7 @@ def test_the_custom_operators_pass_torch_librarys_checks():
     torch.library.opcheck(fused_attention._decomposed_attention_op, (q, k, v, decay, cos, sin))
     for transpose_out in (False, True):
         torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, transpose_out, cos, sin))
-    torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, False, cos, sin, 1, None, True))
+    torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, False, cos, sin, 2, 4))
 
 
 def test_the_kernel_refuses_half_a_rotary_table():

@@ -15,10 +15,12 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
 * ``"reference"``: matmul, add decay, softmax, matmul, written plainly as the paper states it.
 * ``"flex"``: FlexAttention with a ``score_mod`` computing the decay from the token indices, so
   no mask is materialised (meant for ``torch.compile``).
-* ``"triton"``: our Triton kernel (:mod:`rmt.models.fused_attention`) for sequences of at most
-  64 tokens, every pass of RMT at 224 px: the rotary fused into its loads, the decay computed from
-  the token indices, q, k and v read in place through their strides. Forward only: with autograd
-  recording, and for longer sequences, it falls back to ``auto``'s choice.
+* ``"triton"``: our Triton kernels (:mod:`rmt.models.fused_attention`) for sequences of at most
+  64 tokens, every pass of RMT at 224 px, and both passes of a decomposed stage of at most 16 x
+  16 tokens (stage 3 at 224 px) in one program an image and head: the rotary fused into their
+  loads, the decay computed from the token indices, q, k and v read in place through their
+  strides. Forward only: with autograd recording, and for longer sequences, it falls back to
+  ``auto``'s choice.
 * ``"auto"`` (default): the kernel measured fastest for RMT's short sequences. On the CPU
   (2-thread AVX-512 measurements in docs/performance.md), in float32 and, up to 64 tokens,
   bfloat16, while a pass's scores would take at most ``CPU_DEFERRED_MAX_SCORE_BYTES`` in
@@ -29,13 +31,13 @@ The attention kernels compute the same numbers (see docs/models.md and docs/perf
   56-token rows) and falls back to the max-subtracted softmax if anything leaves exp's range;
   larger passes (rmt_t's 196-token stage 3 in chunks of 8 images), SDPA's fused flash kernel,
   which never holds all the scores. In float16 (CPU autocast), the plain matmul math up to 64
-  tokens, SDPA beyond. On CUDA (sm80+), eager
-  inference (no autograd) runs the Triton kernel where it applies (the least GPU time per
-  attention call measured; whole eager models at batch 64 are bound by launch overhead instead,
-  where it made rmt_t 10% slower than SDPA), and otherwise SDPA with the memory-efficient backend
-  first (as dispatched, about 1.4x slower at stage 1). Under ``torch.compile`` it is the
-  reference math on CUDA: inductor fuses it with the surrounding ops (rmt_s 16.8 ms per batch
-  against 20.7 ms with the Triton kernel, batch 64 bf16, H200). Compiled CPU inference calls
+  tokens, SDPA beyond. On CUDA (sm80+), eager inference (no autograd) runs the Triton kernels
+  where they apply (the least GPU time per attention call at every stage), and otherwise SDPA
+  with the memory-efficient backend first (as dispatched, about 1.4x slower at stage 1). Under
+  ``torch.compile`` it is the reference math on CUDA, which inductor fuses with the surrounding
+  ops: in compile's default mode at batch 64, where the CPU's launches bound RMT, the Triton
+  kernels as custom operators ran slower (``triton`` asks for them; they win under CUDA graphs
+  and at batch 256, docs/performance.md). Compiled CPU inference calls
   the eager CPU path above, rotary included, as one operator per attention call
   (``rmt::cpu_manhattan_attention``), which inductor cannot generate: the deferred
   normalisation's range check reads values. Compiled CPU training (the operator has no
@@ -472,14 +474,15 @@ def _(qk, v, cos, sin, decay, mask, columns_mask, grid_width):
 
 def _fused_manhattan_attention(
     qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool, heads_per_program: int = 1,
-    num_warps: Optional[int] = None, passes_in_one_program: bool = False, rotary_pairs: bool = False,
+    num_warps: Optional[int] = None, passes_in_one_program: bool = True,
 ) -> Tensor:
-    """``manhattan_attention`` on the Triton kernels. The tuning arguments are for
-    scripts/gpu_attention_variants.py, which times them; the model runs the defaults, the
-    configuration measured on Hopper. ``passes_in_one_program``: a decomposed stage small enough
-    (:func:`fused_attention.fits_one_program`) runs both passes in one kernel, one program an
-    image and head (``heads_per_program`` and ``rotary_pairs`` do not apply to it, whose rotary is
-    always by pairs). ``rotary_pairs``: :func:`fused_attention.decayed_attention`'s."""
+    """``manhattan_attention`` on the Triton kernels: a decomposed stage small enough
+    (:func:`fused_attention.fits_one_program`, stage 3 at 224 px) in one kernel, one program an
+    image and head, other passes one program a sequence and head, the configuration measured
+    fastest on Hopper (docs/performance.md). The tuning arguments are for
+    scripts/gpu_attention_variants.py, which times them: ``heads_per_program`` and ``num_warps``
+    (:func:`fused_attention.decayed_attention`'s), and ``passes_in_one_program=False`` for the
+    two passes of the small stages."""
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
@@ -488,17 +491,17 @@ def _fused_manhattan_attention(
         return fused_attention.decomposed_decayed_attention(q, k, v, tables.rows.decay, cos, sin, num_warps)
     if decomposed:
         rows = fused_attention.decayed_attention(
-            q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps, rotary_pairs
+            q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps
         )  # (B, H, W, heads, d)
         # the column pass reads the same tensors transposed and writes back in (B, H, W) order
         return fused_attention.decayed_attention(
             q.transpose(1, 2), k.transpose(1, 2), rows.transpose(1, 2), tables.columns.decay, 0, True,
-            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps, rotary_pairs,
+            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps,
         )
     q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
     cos, sin = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d)
     full = fused_attention.decayed_attention(
-        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps, rotary_pairs
+        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps
     )
     return full.view(b, h, w, n, d)
 

@@ -85,27 +85,28 @@ if triton is not None:
         return ptr + batch * stride_b + group * stride_g + head[:, None] * stride_h + i[:, None] * stride_l + d[None, :]
 
     @triton.jit
+    def _rotate_by_pairs(x, cos, sin):
+        """The official theta shift of a tile x (..., head_dim) by its channel pairs, in float32:
+        (even, odd) -> (even * cos - odd * sin, odd * cos + even * sin), with cos and sin
+        (..., head_dim / 2) holding one entry a pair (a pair's two cos entries are equal in RMT's
+        tables, its sin entries equal but for the sign). Splitting the tile this way, rather than
+        loading it again with its pairs swapped against the full tables, took ptxas from 198 to 128
+        registers a thread at stage 1 and made every pass faster on an H100 (docs/performance.md)."""
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), cos.shape + (2,)))
+        rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
+        return tl.reshape(rotated, x.shape).to(x.dtype)
+
+    @triton.jit
     def _load(ptr, cos_ptr, sin_ptr, table_offset, batch, group, head, i, d, rows,
-              stride_b, stride_g, stride_l, stride_h, table_g, table_l, ROTATE: tl.constexpr, PAIRS: tl.constexpr):
-        """The (rows, head_dim) tile of q, k or v; of q and k with the official theta shift applied if
-        ROTATE: x * cos + swap_pairs(x) * sin in float32, the pair's minus sign folded into sin. PAIRS:
-        the same by the tile's even and odd entries and half of each table (:func:`_load_image`)."""
+              stride_b, stride_g, stride_l, stride_h, table_g, table_l, ROTATE: tl.constexpr):
+        """The (rows, head_dim) tile of q, k or v; of q and k rotated (:func:`_rotate_by_pairs`) if ROTATE."""
         x = tl.load(_tile(ptr, batch, group, head, i, d, stride_b, stride_g, stride_l, stride_h), mask=rows, other=0.0)
-        if ROTATE and PAIRS:
+        if ROTATE:
             pair = tl.arange(0, d.shape[0] // 2)
             at = table_offset + group * table_g + i[:, None] * table_l + 2 * pair[None, :]
             cos = tl.load(cos_ptr + at, mask=rows, other=0.0).to(tl.float32)
             sin = tl.load(sin_ptr + at + 1, mask=rows, other=0.0).to(tl.float32)  # +sin: the odd entry's
-            even, odd = tl.split(tl.reshape(x.to(tl.float32), (i.shape[0], d.shape[0] // 2, 2)))
-            rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
-            x = tl.reshape(rotated, (i.shape[0], d.shape[0])).to(x.dtype)
-        elif ROTATE:
-            swapped = tl.load(_tile(ptr, batch, group, head, i, d ^ 1, stride_b, stride_g, stride_l, stride_h),
-                              mask=rows, other=0.0)
-            at = table_offset + group * table_g + i[:, None] * table_l + d[None, :]
-            cos = tl.load(cos_ptr + at, mask=rows, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + at, mask=rows, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * cos + swapped.to(tl.float32) * sin).to(x.dtype)
+            x = _rotate_by_pairs(x, cos, sin)
         return x
 
     @triton.jit
@@ -130,7 +131,7 @@ if triton is not None:
         table_strides_g, table_strides_l, table_strides_qk,
         groups, heads, length, grid_width,
         BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, MANHATTAN: tl.constexpr, IEEE: tl.constexpr,
-        ROTATE: tl.constexpr, HEADS: tl.constexpr, PAIRS: tl.constexpr,
+        ROTATE: tl.constexpr, HEADS: tl.constexpr,
     ):
         # one program: one sequence of HEADS heads, as BLOCK_L * HEADS rows, token-major (row r is
         # token r // HEADS of head r % HEADS), so that a token's heads are adjacent in memory and
@@ -147,11 +148,11 @@ if triton is not None:
         valid = i < length
         rows = valid[:, None]
         q = _load(q_ptr, cos_ptr, sin_ptr, 0, batch, group, head, i, d, rows,
-                  q_strides_b, q_strides_g, q_strides_l, q_strides_h, table_strides_g, table_strides_l, ROTATE, PAIRS)
+                  q_strides_b, q_strides_g, q_strides_l, q_strides_h, table_strides_g, table_strides_l, ROTATE)
         k = _load(k_ptr, cos_ptr, sin_ptr, table_strides_qk, batch, group, head, i, d, rows,
-                  k_strides_b, k_strides_g, k_strides_l, k_strides_h, table_strides_g, table_strides_l, ROTATE, PAIRS)
+                  k_strides_b, k_strides_g, k_strides_l, k_strides_h, table_strides_g, table_strides_l, ROTATE)
         v = _load(v_ptr, cos_ptr, sin_ptr, 0, batch, group, head, i, d, rows,
-                  v_strides_b, v_strides_g, v_strides_l, v_strides_h, table_strides_g, table_strides_l, False, False)
+                  v_strides_b, v_strides_g, v_strides_l, v_strides_h, table_strides_g, table_strides_l, False)
         if IEEE:  # fp32 inputs: full fp32 products, as the reference path computes them
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -180,20 +181,14 @@ if triton is not None:
     @triton.jit
     def _load_image(ptr, cos_ptr, sin_ptr, table_offset, batch, head, y, x, d, inside,
                     stride_b, stride_y, stride_x, stride_h, table_y, table_x, ROTATE: tl.constexpr):
-        """:func:`_load` for one head's tile of a whole image. The rotary splits the tile into the
-        pairs' even and odd entries and loads half of each table (a pair's two cos entries are
-        equal, its sin entries equal but for the sign). With the full tables and a second load of
-        the swapped tile, as :func:`_load` does without PAIRS, ptxas gave this kernel 255 registers
-        a thread, spilling, at 8 warps (sm_90a, stage 3 of rmt_s); this way, 205 without spilling."""
+        """:func:`_load` for one head's tile of a whole image, (len(y), len(x), head_dim)."""
         t = tl.load(_image_tile(ptr, batch, head, y, x, d, stride_b, stride_y, stride_x, stride_h), mask=inside, other=0.0)
         if ROTATE:
             pair = tl.arange(0, d.shape[0] // 2)
             at = table_offset + y[:, None, None] * table_y + x[None, :, None] * table_x + 2 * pair[None, None, :]
             cos = tl.load(cos_ptr + at, mask=inside, other=0.0).to(tl.float32)
             sin = tl.load(sin_ptr + at + 1, mask=inside, other=0.0).to(tl.float32)  # +sin: the odd entry's
-            even, odd = tl.split(tl.reshape(t.to(tl.float32), (y.shape[0], x.shape[0], d.shape[0] // 2, 2)))
-            rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
-            t = tl.reshape(rotated, (y.shape[0], x.shape[0], d.shape[0])).to(t.dtype)
+            t = _rotate_by_pairs(t, cos, sin)
         return t
 
     @triton.jit
@@ -256,7 +251,6 @@ def decayed_attention(
     sin: Optional[Tensor] = None,
     heads_per_program: int = 1,
     num_warps: Optional[int] = None,
-    rotary_pairs: bool = False,
 ) -> Tensor:
     """Softmax attention with the decay ``decay[head] * distance`` over sequences along dim 2 of
     (B, G, L, heads, head_dim) q, k and v (any strides, head_dim contiguous); k is pre-scaled.
@@ -272,11 +266,9 @@ def decayed_attention(
     head is what was measured on Hopper; grouping heads gives each program whole tokens to load
     and fewer, larger programs, for `scripts/gpu_attention_variants.py` to compare. ``num_warps``:
     the warps per program (default: by tile size, :func:`_warps`), for the same comparison.
-    ``rotary_pairs``: the rotary by the tiles' even and odd entries and half of each table, as
-    the one-program kernel does (ptxas: 128 registers a thread instead of 198 at stage 1's
-    default 2 warps), to compare likewise; the default is the form measured on Hopper. It reads
-    a pair's cos at its even entry and sin at its odd one, so it needs tables in which a pair's
-    two cos entries are equal and its sin entries equal but for the sign, as RMT's are.
+    The rotary reads a pair's cos at its even entry and its sin at its odd one
+    (:func:`_rotate_by_pairs`), so it needs tables in which a pair's two cos entries are equal and
+    its sin entries equal but for the sign, as RMT's are.
 
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
@@ -284,16 +276,15 @@ def decayed_attention(
     """
     if torch.compiler.is_compiling():
         return _decayed_attention_op(
-            q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, rotary_pairs
+            q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps
         )
     with profiler_label("rmt::decayed_attention"):
-        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, rotary_pairs)
+        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
 
 
 def _launch(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
     cos: Optional[Tensor], sin: Optional[Tensor], heads_per_program: int, num_warps: Optional[int],
-    rotary_pairs: bool,
 ) -> Tensor:
     b, g, length, n, d = q.shape
     out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
@@ -309,7 +300,7 @@ def _launch(
             *table_strides,
             g, n, length, grid_width,
             BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32,
-            ROTATE=cos is not None, HEADS=heads_per_program, PAIRS=rotary_pairs,
+            ROTATE=cos is not None, HEADS=heads_per_program,
             num_warps=num_warps or _warps(block * heads_per_program, d),
         )
     return out
@@ -404,14 +395,13 @@ def fits_one_program(q: Tensor, height: int, width: int) -> bool:
 def _decayed_attention_op(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
     cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
-    num_warps: Optional[int] = None, rotary_pairs: bool = False,
+    num_warps: Optional[int] = None,
 ) -> Tensor:
-    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, rotary_pairs)
+    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
 
 
 @_decayed_attention_op.register_fake
-def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_program=1, num_warps=None,
-      rotary_pairs=False):
+def _(q, k, v, decay, grid_width, transpose_out, cos=None, sin=None, heads_per_program=1, num_warps=None):
     b, g, length, n, d = q.shape
     return q.new_empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d))
 
