@@ -2,13 +2,14 @@
 
 Times one Manhattan self-attention call, from the projections on: the rotary of q and k, then
 both passes for decomposed stages, at the shapes of rmt_s at 224x224, batch 64, bf16, for:
-- the Triton kernel (rotary fused) with one head per program, also with 4 and 8 warps
-  (``triton_w4``, ``triton_w8``; the default is 2 or 4 by tile size), with the rotary by the
-  tiles' even and odd entries and half tables (``triton_pairs``: fewer registers), and with a
-  sequence's heads grouped two, four or eight to a program (``triton_heads2``...);
-- for stage 3, both passes in one Triton program an image and head (``triton_one_program``, 8
-  warps, and ``_w16``), and both passes as SDPA calls over the whole grid with row and column
-  masks (``sdpa_masked_grid``, eagerly and compiled);
+- the Triton kernels as the model runs them (``triton``: stage 3's passes in one program an
+  image and head, the others one program a sequence and head, the rotary fused), and the
+  two-pass kernel with 4 and 8 warps (``triton_w4``, ``triton_w8``; the default is 2 or 4 by
+  tile size), with a sequence's heads grouped two, four or eight to a program
+  (``triton_heads2``...), and at stage 3 in two passes (``triton_two_passes``), and the
+  one-program kernel with 16 warps (``triton_one_program_w16``);
+- for stage 3, both passes as SDPA calls over the whole grid with row and column masks
+  (``sdpa_masked_grid``, eagerly and compiled);
 - SDPA as dispatched (cuDNN on Hopper), SDPA forced to the memory-efficient backend, the plain
   reference path eagerly and compiled, and (--flex) FlexAttention compiled with its default and
   with small tiles.
@@ -16,12 +17,13 @@ Every timed call starts with one copy of the stacked q/k projection, which the r
 overwrites (as in the model). Every stage's uncompiled variants run before the compiled ones, so
 a short budget reaches every stage's Triton launches. Then, inside the time budget, whole models
 (``--models``; ``--reparam`` folds the RMT models first), each with a variant of its attention
-(``use_variant``: a kernel, then changes such as ``+one_program``): eager rmt_s with and without
-grouped heads, one-program stage 3 and the rotary by pairs, and with SDPA with and without the
-masked grid at stage 3, beside Swin-T; then the compiled models of COMPILED_MODELS. Those compile
-in processes of their own, all at once (one took about 80 s on an H100), with ``--alongside``
-(the GPU tests) beside them; then they are timed one at a time, in interleaved rounds, and the
-profiled ones report their GPU time by kernel kind. Results go to OUT/attention.json.
+(``use_variant``: a kernel, then changes such as ``+two_passes``): eager rmt_s as it runs, with
+grouped heads, with stage 3 in two passes, with SDPA with and without the masked grid at stage 3,
+and on the plain path, beside Swin-T; then the compiled models of COMPILED_MODELS. Those compile
+in processes of their own, all at once (one took about 80 s on an H100 alone, 120-250 s with 7
+to 16 at once), with ``--alongside`` (the GPU tests) beside them; then they are timed one at a
+time, in interleaved rounds, and the profiled ones report their GPU time by kernel kind. Results
+go to OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """
@@ -29,6 +31,7 @@ profiled ones report their GPU time by kernel kind. Results go to OUT/attention.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -162,23 +165,23 @@ def _stage_variants(h: int, w: int, n: int, d: int, decomposed: bool, *, batch: 
     def run(kernel: str) -> torch.Tensor:
         return manhattan_attention(work.copy_(qk), v, tables, kernel, decomposed)
 
-    def fused(heads_per_program: int, num_warps: int | None = None, passes_in_one_program: bool = False,
-              rotary_pairs: bool = False) -> torch.Tensor:
+    def fused(heads_per_program: int, num_warps: int | None = None, passes_in_one_program: bool = False) -> torch.Tensor:
         return attention._fused_manhattan_attention(work.copy_(qk), v, tables, decomposed, heads_per_program, num_warps,
-                                                    passes_in_one_program, rotary_pairs)
+                                                    passes_in_one_program)
 
     def masked_grid() -> torch.Tensor:
         q, k = attention.rotate_queries_and_keys(work.copy_(qk), tables, inplace=True).unbind(3)
         return decomposed_as_masked_grid(q, k, v, tables, "sdpa", decomposed_attention=attention.decomposed_attention)
 
     one_program = decomposed and fused_attention.fits_one_program(qk, h, w)
+    # "triton" as the model runs it (stage 3: both passes in one program); the others vary the
+    # two-pass kernel, or the one-program kernel's warps
     variants = {
         "triton": lambda: run("triton"),
+        **({"triton_two_passes": functools.partial(fused, 1), "triton_one_program_w16": functools.partial(fused, 1, 16, True)}
+           if one_program else {}),
         **{f"triton_w{warps}": functools.partial(fused, 1, warps) for warps in (4, 8)},
-        "triton_pairs": functools.partial(fused, 1, rotary_pairs=True),
         **{f"triton_heads{p}": functools.partial(fused, p) for p in groupings(max(h, w) if decomposed else h * w, n)},
-        **{f"triton_one_program{f'_w{warps}' if warps else ''}": functools.partial(fused, 1, warps, True)
-           for warps in ((None, 16) if one_program else ())},
         "sdpa": lambda: run("sdpa"),
         "sdpa_efficient": lambda: _with_backend(SDPBackend.EFFICIENT_ATTENTION, run),
         **({"sdpa_masked_grid": lambda: masked_grid(), "sdpa_masked_grid_compiled": torch.compile(lambda: masked_grid())}
@@ -253,17 +256,17 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
         (out / "attention.json").write_text(json.dumps(results, indent=1))
 
 
-# whole models, (name, variant): a variant is an attention kernel ("auto", "triton", "sdpa"), then
-# "+"-joined changes to it (VARIANT_CHANGES); swin_t has none. Eager models run in this process;
-# compiled ones each in a process of their own (COMPILED_MODELS).
-EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), ("rmt_s", "auto+one_program"),
-                ("rmt_s", "auto+pairs"), ("rmt_s", "auto+one_program+pairs"), ("rmt_s", "sdpa"),
-                ("rmt_s", "sdpa+masked_grid")]
-# "grouped": each Triton launch groups as many heads a program as it takes; "one_program": both
-# passes of the decomposed stages that fit in one Triton program; "pairs": the two-pass kernel's
-# rotary by pairs and half tables (fewer registers); "masked_grid": stage 3 as masked-grid SDPA
-# calls (eager "auto" would run the Triton kernel there instead, so pair it with "sdpa" eagerly).
-VARIANT_CHANGES = ("grouped", "one_program", "pairs", "masked_grid")
+# whole models, (name, variant): a variant is an attention kernel ("auto", "triton", "sdpa",
+# "reference": the official-style plain path), then "+"-joined changes to it (VARIANT_CHANGES);
+# swin_t has none. Eager models run in this process; compiled ones each in a process of their
+# own (COMPILED_MODELS).
+EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), ("rmt_s", "auto+two_passes"),
+                ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"), ("rmt_s", "reference")]
+# "grouped": each Triton launch groups as many heads a program as it takes; "two_passes": the
+# small decomposed stages in two Triton launches instead of one program an image and head;
+# "masked_grid": stage 3 as masked-grid SDPA calls where the Triton kernels do not run (eager
+# "sdpa"; compiled "auto").
+VARIANT_CHANGES = ("grouped", "two_passes", "masked_grid")
 TRITON_PATH, BY_LINES = attention._fused_manhattan_attention, attention.decomposed_attention
 
 
@@ -273,7 +276,7 @@ def use_variant(variant: str) -> str:
     unknown = sorted(set(changes) - set(VARIANT_CHANGES))
     if kernel not in attention.ATTENTION_KERNELS or unknown:
         raise SystemExit(f"unknown variant {variant!r}: a kernel of {attention.ATTENTION_KERNELS}, then + any of {VARIANT_CHANGES}")
-    fused = functools.partial(TRITON_PATH, passes_in_one_program="one_program" in changes, rotary_pairs="pairs" in changes)
+    fused = functools.partial(TRITON_PATH, passes_in_one_program="two_passes" not in changes)
     attention._fused_manhattan_attention = (functools.partial(widest_grouping, fused=fused) if "grouped" in changes
                                             else fused)
     attention.decomposed_attention = (functools.partial(decomposed_as_masked_grid, decomposed_attention=BY_LINES)
@@ -333,24 +336,20 @@ COMPILED_MODELS = {
     f"{'_frozen' if frozen else ''}": (name, variant, mode, frozen, batches, profiled)
     for name, variant, mode, frozen, batches, profiled in [
         ("swin_t", None, "default", False, (1, 4), True),
-        ("rmt_s", "auto", "default", False, (1, 4), True),  # the plain math, as the model compiles today
+        ("rmt_s", "auto", "default", False, (1, 4), True),  # compiled, "auto" is the plain math: inductor's kernels
+        ("rmt_s", "triton", "default", False, (1, 4), True),  # the Triton kernels as graph operators
+        ("rmt_s", "triton+two_passes", "default", False, (1,), False),
         ("rmt_s", "auto+masked_grid", "default", False, (1,), False),
-        ("rmt_s", "triton", "default", False, (1,), False),
-        ("rmt_s", "triton+pairs", "default", False, (1,), False),
-        ("rmt_s", "triton+one_program", "default", False, (1, 4), True),
-        ("rmt_s", "triton+one_program+pairs", "default", False, (1, 4), True),
         ("rmt_t", "auto", "default", False, (1, 4), False),
-        ("rmt_t", "triton", "default", False, (1,), False),
-        ("rmt_t", "triton+pairs", "default", False, (1,), False),
+        ("rmt_t", "triton", "default", False, (1, 4), False),
         ("swin_t", None, "default", True, (1,), False),
         ("rmt_s", "auto", "default", True, (1,), False),
-        ("rmt_s", "triton+one_program", "default", True, (1,), False),
+        ("rmt_s", "triton", "default", True, (1,), False),
         ("swin_t", None, "reduce-overhead", False, (1,), False),
         ("rmt_s", "auto", "reduce-overhead", False, (1,), False),
-        ("rmt_s", "triton+one_program", "reduce-overhead", False, (1,), False),
-        ("rmt_s", "triton+one_program+pairs", "reduce-overhead", False, (1,), False),
+        ("rmt_s", "triton", "reduce-overhead", False, (1,), False),
         ("rmt_t", "auto", "reduce-overhead", False, (1,), False),
-        ("rmt_t", "triton+pairs", "reduce-overhead", False, (1,), False),
+        ("rmt_t", "triton", "reduce-overhead", False, (1,), False),
     ]
 }
 REPLY = "@@ "  # marks the protocol's lines among whatever else a compiled model's process prints
@@ -391,6 +390,16 @@ def serve(label: str, args: argparse.Namespace) -> None:
 
 def _reply(message: dict) -> None:
     print(REPLY + json.dumps(message), flush=True)
+
+
+def _ask(child: subprocess.Popen, command: str) -> dict | None:
+    """The child's reply to a command, or None when it has ended."""
+    try:
+        child.stdin.write(command + "\n")
+        child.stdin.flush()
+    except OSError:  # a broken pipe: it died
+        return None
+    return _read_reply(child)
 
 
 def _read_reply(child: subprocess.Popen) -> dict | None:
@@ -470,19 +479,16 @@ def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) ->
     times: dict = {label: {} for label in ready}
     for _ in range(args.rounds):
         for label in ready:  # one at a time: the GPU is theirs alone while timed
-            children[label].stdin.write("time\n")
-            children[label].stdin.flush()
-            for batch, ms in (_read_reply(children[label]) or {}).items():
+            for batch, ms in (_ask(children[label], "time") or {}).items():
                 times[label].setdefault(int(batch), []).append(ms)
     for label in ready:
         rows[label]["batches"] = {batch: {"ms": round(statistics.median(ms), 3), "rounds_ms": [round(t, 3) for t in ms],
                                           "img_s": round(batch / statistics.median(ms) * 1000, 1)}
                                   for batch, ms in times[label].items()}
         if COMPILED_MODELS[label][5]:
-            children[label].stdin.write("profile\n")
-            children[label].stdin.flush()
-            rows[label]["profile"] = _read_reply(children[label])
-        children[label].stdin.close()
+            rows[label]["profile"] = _ask(children[label], "profile")
+        with contextlib.suppress(OSError):
+            children[label].stdin.close()
     for child in children.values():
         try:
             child.wait(timeout=30)
