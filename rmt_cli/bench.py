@@ -65,6 +65,9 @@ def bench(
         None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune.",
     ),
     freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing, weights as graph constants (cast and packed once)."),
+    compile_workers: int = typer.Option(
+        1, "--compile-workers", help="With --compile: first compile every model and setting in up to N processes at once; the run then loads them from inductor's caches.",
+    ),
     attn_kernel: Optional[str] = typer.Option(None, "--attn-kernel", help="RMT attention kernel: auto, sdpa, reference, flex or triton (see docs/models.md)."),
     reparam: bool = typer.Option(False, "--reparam", help="Fold each model for inference first (norms, batch norms, conv biases, layer scales; same outputs)."),
     warmup: Optional[int] = typer.Option(None, help="Warmup passes (default 10 on CUDA, 1 on CPU)."),
@@ -104,6 +107,7 @@ def bench(
         time_budget_s=time_budget,
         retry_oom=retry_oom,
         baseline=baseline,
+        compile_workers=compile_workers,
     )
     settings.validate()
     outputs = [path for path in (json_out, csv_out, plot_out) if path is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -238,7 +239,8 @@ def test_oom_retry_halves_the_batch():
 
 def test_settings_errors():
     for bad in (dict(dtype="int8"), dict(batches=[0]), dict(img_sizes=[(16, 16)]), dict(iters=0),
-                dict(compile_mode="fastest"), dict(baseline="nope")):
+                dict(compile_mode="fastest"), dict(baseline="nope"), dict(compile_workers=2),
+                dict(compile_mode="default", compile_workers=0), dict(compile_mode="max-autotune", compile_workers=2)):
         with pytest.raises(RMTError):
             BenchSettings(models=["tiny"], **bad).validate()
     with pytest.raises(RMTError, match="rmt_t listed more than once"):
@@ -488,6 +490,70 @@ class _RecordsFreezing(nn.Module):
         return self.conv(x).mean((2, 3))
 
 
+def test_compile_workers_compile_ahead_and_the_run_loads_what_they_compiled(monkeypatch, tmp_path):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: nothing compiled before
+    settings = BenchSettings(models=["test_resnet", "test_convnext"], batches=[1], img_sizes=[(64, 64)],
+                             device="cpu", warmup=0, iters=1, compile_mode="default", compile_workers=2)
+    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    report = run_benchmark(settings)
+    assert [r["status"] for r in report["results"]] == ["ok", "ok"]
+    # both graphs came from what the other processes compiled; none was compiled here
+    assert counters["inductor"]["fxgraph_cache_hit"] - hits == 2
+    assert counters["inductor"]["fxgraph_cache_miss"] - misses == 0
+    assert all(r["first_call_s"] > 0 for r in report["results"])
+    assert not [n for n in report["notes"] if "compile" in n]
+
+
+def test_compile_workers_note_what_failed_or_ran_too_long(monkeypatch):
+    from rmt.bench import precompile
+
+    settings = BenchSettings(models=["rmt_t", "swin_t"], batches=[1], img_sizes=[(64, 64)], device="cpu",
+                             compile_mode="default", compile_workers=2)
+    monkeypatch.setattr(precompile, "_child_command", lambda job: [sys.executable, "-c", "import sys; sys.exit('no GPU left')"])
+    assert precompile.warm_compile_caches([settings], 2) == [
+        f"precompiling {name} 64x64 b1 failed (no GPU left); it was compiled in the run" for name in ("rmt_t", "swin_t")]
+    monkeypatch.setattr(precompile, "_child_command", lambda job: [sys.executable, "-c", "import time; time.sleep(60)"])
+    begin = time.monotonic()
+    notes = precompile.warm_compile_caches([settings], 1, timeout_s=1)
+    assert time.monotonic() - begin < 20  # the process was ended at the limit
+    assert notes == [
+        "precompiling rmt_t 64x64 b1 was still running when the 1 s for all of them ran out; it was compiled in the run",
+        "precompiling swin_t 64x64 b1 had not started when the 1 s ran out; it was compiled in the run"]
+    # each model and setting once, whatever runs name it; eager runs compile nothing
+    calls = []
+    monkeypatch.setattr(precompile, "_child_command", lambda job: calls.append(job.models) or [sys.executable, "-c", ""])
+    assert precompile.warm_compile_caches([settings, settings, replace(settings, compile_mode=None, compile_workers=1)], 4) == []
+    assert sorted(calls) == [["rmt_t"], ["swin_t"]]
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+    assert "caches are off" in precompile.warm_compile_caches([settings], 2)[0]
+
+
+def test_compile_workers_end_their_processes_when_the_run_is_terminated(tmp_path):
+    # a CI job's time limit sends SIGTERM to the run: the compiling processes must not outlive it
+    pids = tmp_path / "pids"
+    script = f"""
+import sys
+from rmt.bench import precompile
+from rmt.bench.runner import BenchSettings
+precompile._child_command = lambda job: [sys.executable, "-c",
+    "import os, time; open({str(pids)!r}, 'a').write(str(os.getpid()) + chr(10)); time.sleep(120)"]
+settings = BenchSettings(models=["rmt_t", "swin_t"], device="cpu", compile_mode="default", compile_workers=2)
+precompile.warm_compile_caches([settings], 2)
+"""
+    run = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(pid) for pid in pids.read_text().split()]
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 128 + signal.SIGTERM, run.stderr.read()
+    for pid in children:
+        with pytest.raises(ProcessLookupError):  # ended and reaped by the run
+            os.kill(pid, 0)
+
+
 def test_bench_freeze_compiles_with_freezing_as_a_setting_of_its_own(monkeypatch):
     with pytest.raises(RMTError, match="--freeze needs --compile"):
         BenchSettings(models=["tiny"], device="cpu", freeze=True).validate()
@@ -590,7 +656,9 @@ def test_bench_cli_rejects_bad_input_in_one_line():
     for args, message in ((["bench", "rmt_ss"], "did you mean"), (["bench", "rmt_t", "--dtype", "int8"], "unknown dtype"),
                           (["bench", "rmt_t", "--img-size", "big"], "not N or HxW"),
                           (["bench", "rmt_t", "--attn-kernel", "fast"], "unknown attention kernel"),
-                          (["bench", "rmt_t", "--freeze"], "--freeze needs --compile")):
+                          (["bench", "rmt_t", "--freeze"], "--freeze needs --compile"),
+                          (["bench", "rmt_t", "--compile-workers", "2"], "--compile-workers needs --compile"),
+                          (["bench", "rmt_t", "--compile", "--compile-workers", "0"], "--compile-workers must be >= 1")):
         result = _cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
@@ -715,7 +783,7 @@ def test_bench_cli_input_errors_are_one_line_before_any_work(tmp_path):
                           (["--batch", ","], "no batch sizes"), (["--batch", "1,1"], "batch size 1 listed more than once"),
                           (["--time-budget", "inf"], "time budget must be a positive number")):
         result = _cli("bench", "rmt_t", "--device", "cpu", *args)
-        assert result.returncode == 2 and result.stderr.startswith(f"error: "), (args, result.stderr)
+        assert result.returncode == 2 and result.stderr.startswith("error: "), (args, result.stderr)
         assert message in result.stderr and result.stderr.count("\n") == 1
     assert not same.exists()
     result = _cli("profile", "rmt_x", "--out", str(tmp_path / "prof"))

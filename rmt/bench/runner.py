@@ -107,6 +107,9 @@ class BenchSettings:
     time_budget_s: float = CPU_TIME_BUDGET_S
     retry_oom: bool = False
     baseline: Optional[str] = None  # ratios are to this model (default: the first one)
+    # with compile_mode: compile every model and setting in up to this many processes at once
+    # first, so that the run's own compiles load them from inductor's caches (rmt.bench.precompile)
+    compile_workers: int = 1
 
     def validate(self) -> None:
         if not self.models:
@@ -137,6 +140,14 @@ class BenchSettings:
                 raise RMTError(f"--{name} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
         if self.baseline is not None and self.baseline not in self.models:
             raise RMTError(f"baseline {self.baseline!r} is not among the benchmarked models")
+        if self.compile_workers < 1:
+            raise RMTError(f"--compile-workers must be >= 1, got {self.compile_workers}")
+        if self.compile_workers > 1 and self.compile_mode is None:
+            raise RMTError("--compile-workers needs --compile: it compiles the models ahead of the run")
+        if self.compile_workers > 1 and self.compile_mode.startswith("max-autotune"):
+            # those modes time kernel candidates while compiling and keep the choice in the graph
+            raise RMTError(f"--compile-workers does not take --compile {self.compile_mode}: it would choose kernels "
+                           "by timing them beside the other compiling processes")
 
 
 @dataclass
@@ -344,12 +355,14 @@ def run_benchmark(
     ``builders`` maps model names to constructors taking the image size (default: the zoo); each
     call must return a new model (``reparameterize`` folds it in place). With ``compile_mode``,
     each setting starts with ``torch.compiler.reset()``, which drops every compiled function of
-    this process, not only the benchmark's.
+    this process, not only the benchmark's, and ``compile_workers`` above 1 first compiles the
+    zoo's models in that many processes at once (:mod:`rmt.bench.precompile`).
     """
     settings.validate()
     device = resolve_device(settings.device)
     if settings.dtype is None:
         settings = replace(settings, dtype="bf16" if device.type == "cuda" else "fp32")
+    custom_builders = builders is not None
     if builders is None:
         builders = {name: _model_builder(name, settings.attn_kernel) for name in settings.models}
     on_cuda = device.type == "cuda"
@@ -365,6 +378,10 @@ def run_benchmark(
     elif settings.freeze:  # the frozen copies are made when compiling, before the memory pass
         notes.append("frozen: peak memory counts the weights as the model holds them, not the copies "
                      "the frozen graphs keep (cast to the autocast dtype or laid out anew)")
+    if settings.compile_mode and settings.compile_workers > 1:
+        if progress:
+            progress(f"compiling the models ahead, {settings.compile_workers} processes at a time", 0, 1)
+        notes.extend(_precompile(settings, custom_builders))
     baseline = settings.baseline or settings.models[0]
     grid = [(size, batch) for size in settings.img_sizes for batch in settings.batches]
     total_steps = len(grid) * len(settings.models) * 3
@@ -452,6 +469,14 @@ def run_benchmark(
     }
 
 
+def _precompile(settings: BenchSettings, custom_builders: bool) -> list[str]:
+    from rmt.bench import precompile
+
+    if custom_builders:  # other processes can build only what the zoo names
+        return ["--compile-workers: models given as builders compile in this process only"]
+    return precompile.warm_compile_caches([settings], settings.compile_workers)
+
+
 def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tuple[int, int], batch: int) -> dict[str, Any]:
     return {
         "model": name,
@@ -468,6 +493,7 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
         "attention_ops": [],
         "compiled_graphs": None,
         "graph_breaks": None,
+        "first_call_s": None,
         "params": None,
         "gmacs": None,
         "throughput": None,
@@ -562,6 +588,8 @@ def _warm_up(
                       _PeakRSS() if measures_rss else contextlib.nullcontext() as rss,
                       recording_attention_ops() if lists_ops else contextlib.nullcontext() as ops):
                     c.warm_ms = _timed_forward(c.model, x, device)
+                if i == 0 and settings.compile_mode:  # the time to compile, and one pass
+                    update["first_call_s"] = round(c.warm_ms / 1000, 3)
                 if measures_rss:
                     update["peak_memory_mb"] = rss.growth_mb
                 if lists_ops:
