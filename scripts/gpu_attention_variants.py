@@ -20,10 +20,12 @@ a short budget reaches every stage's Triton launches. Then, inside the time budg
 (``use_variant``: a kernel, then changes such as ``+two_passes``): eager rmt_s as it runs, with
 grouped heads, with stage 3 in two passes, with SDPA with and without the masked grid at stage 3,
 and on the plain path, beside Swin-T; then the compiled models of COMPILED_MODELS. Those compile
-in processes of their own, all at once (one took about 80 s on an H100 alone, 120-250 s with 7
-to 16 at once), with ``--alongside`` (the GPU tests) beside them; then they are timed one at a
-time, in interleaved rounds, and the profiled ones report their GPU time by kernel kind. Results
-go to OUT/attention.json.
+in processes of their own, all at once (one took about 80 s on an H100 alone; 7 at once took
+64-169 s each on an H200, 16 at once 182-254 s on an H100), with ``--alongside`` (the GPU tests)
+beside them; then they are timed one at a time, in interleaved rounds, and the profiled ones
+report their GPU time by kernel kind. The launch configurations inductor picks by timing kernels
+on their first call are picked while the others compile: a study's caveat. Results go to
+OUT/attention.json.
 
     OUT=runs/attn python scripts/gpu_attention_variants.py --budget 150
 """
@@ -35,13 +37,14 @@ import contextlib
 import functools
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+import traceback
 from pathlib import Path
 
 import torch
@@ -50,6 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 import rmt.models.attention as attention
+from rmt.errors import first_line
 from rmt.models import fused_attention
 from rmt.models.attention import ManhattanPosition, manhattan_attention
 
@@ -66,7 +70,7 @@ def groupings(length: int, heads: int) -> list[int]:
     return [p for p in (2, 4, 8, 16) if fused_attention.groups_heads(length, heads, p)]
 
 
-def widest_grouping(qk, v, tables, decomposed, heads_per_program=1, *, fused):
+def widest_grouping(qk, v, tables, decomposed, *, fused):
     """``_fused_manhattan_attention`` with as many heads per program as the kernel takes."""
     h, w, n = qk.shape[1], qk.shape[2], qk.shape[4]
     widest = groupings(max(h, w) if decomposed else h * w, n)
@@ -251,7 +255,7 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
                 err = ((result.float() - reference).norm() / reference.norm()).item()
                 row[name] = {"ms": round(time_ms(fn), 4), "rel_err_vs_fp32": round(err, 5)}
             except Exception as e:  # record and go on
-                row[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                row[name] = f"error: {type(e).__name__}: {first_line(e)[:200]}"
             print(stage, name, row[name], flush=True)
         (out / "attention.json").write_text(json.dumps(results, indent=1))
 
@@ -262,7 +266,8 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
 # own (COMPILED_MODELS).
 EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), ("rmt_s", "auto+two_passes"),
                 ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"), ("rmt_s", "reference")]
-# "grouped": each Triton launch groups as many heads a program as it takes; "two_passes": the
+# "grouped": each two-pass Triton launch groups as many heads a program as it takes (stage 3, in
+# one program an image and head, is grouped with "+two_passes" only); "two_passes": the
 # small decomposed stages in two Triton launches instead of one program an image and head;
 # "masked_grid": stage 3 as masked-grid SDPA calls where the Triton kernels do not run (eager
 # "sdpa"; compiled "auto").
@@ -319,7 +324,7 @@ def _time_eager_models(args: argparse.Namespace, results: dict, budget: float, o
                     ms = time_ms(lambda: model(x), warmup=5, reps=20)
                 row[batch] = {"ms": round(ms, 3), "img_s": round(batch / ms * 1000, 1)}
             except Exception as e:  # record and go on: the models after it still run
-                row[batch] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                row[batch] = f"error: {type(e).__name__}: {first_line(e)[:200]}"
             finally:
                 restore_attention()
             print(label, batch, row[batch], flush=True)
@@ -378,7 +383,8 @@ def serve(label: str, args: argparse.Namespace) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     except Exception as e:
-        _reply({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+        traceback.print_exc()  # into the process's log, whose end the results keep
+        _reply({"error": f"{type(e).__name__}: {first_line(e)[:300]}"})
         return
     _reply({"compile_s": round(time.perf_counter() - begin, 1)})
     for line in sys.stdin:
@@ -392,32 +398,64 @@ def _reply(message: dict) -> None:
     print(REPLY + json.dumps(message), flush=True)
 
 
-def _ask(child: subprocess.Popen, command: str) -> dict | None:
-    """The child's reply to a command, or None when it has ended."""
-    try:
-        child.stdin.write(command + "\n")
-        child.stdin.flush()
-    except OSError:  # a broken pipe: it died
-        return None
-    return _read_reply(child)
+class _Child:
+    """A compiled model's process: its replies are read by a thread of their own, so that one
+    that hangs or dies costs a timeout, not the run."""
 
+    def __init__(self, label: str, args: argparse.Namespace, logs: Path, env: dict) -> None:
+        command = [sys.executable, __file__, "--serve", label, "--device", args.device, "--batch", str(args.batch)]
+        command += ["--reparam"] if args.reparam else []
+        self.log = logs / f"{label}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            text=True, env=env)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
 
-def _read_reply(child: subprocess.Popen) -> dict | None:
-    """The child's next protocol line, or None when it ended."""
-    for line in child.stdout:
-        if line.startswith(REPLY):
-            return json.loads(line[len(REPLY):])
-    return None
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                self.replies.put(json.loads(line[len(REPLY):]))
+        self.replies.put(None)  # it ended
+
+    def reply(self, timeout: float) -> dict | None:
+        """Its next reply, or None if it ended or gave none in time."""
+        try:
+            return self.replies.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    def ask(self, command: str, timeout: float = 300.0) -> dict | None:
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except OSError:  # a broken pipe: it died
+            return None
+        return self.reply(timeout)
+
+    def log_tail(self) -> list[str]:
+        return self.log.read_text().strip().splitlines()[-8:]
+
+    def end(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 # where a compiled model's GPU time goes, by the kernel names' telltale parts (first match)
 KERNEL_KINDS = [
     ("attention, our Triton kernels", ("_decayed_attention_kernel", "_decomposed_attention_kernel")),
-    ("matrix products", ("triton_tem_", "gemm", "nvjet", "xmma", "cutlass")),
+    # inductor's names hold the ops they fuse ("convolution", "bmm"): before the library kinds
     ("inductor reductions (norms, softmax)", ("triton_per_", "triton_red_")),
-    ("inductor pointwise", ("triton_poi_",)),  # inductor's names hold the ops they fuse: before the library kinds
+    ("inductor pointwise", ("triton_poi_",)),
+    ("matrix products", ("triton_tem_",)),
+    ("convolutions", ("conv", "fprop", "implicit", "winograd", "depthwise")),  # cuDNN's implicit GEMMs too
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass")),
     ("attention, SDPA", ("fmha", "flash", "attention", "sdpa")),
-    ("convolutions", ("conv", "implicit", "winograd", "depthwise")),
 ]
 
 
@@ -445,55 +483,53 @@ def kernel_times(forward, steps: int = 3) -> dict:
 
 def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) -> None:
     """Start a process for each compiled model, all at once (and --alongside beside them); when
-    they are ready and --alongside has ended, time them in interleaved rounds, one at a time."""
+    they are ready and --alongside has ended, time them in interleaved rounds, one at a time. A
+    model whose process fails, hangs or dies is recorded with the end of its log, and the others
+    go on."""
     labels = args.compiled or list(COMPILED_MODELS)
     logs = Path(tempfile.mkdtemp(prefix="rmt_compiled_models_"))
     # each process's own compile workers: a few, since the processes themselves share the cores
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "4")}
-    children = {}
-    for label in labels:
-        command = [sys.executable, __file__, "--serve", label, "--device", args.device, "--batch", str(args.batch)]
-        command += ["--reparam"] if args.reparam else []
-        with open(logs / f"{label}.log", "w") as log:
-            children[label] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                               text=True, env=env)
+    children = {label: _Child(label, args, logs, env) for label in labels}
     alongside = subprocess.Popen(args.alongside, shell=True) if args.alongside else None
     rows = results["compiled_models"]
+    ready: list[str] = []
+
+    def drop(label: str, error: str) -> None:
+        rows[label] = {**rows.get(label, {}), "error": error, "log_tail": children[label].log_tail()}
+        children[label].process.kill()
+        if label in ready:
+            ready.remove(label)
+
     deadline = time.monotonic() + args.compile_timeout
-    with ThreadPoolExecutor(len(children)) as pool:
-        first = {label: pool.submit(_read_reply, child) for label, child in children.items()}
-        for label, reply in first.items():
-            try:
-                rows[label] = reply.result(timeout=max(0.0, deadline - time.monotonic())) or {"error": "exited"}
-            except FutureTimeout:
-                rows[label] = {"error": f"not ready in {args.compile_timeout:.0f} s"}
-                children[label].kill()  # ends the reader thread too
-            if "error" in rows[label]:
-                log = (logs / f"{label}.log").read_text().strip().splitlines()
-                rows[label]["log_tail"] = log[-8:]
-                children[label].kill()
-            print(label, rows[label], flush=True)
-    ready = [label for label in labels if "error" not in rows[label]]
+    for label, child in children.items():
+        rows[label] = child.reply(deadline - time.monotonic()) or {
+            "error": f"not ready in {args.compile_timeout:.0f} s" if child.process.poll() is None
+            else f"its process ended (exit code {child.process.returncode})"}
+        if "error" in rows[label]:
+            drop(label, rows[label]["error"])
+        else:
+            ready.append(label)
+        print(label, rows[label], flush=True)
     if alongside:
         alongside.wait()
     times: dict = {label: {} for label in ready}
-    for _ in range(args.rounds):
-        for label in ready:  # one at a time: the GPU is theirs alone while timed
-            for batch, ms in (_ask(children[label], "time") or {}).items():
+    for round_ in range(args.rounds):
+        for label in list(ready):  # one at a time: the GPU is theirs alone while timed
+            reply = children[label].ask("time")
+            if reply is None:
+                drop(label, f"no timing in round {round_ + 1}: its process ended or hung")
+                continue
+            for batch, ms in reply.items():
                 times[label].setdefault(int(batch), []).append(ms)
     for label in ready:
         rows[label]["batches"] = {batch: {"ms": round(statistics.median(ms), 3), "rounds_ms": [round(t, 3) for t in ms],
                                           "img_s": round(batch / statistics.median(ms) * 1000, 1)}
                                   for batch, ms in times[label].items()}
         if COMPILED_MODELS[label][5]:
-            rows[label]["profile"] = _ask(children[label], "profile")
-        with contextlib.suppress(OSError):
-            children[label].stdin.close()
+            rows[label]["profile"] = children[label].ask("profile")
     for child in children.values():
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        child.end()
     _add_ratios_to_swin(rows)
     (out / "attention.json").write_text(json.dumps(results, indent=1))
     for label, row in rows.items():

@@ -329,9 +329,10 @@ def _on_the_tensors_gpu(q: Tensor) -> contextlib.AbstractContextManager:
 
 def _warps(rows: int, head_dim: int) -> int:
     """Warps per program: 2 for small tiles, 4 from a 64 x 32 tile, 8 for the 128-row score tiles
-    of grouped heads (128 x 128 float32 scores are 64 registers a thread at 8 warps). The measured
-    rule for one head per program; at 2 warps a 64-token tile of head_dim 16 takes 198 registers a
-    thread for sm90 (ptxas), which limits the programs an SM holds: ``num_warps`` compares."""
+    of grouped heads (128 x 128 float32 scores are 64 registers a thread at 8 warps). The rule
+    measured for one head per program; at 2 warps a 64-token tile of head_dim 16 takes 128
+    registers a thread for sm90 (ptxas, scripts/triton_kernel_registers.py), and ``num_warps``
+    compares other counts."""
     return 8 if rows >= 128 else 4 if rows * head_dim >= 64 * 32 else 2
 
 
