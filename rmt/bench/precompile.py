@@ -76,7 +76,7 @@ def warm_compile_caches(runs: Sequence[BenchSettings], workers: int, timeout_s: 
                     if child.poll() is not None:
                         running.remove(entry)
                         if child.returncode:
-                            notes[index] = f"precompiling {_label(job)} failed ({_last_line(log)}); it was compiled in the run"
+                            notes[index] = _failed(job, log)
                         log.close()
                 time.sleep(0.2)
     finally:  # out of time, or interrupted: no process is left behind
@@ -87,7 +87,7 @@ def warm_compile_caches(runs: Sequence[BenchSettings], workers: int, timeout_s: 
                 notes[index] = (f"precompiling {_label(job)} was still running when the {timeout_s:.0f} s for all of "
                                 "them ran out; it was compiled in the run")
             elif child.returncode:
-                notes[index] = f"precompiling {_label(job)} failed ({_last_line(log)}); it was compiled in the run"
+                notes[index] = _failed(job, log)
             log.close()
         for index, job in pending:
             notes[index] = f"precompiling {_label(job)} had not started when the {timeout_s:.0f} s ran out; it was compiled in the run"
@@ -121,10 +121,11 @@ def _label(job: BenchSettings) -> str:
     return f"{job.models[0]} {h}x{w} b{job.batches[0]}"
 
 
-def _last_line(log: IO[str]) -> str:
+def _failed(job: BenchSettings, log: IO[str]) -> str:
+    """The note for a process that failed, with the last line it wrote."""
     log.seek(0)
     lines = [line.strip() for line in log.read().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "no output"
+    return f"precompiling {_label(job)} failed ({lines[-1][:200] if lines else 'no output'}); it was compiled in the run"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
