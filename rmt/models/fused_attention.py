@@ -85,13 +85,17 @@ if triton is not None:
         return ptr + batch * stride_b + group * stride_g + head[:, None] * stride_h + i[:, None] * stride_l + d[None, :]
 
     @triton.jit
-    def _rotate_by_pairs(x, cos, sin):
+    def _rotate_by_pairs(x, cos_ptr, sin_ptr, at, mask):
         """The official theta shift of a tile x (..., head_dim) by its channel pairs, in float32:
-        (even, odd) -> (even * cos - odd * sin, odd * cos + even * sin), with cos and sin
-        (..., head_dim / 2) holding one entry a pair (a pair's two cos entries are equal in RMT's
-        tables, its sin entries equal but for the sign). Splitting the tile this way, rather than
-        loading it again with its pairs swapped against the full tables, took ptxas from 198 to 128
-        registers a thread at stage 1 and made every pass faster on an H100 (docs/performance.md)."""
+        (even, odd) -> (even * cos - odd * sin, odd * cos + even * sin). ``at`` (..., head_dim / 2)
+        holds the table offsets of each pair's even entry: cos is read there and sin at the odd
+        entry beside it (a pair's two cos entries are equal in RMT's tables, its sin entries equal
+        but for the sign, the minus folded into the even one). Splitting the tile this way, rather
+        than loading it again with its pairs swapped against the full tables, took ptxas from 198
+        to 128 registers a thread at stage 1 and made every pass faster on an H100
+        (docs/performance.md)."""
+        cos = tl.load(cos_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + at + 1, mask=mask, other=0.0).to(tl.float32)
         even, odd = tl.split(tl.reshape(x.to(tl.float32), cos.shape + (2,)))
         rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
         return tl.reshape(rotated, x.shape).to(x.dtype)
@@ -104,9 +108,7 @@ if triton is not None:
         if ROTATE:
             pair = tl.arange(0, d.shape[0] // 2)
             at = table_offset + group * table_g + i[:, None] * table_l + 2 * pair[None, :]
-            cos = tl.load(cos_ptr + at, mask=rows, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + at + 1, mask=rows, other=0.0).to(tl.float32)  # +sin: the odd entry's
-            x = _rotate_by_pairs(x, cos, sin)
+            x = _rotate_by_pairs(x, cos_ptr, sin_ptr, at, rows)
         return x
 
     @triton.jit
@@ -186,9 +188,7 @@ if triton is not None:
         if ROTATE:
             pair = tl.arange(0, d.shape[0] // 2)
             at = table_offset + y[:, None, None] * table_y + x[None, :, None] * table_x + 2 * pair[None, None, :]
-            cos = tl.load(cos_ptr + at, mask=inside, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + at + 1, mask=inside, other=0.0).to(tl.float32)  # +sin: the odd entry's
-            t = _rotate_by_pairs(t, cos, sin)
+            t = _rotate_by_pairs(t, cos_ptr, sin_ptr, at, inside)
         return t
 
     @triton.jit
@@ -275,9 +275,7 @@ def decayed_attention(
     and RMT's eager CUDA inference is bound by CPU time per operator at batch 64).
     """
     if torch.compiler.is_compiling():
-        return _decayed_attention_op(
-            q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps
-        )
+        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
     with profiler_label("rmt::decayed_attention"):
         return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
 
