@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import timm
@@ -441,6 +442,39 @@ def test_torch_compile_fullgraph_same_output():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True, dynamic=False)(x)
     assert (compiled - eager).abs().max().item() <= 1e-4
+
+
+def _graph_ops(model: torch.nn.Module, x: torch.Tensor, **compile_kwargs) -> tuple[set[str], torch.Tensor]:
+    """The functions the Dynamo graph of ``model`` calls, and its output for ``x``."""
+    called: set[str] = set()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        called.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True, **compile_kwargs)(x)
+    return called, out
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_a_compiled_graph_holds_the_tables_as_constants_and_traces_them_for_symbolic_sizes(kernel):
+    """Traced, the rotary tables and decay masks were computed again in every pass of a compiled
+    graph; at fixed sizes the graph holds them as constants. With symbolic sizes they are traced."""
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY, attn_kernel=kernel).eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+    table_ops = {"arange", "cos", "sin"}
+    fixed, out = _graph_ops(model, x, dynamic=False)
+    assert not fixed & table_ops
+    assert (out - eager).abs().max().item() <= 1e-5
+    torch._dynamo.reset()
+    symbolic, out = _graph_ops(model, x, dynamic=True)
+    assert table_ops <= symbolic
+    assert (out - eager).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("deferred_max_bytes", [None, 0])  # the deferred normalisation; SDPA, another output layout

@@ -105,7 +105,8 @@ class PositionTables:
 
 
 class ManhattanPosition(nn.Module):
-    """Rotary tables and decay masks of one stage, built once per input size and reused.
+    """Rotary tables and decay masks of one stage, built once per input size and reused (a compiled
+    graph of fixed sizes holds its own as constants: :func:`_tables_built_while_tracing`).
 
     The buffers are the official ``Relpos.angle`` and ``Relpos.decay``; they are derived from
     the configuration, so they are not saved in our state dict (checkpoints that carry them
@@ -147,12 +148,14 @@ class ManhattanPosition(nn.Module):
         self._cache = {}
 
     def tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
+        if torch.compiler.is_compiling():
+            if _fixed_size(height) and _fixed_size(width):
+                return _tables_built_while_tracing(self, height, width, dtype, with_masks)
+            return self._build(height, width, dtype, with_masks)  # symbolic sizes: traced, computed each pass
         key = (height, width, dtype, with_masks)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        if torch.compiler.is_compiling():  # a compiled graph folds the tables into constants
-            return self._build(height, width, dtype, with_masks)
         # normal tensors even when first called under inference_mode, so that the cached tables
         # also serve a later training step
         with torch.inference_mode(False), torch.no_grad():
@@ -163,7 +166,10 @@ class ManhattanPosition(nn.Module):
         return tables
 
     def _build(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
-        decay = self.decay  # float32: the official code computes all tables in float32
+        # float32: the official code computes all tables in float32. A copy, because a compiled
+        # graph's tables are its constants: with inductor's freezing, dynamo raised on a constant
+        # that was also a module's buffer
+        decay = self.decay.clone()
         index = torch.arange(height * width, device=decay.device, dtype=decay.dtype)
         phase = index[:, None] * self.angle[None, :]
         # q unscaled, k scaled: (2, 1) broadcasts over the stacked q/k and the heads
@@ -199,6 +205,27 @@ class ManhattanPosition(nn.Module):
         ).reshape(height * width, 2)
         manhattan = (grid[:, None, :] - grid[None, :, :]).abs().sum(-1)
         return PositionTables(cos, sin, rotation, rows=None, columns=None, full=bias(manhattan, width))
+
+
+try:  # torch >= 2.8; Dynamo evaluates it while tracing
+    from torch.fx.experimental.symbolic_shapes import has_static_value as _fixed_size
+except ImportError:  # older torch: every size counts as symbolic, and the tables are traced
+
+    def _fixed_size(size: int) -> bool:
+        return False
+
+
+@torch.compiler.assume_constant_result
+def _tables_built_while_tracing(
+    position: ManhattanPosition, height: int, width: int, dtype: torch.dtype, with_masks: bool
+) -> PositionTables:
+    """A stage's tables for a compiled graph of fixed sizes: Dynamo runs this function when it
+    traces the graph and keeps the tensors it returns as the graph's constants. Traced instead,
+    the tables were computed again in every pass, and inductor fused their cos and sin into each
+    rotary kernel (docs/performance.md). The constants are built from the buffers as they are at
+    tracing time (derived from the configuration, never trained)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return position._build(height, width, dtype, with_masks)
 
 
 def complex_rotation(cos: Tensor, sin: Tensor) -> Tensor:
