@@ -46,6 +46,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ import rmt.models.attention as attention
 from rmt.errors import first_line
 from rmt.models import fused_attention
 from rmt.models.attention import ManhattanPosition, manhattan_attention
+from rmt.models.layers import DepthwiseConvNHWC
 
 STAGES = {  # rmt_s at 224: (H, W, heads, head_dim, decomposed)
     "stage1": (56, 56, 4, 16, True),
@@ -270,9 +272,28 @@ EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), 
 # one program an image and head, is grouped with "+two_passes" only); "two_passes": the
 # small decomposed stages in two Triton launches instead of one program an image and head;
 # "masked_grid": stage 3 as masked-grid SDPA calls where the Triton kernels do not run (eager
-# "sdpa"; compiled "auto").
-VARIANT_CHANGES = ("grouped", "two_passes", "masked_grid")
+# "sdpa"; compiled "auto"). Compiled only: "inductor_launches", the Triton kernels launched by
+# inductor (fused_attention.INDUCTOR_LAUNCHES); "traced_tables", the rotary tables and decay
+# computed in the graph on every pass, as before they became its constants (the model's
+# ``attention._fixed_size`` answering no); "dwconv_as_window_sums", the depthwise convs as sums over
+# each token's window, which inductor fuses with their neighbours where a conv is a cuDNN call.
+VARIANT_CHANGES = ("grouped", "two_passes", "masked_grid", "inductor_launches", "traced_tables", "dwconv_as_window_sums")
 TRITON_PATH, BY_LINES = attention._fused_manhattan_attention, attention.decomposed_attention
+FIXED_SIZE, DEPTHWISE_CONV = attention._fixed_size, DepthwiseConvNHWC.forward
+
+
+def depthwise_conv_as_window_sums(self: DepthwiseConvNHWC, x: torch.Tensor) -> torch.Tensor:
+    """``DepthwiseConvNHWC.forward``, (B, H, W, C) tokens, as each token's k x k window times the
+    channel's weights, summed: a reduction inductor generates itself and can fuse with the ops
+    around it, where a conv is a library call of its own. The conv's bias, and its identity once
+    folded, are in its parameters as they are. (As one sum of k * k shifted products instead,
+    rmt_t compiled in 96 s on a 2-core CPU, against 25 s.)"""
+    k = self.kernel_size[0]
+    windows = F.pad(x, (0, 0, k // 2, k // 2, k // 2, k // 2)).unfold(1, k, 1).unfold(2, k, 1)  # (B, H, W, C, k, k)
+    # as cuDNN's conv under autocast: bf16 inputs and weights, float32 sums, a bf16 result
+    weight = self.weight.to(x.dtype).float().view(-1, k, k)
+    out = (windows.float() * weight).sum((-2, -1))
+    return (out + self.bias.to(x.dtype).float() if self.bias is not None else out).to(x.dtype)
 
 
 def use_variant(variant: str) -> str:
@@ -281,6 +302,9 @@ def use_variant(variant: str) -> str:
     unknown = sorted(set(changes) - set(VARIANT_CHANGES))
     if kernel not in attention.ATTENTION_KERNELS or unknown:
         raise SystemExit(f"unknown variant {variant!r}: a kernel of {attention.ATTENTION_KERNELS}, then + any of {VARIANT_CHANGES}")
+    fused_attention.INDUCTOR_LAUNCHES = "inductor_launches" in changes
+    attention._fixed_size = (lambda size: False) if "traced_tables" in changes else FIXED_SIZE
+    DepthwiseConvNHWC.forward = depthwise_conv_as_window_sums if "dwconv_as_window_sums" in changes else DEPTHWISE_CONV
     fused = functools.partial(TRITON_PATH, passes_in_one_program="two_passes" not in changes)
     attention._fused_manhattan_attention = (functools.partial(widest_grouping, fused=fused) if "grouped" in changes
                                             else fused)
@@ -292,6 +316,8 @@ def use_variant(variant: str) -> str:
 
 def restore_attention() -> None:
     attention._fused_manhattan_attention, attention.decomposed_attention = TRITON_PATH, BY_LINES
+    fused_attention.INDUCTOR_LAUNCHES, attention._fixed_size = False, FIXED_SIZE
+    DepthwiseConvNHWC.forward = DEPTHWISE_CONV
 
 
 def build_model(name: str, variant: str | None, reparam: bool, dev: torch.device) -> torch.nn.Module:
@@ -331,67 +357,93 @@ def _time_eager_models(args: argparse.Namespace, results: dict, budget: float, o
             (out / "attention.json").write_text(json.dumps(results, indent=1))
 
 
-# Compiled models, by label: (name, variant, torch.compile mode, frozen, batches as multiples of
-# --batch, profiled). Each
-# compiles in a process of its own, all at once: compiling one took about 80 s on an H100, most of
-# it single-threaded Python in dynamo and inductor. Then they are timed one at a time, in
-# interleaved rounds, and the profiled ones give their GPU time by kernel.
-COMPILED_MODELS = {
-    f"{name}{'_' + variant if variant else ''}_{'cuda_graphs' if mode == 'reduce-overhead' else 'compiled'}"
-    f"{'_frozen' if frozen else ''}": (name, variant, mode, frozen, batches, profiled)
-    for name, variant, mode, frozen, batches, profiled in [
-        ("swin_t", None, "default", False, (1, 4), True),
-        ("rmt_s", "auto", "default", False, (1, 4), True),  # compiled, "auto" is the plain math: inductor's kernels
-        ("rmt_s", "triton", "default", False, (1, 4), True),  # the Triton kernels as graph operators
-        ("rmt_s", "triton+two_passes", "default", False, (1,), False),
-        ("rmt_s", "auto+masked_grid", "default", False, (1,), False),
-        ("rmt_t", "auto", "default", False, (1, 4), False),
-        ("rmt_t", "triton", "default", False, (1, 4), False),
-        ("swin_t", None, "default", True, (1,), False),
-        ("rmt_s", "auto", "default", True, (1,), False),
-        ("rmt_s", "triton", "default", True, (1,), False),
-        ("swin_t", None, "reduce-overhead", False, (1,), False),
-        ("rmt_s", "auto", "reduce-overhead", False, (1,), False),
-        ("rmt_s", "triton", "reduce-overhead", False, (1,), False),
-        ("rmt_t", "auto", "reduce-overhead", False, (1,), False),
-        ("rmt_t", "triton", "reduce-overhead", False, (1,), False),
-    ]
-}
+class Compiled(NamedTuple):
+    """A compiled model: ``torch.compile`` ``mode``, inductor's C++ wrapper (which launches the
+    kernels from C++ instead of Python), the batches as multiples of --batch, and whether its GPU
+    time is profiled by kernel kind."""
+
+    name: str
+    variant: str | None
+    mode: str = "default"
+    cpp_wrapper: bool = False
+    batches: tuple[int, ...] = (1,)
+    profiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return (f"{self.name}{'_' + self.variant if self.variant else ''}_"
+                f"{'cuda_graphs' if self.mode == 'reduce-overhead' else 'compiled'}{'_cpp_wrapper' if self.cpp_wrapper else ''}")
+
+
+# Compiled models, by label. Each compiles in a process of its own, all at once: compiling one
+# took about 80 s on an H100, most of it single-threaded Python in dynamo and inductor. Then they
+# are timed one at a time, in interleaved rounds, and the profiled ones give their GPU time by
+# kernel. Compiled, "auto" is the plain math on CUDA (inductor's kernels), "triton" our kernels.
+# (The runs of 2026-11-27 also compiled stage 3 in two passes, the masked grid and frozen graphs:
+# docs/performance.md.)
+COMPILED_MODELS = {model.label: model for model in [
+    Compiled("swin_t", None, batches=(1, 4), profiled=True),
+    Compiled("rmt_s", "auto", batches=(1, 4), profiled=True),
+    Compiled("rmt_s", "auto+traced_tables", batches=(1, 4)),
+    Compiled("rmt_s", "auto+dwconv_as_window_sums", batches=(1, 4), profiled=True),
+    Compiled("rmt_s", "triton", batches=(1, 4), profiled=True),
+    Compiled("rmt_s", "triton+inductor_launches", batches=(1, 4), profiled=True),
+    Compiled("rmt_s", "triton+inductor_launches+dwconv_as_window_sums", batches=(1, 4)),
+    Compiled("rmt_t", "auto", batches=(1, 4)),
+    Compiled("rmt_t", "triton", batches=(1, 4)),
+    Compiled("rmt_t", "triton+inductor_launches", batches=(1, 4)),
+    Compiled("swin_t", None, cpp_wrapper=True),
+    Compiled("rmt_s", "auto", cpp_wrapper=True),
+    Compiled("rmt_s", "triton+inductor_launches", cpp_wrapper=True),
+    Compiled("swin_t", None, "reduce-overhead"),
+    Compiled("rmt_s", "triton", "reduce-overhead"),
+    Compiled("rmt_s", "triton+inductor_launches", "reduce-overhead"),
+]}
 REPLY = "@@ "  # marks the protocol's lines among whatever else a compiled model's process prints
 
 
 def serve(label: str, args: argparse.Namespace) -> None:
-    """One compiled model's process: compile and warm up, say ready, then answer "time" and
+    """One compiled model's process: compile and warm up, say ready (with how far its output is
+    from the same model's eager output, without the variant's changes), then answer "time" and
     "profile" on stdin until it closes."""
+    import torch._inductor.config
+
     from rmt.bench.runner import compile_model
 
-    name, variant, mode, frozen, multiples, _ = COMPILED_MODELS[label]
-    batches = [args.batch * m for m in multiples]
+    spec = COMPILED_MODELS[label]
+    batches = [args.batch * m for m in spec.batches]
     dev = torch.device(args.device)
     begin = time.perf_counter()
+    torch._inductor.config.cpp_wrapper = spec.cpp_wrapper  # this process compiles this one model
     try:
-        model = compile_model(build_model(name, variant, args.reparam, dev), mode, frozen)
+        eager = build_model(spec.name, spec.variant, args.reparam, dev)
         inputs = {batch: torch.randn(batch, 3, 224, 224, device=dev) for batch in batches}
 
-        def forward(batch: int) -> None:
+        def forward(model: torch.nn.Module, batch: int) -> torch.Tensor:
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-                model(inputs[batch])
+                return model(inputs[batch])
 
+        restore_attention()
+        expected = forward(eager, batches[0]).float()
+        if spec.variant:
+            use_variant(spec.variant)
+        model = compile_model(eager, spec.mode)
         for batch in batches:
             for _ in range(3):  # compiles; CUDA graphs are recorded on a later call
-                forward(batch)
+                forward(model, batch)
+        difference = ((forward(model, batches[0]).float() - expected).abs().max() / expected.abs().max()).item()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     except Exception as e:
         traceback.print_exc()  # into the process's log, whose end the results keep
         _reply({"error": f"{type(e).__name__}: {first_line(e)[:300]}"})
         return
-    _reply({"compile_s": round(time.perf_counter() - begin, 1)})
+    _reply({"compile_s": round(time.perf_counter() - begin, 1), "max_abs_diff_to_eager_rel": round(difference, 5)})
     for line in sys.stdin:
         if line.strip() == "time":
-            _reply({batch: time_ms(functools.partial(forward, batch), warmup=3, reps=20) for batch in batches})
+            _reply({batch: time_ms(functools.partial(forward, model, batch), warmup=3, reps=20) for batch in batches})
         elif line.strip() == "profile":
-            _reply(kernel_times(functools.partial(forward, batches[0])))
+            _reply(kernel_times(functools.partial(forward, model, batches[0])))
 
 
 def _reply(message: dict) -> None:
@@ -526,7 +578,7 @@ def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) ->
         rows[label]["batches"] = {batch: {"ms": round(statistics.median(ms), 3), "rounds_ms": [round(t, 3) for t in ms],
                                           "img_s": round(batch / statistics.median(ms) * 1000, 1)}
                                   for batch, ms in times[label].items()}
-        if COMPILED_MODELS[label][5]:
+        if COMPILED_MODELS[label].profiled:
             rows[label]["profile"] = children[label].ask("profile")
     for child in children.values():
         child.end()
@@ -537,11 +589,10 @@ def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) ->
 
 
 def _add_ratios_to_swin(rows: dict) -> None:
-    """Each model's throughput as a multiple of Swin-T's compiled the same way (mode, freezing)."""
+    """Each model's throughput as a multiple of Swin-T's compiled the same way (mode, wrapper)."""
     for label, row in rows.items():
-        name, _, mode, frozen, _, _ = COMPILED_MODELS[label]
-        swin = rows.get(next(key for key, (n, _, m, f, _, _) in COMPILED_MODELS.items()
-                             if n == "swin_t" and m == mode and f == frozen), {})
+        spec = COMPILED_MODELS[label]
+        swin = rows.get(Compiled("swin_t", None, spec.mode, spec.cpp_wrapper).label, {})
         for batch, timing in row.get("batches", {}).items():
             if batch in swin.get("batches", {}):
                 timing["to_swin_t"] = round(swin["batches"][batch]["ms"] / timing["ms"], 3)

@@ -69,6 +69,32 @@ def test_compile_and_flex_on_cuda(official_mini):
         assert (flex - eager).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("inductor_launches", [False, True])
+def test_compiled_triton_kernels_give_the_official_logits(official_mini, monkeypatch, inductor_launches):
+    """The Triton kernels in a compiled graph, as custom operators or launched by inductor itself
+    (fused_attention.INDUCTOR_LAUNCHES): the official logits, and the kernels really ran."""
+    from rmt.models import fused_attention
+
+    monkeypatch.setattr(fused_attention, "INDUCTOR_LAUNCHES", inductor_launches)
+    torch._dynamo.reset()
+    entry = official_mini["models"]["mini_a"]  # head_dim 16 in stages 2 and 4
+    model = rmt.RMT.from_official(attn_kernel="triton", **entry["config"]).eval()
+    model.load_state_dict(convert_checkpoint(entry["state_dict"], model))
+    compiled = torch.compile(model.cuda(), fullgraph=True, dynamic=False)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    for case in entry["cases"]:
+        x = case["input"].cuda()
+        with torch.inference_mode():
+            compiled(x)  # compiles
+            with torch.profiler.profile(activities=activities) as prof:
+                logits = compiled(x).cpu()
+        assert (logits - case["logits"]).abs().max().item() <= 1e-4
+        names = {e.key for e in prof.key_averages()}
+        assert any("_decayed_attention_kernel" in n for n in names)
+        # an operator's dispatch: the custom operator's, or the other's if inductor failed to trace into it
+        assert any(n.startswith("rmt::decayed_attention") for n in names) != inductor_launches
+
+
 def test_bench_smoke_on_cuda():
     from rmt.bench.runner import BenchSettings, run_benchmark
 

@@ -295,18 +295,95 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one
     assert (out - reference).abs().max().item() < 1e-5
 
 
-def test_the_custom_operators_pass_torch_librarys_checks():
-    # their fake implementations (the shapes and strides a compiled graph plans for) against the
-    # real outputs, their schemas, and their registration
+def _operator_inputs():
+    """q, k, v, decay, cos and sin as the model passes them to the operators: a 14 x 12 stage."""
     torch.manual_seed(0)
     tables, qk, v = _stage_inputs(14, 12, 2, 16, True)
     q, k = qk.unbind(3)
-    cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]
-    decay = tables.rows.decay
+    return q, k, v, tables.rows.decay, tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]
+
+
+def test_the_custom_operators_pass_torch_librarys_checks():
+    # their fake implementations (the shapes and strides a compiled graph plans for) against the
+    # real outputs, their schemas, and their registration
+    q, k, v, decay, cos, sin = _operator_inputs()
     torch.library.opcheck(fused_attention._decomposed_attention_op, (q, k, v, decay, cos, sin))
     for transpose_out in (False, True):
         torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, transpose_out, cos, sin))
     torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, False, cos, sin, 2, 4))
+
+
+def test_the_operators_inductor_would_launch_compute_what_the_custom_operators_do():
+    q, k, v, decay, cos, sin = _operator_inputs()
+    assert torch.equal(fused_attention._decomposed_attention_triton_op(q, k, v, decay, cos, sin),
+                       fused_attention._decomposed_attention_op(q, k, v, decay, cos, sin))
+    for transpose_out in (False, True):
+        args = (q, k, v, decay, 0, transpose_out, cos, sin)
+        assert torch.equal(fused_attention._decayed_attention_triton_op(*args), fused_attention._decayed_attention_op(*args))
+
+
+# Traced for a compiled graph (AOT autograd, as inductor receives it), on fake tensors of an sm_90
+# GPU: Triton's own analysis of what each kernel writes needs a compiled kernel, not the
+# interpreter the other tests run, and its compiler can target a GPU this machine lacks.
+_TRACE_FOR_A_GPU = """
+import json, torch, triton
+from functorch.compile import aot_function
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton.backends.compiler import GPUTarget
+from rmt.models import fused_attention as fa
+
+class Sm90:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Sm90())
+torch.cuda.current_device = lambda: 0
+calls = []
+
+def record(gm, example_inputs):
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "rmt" in str(node.target):
+            calls.append({"op": str(node.target)})
+        if node.op == "call_function" and "triton_kernel_wrapper" in str(node.target):
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            calls.append({
+                "kernel": kernel.fn.__name__, "num_warps": [c.num_warps for c in kernel.configs],
+                "grid": [list(g) for g in node.kwargs["grid"]], "clones": node.kwargs["tensors_to_clone"],
+            })
+    return gm
+
+with FakeTensorMode(allow_non_fake_inputs=True):
+    b, h, w, n, d = 2, 14, 12, 8, 32
+    q, k = torch.empty(b, h, w, 2, n, d, device="cuda", dtype=torch.bfloat16).unbind(3)
+    v = torch.empty(b, h, w, n, d, device="cuda", dtype=torch.bfloat16)
+    decay = torch.empty(n, device="cuda")
+    cos = torch.empty(h, w, 2, d, device="cuda", dtype=torch.bfloat16)
+    aot_function(lambda q, k, v, decay, cos: fa._decomposed_attention_triton_op(q, k, v, decay, cos, cos) * 2,
+                 fw_compiler=record)(q, k, v, decay, cos)
+    aot_function(lambda q, k, v, decay, cos: fa._decayed_attention_triton_op(q, k, v, decay, 0, True, cos, cos, 2) * 2,
+                 fw_compiler=record)(q, k, v, decay, cos)
+print(json.dumps(calls))
+"""
+
+
+def test_a_compiled_graph_launches_the_kernels_itself_with_inductor_launches():
+    """What fused_attention.INDUCTOR_LAUNCHES gives inductor: a call of each kernel, grid and warps
+    as the eager launch has them, cloning none of its inputs (a clone would copy q, k, v or the
+    tables on every pass): only the output, a fresh tensor, is written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _TRACE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one_program, two_heads_a_program = json.loads(run.stdout.splitlines()[-1])
+    assert one_program == {"kernel": "_decomposed_attention_kernel", "num_warps": [fused_attention.ONE_PROGRAM_WARPS],
+                           "grid": [[2 * 8, 1, 1]], "clones": ["out_ptr"]}
+    assert two_heads_a_program == {"kernel": "_decayed_attention_kernel", "num_warps": [fused_attention._warps(2 * 16, 32)],  # 2 heads of 12 tokens, padded
+                                   "grid": [[2 * 14 * 8 // 2, 1, 1]], "clones": ["out_ptr"]}
 
 
 def test_the_kernel_refuses_half_a_rotary_table():

@@ -44,6 +44,13 @@ HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16, tl.arange powers of two
 MAX_GRID_SIDE = 16
 ONE_PROGRAM_WARPS = 8
 
+# How a compiled graph calls the kernels. False (measured, docs/performance.md): as custom
+# operators, opaque to inductor, whose Python launch runs in torch's dispatcher on every call.
+# True: as ``torch.library.triton_op`` operators, which inductor traces into, launching the
+# kernels from its own generated code like its own kernels. Not yet measured on a GPU; for
+# scripts/gpu_attention_variants.py's ``+inductor_launches`` to compare (torch >= 2.6).
+INDUCTOR_LAUNCHES = False
+
 
 def supports(q: Tensor, length: int) -> bool:
     """Whether the kernel can run attention over ``length``-token sequences of q's shape and device."""
@@ -275,7 +282,8 @@ def decayed_attention(
     and RMT's eager CUDA inference is bound by CPU time per operator at batch 64).
     """
     if torch.compiler.is_compiling():
-        return _decayed_attention_op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
+        op = _decayed_attention_triton_op if INDUCTOR_LAUNCHES else _decayed_attention_op
+        return op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
     with profiler_label("rmt::decayed_attention"):
         return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
 
@@ -283,6 +291,7 @@ def decayed_attention(
 def _launch(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
     cos: Optional[Tensor], sin: Optional[Tensor], heads_per_program: int, num_warps: Optional[int],
+    traced: bool = False,
 ) -> Tensor:
     b, g, length, n, d = q.shape
     out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
@@ -291,8 +300,9 @@ def _launch(
     block = _padded_length(length)
     if not groups_heads(length, n, heads_per_program):
         raise ValueError(f"decayed_attention cannot give {heads_per_program} of {n} heads of {length} tokens to one program")
+    kernel = torch.library.wrap_triton(_decayed_attention_kernel) if traced else _decayed_attention_kernel
     with _on_the_tensors_gpu(q):
-        _decayed_attention_kernel[(b * g * (n // heads_per_program),)](
+        kernel[(b * g * (n // heads_per_program),)](
             q, k, v, out_view, decay.float().contiguous(), q if cos is None else cos, q if sin is None else sin,
             *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
             *table_strides,
@@ -358,22 +368,24 @@ def decomposed_decayed_attention(
     k's). Returns (B, H, W, heads, head_dim).
     """
     if torch.compiler.is_compiling():
-        return _decomposed_attention_op(q, k, v, decay, cos, sin, num_warps)
+        op = _decomposed_attention_triton_op if INDUCTOR_LAUNCHES else _decomposed_attention_op
+        return op(q, k, v, decay, cos, sin, num_warps)
     with profiler_label("rmt::decomposed_decayed_attention"):
         return _launch_decomposed(q, k, v, decay, cos, sin, num_warps)
 
 
 def _launch_decomposed(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
-    num_warps: Optional[int],
+    num_warps: Optional[int], traced: bool = False,
 ) -> Tensor:
     b, h, w, n, d = q.shape
     if max(h, w) > MAX_GRID_SIDE:
         raise ValueError(f"decomposed_decayed_attention takes grids of at most {MAX_GRID_SIDE} tokens a side, got {h} x {w}")
     out = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
     table_strides = _table_strides("decomposed_decayed_attention", (q, k, v), cos, sin, "(H, W, 2, head_dim)", (h, w, 2, d))
+    kernel = torch.library.wrap_triton(_decomposed_attention_kernel) if traced else _decomposed_attention_kernel
     with _on_the_tensors_gpu(q):
-        _decomposed_attention_kernel[(b * n,)](
+        kernel[(b * n,)](
             q, k, v, out, decay.float().contiguous(), q if cos is None else cos, q if sin is None else sin,
             *(s for t in (q, k, v, out) for s in t.stride()[:4]),
             *table_strides,
@@ -416,6 +428,26 @@ def _decomposed_attention_op(
 @_decomposed_attention_op.register_fake
 def _(q, k, v, decay, cos=None, sin=None, num_warps=None):
     return q.new_empty(q.shape)
+
+
+# the operators of INDUCTOR_LAUNCHES: each traces into its launch, where ``wrap_triton`` puts the
+# kernel call in the graph; the function also serves as the operator's fake
+if hasattr(torch.library, "triton_op"):  # torch >= 2.6
+
+    @torch.library.triton_op("rmt::decayed_attention_in_graph", mutates_args=())
+    def _decayed_attention_triton_op(
+        q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
+        cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
+        num_warps: Optional[int] = None,
+    ) -> Tensor:
+        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, traced=True)
+
+    @torch.library.triton_op("rmt::decomposed_decayed_attention_in_graph", mutates_args=())
+    def _decomposed_attention_triton_op(
+        q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+        num_warps: Optional[int] = None,
+    ) -> Tensor:
+        return _launch_decomposed(q, k, v, decay, cos, sin, num_warps, traced=True)
 
 
 __all__ = [
