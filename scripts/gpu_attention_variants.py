@@ -88,8 +88,9 @@ _grid_masks_cache: dict = {}
 def grid_masks(decay: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The row and the column pass of a decomposed stage as attention masks over the whole H x W
     grid, (1, heads, H*W, H*W): ``decay * distance`` between tokens of the same row (column),
-    -inf between others. Cached per stage in eager code (by the decay buffer's address: clear
-    the cache for each new model); a compiled graph computes them itself."""
+    -inf between others. Cached per stage in eager code (by the address of the stage's decay,
+    which its cached tables hold: clear the cache for each new model); a compiled graph computes
+    them itself."""
     if torch.compiler.is_compiling():
         return _build_grid_masks(decay, h, w, dtype)
     key = (decay.data_ptr(), h, w, dtype)
@@ -279,7 +280,7 @@ EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), 
 # each token's window, which inductor fuses with their neighbours where a conv is a cuDNN call.
 VARIANT_CHANGES = ("grouped", "two_passes", "masked_grid", "inductor_launches", "traced_tables", "dwconv_as_window_sums")
 TRITON_PATH, BY_LINES = attention._fused_manhattan_attention, attention.decomposed_attention
-FIXED_SIZE, DEPTHWISE_CONV = attention._fixed_size, DepthwiseConvNHWC.forward
+FIXED_SIZE_CHECK, DEPTHWISE_CONV_FORWARD = attention._fixed_size, DepthwiseConvNHWC.forward
 
 
 def depthwise_conv_as_window_sums(self: DepthwiseConvNHWC, x: torch.Tensor) -> torch.Tensor:
@@ -289,11 +290,12 @@ def depthwise_conv_as_window_sums(self: DepthwiseConvNHWC, x: torch.Tensor) -> t
     folded, are in its parameters as they are. (As one sum of k * k shifted products instead,
     rmt_t compiled in 96 s on a 2-core CPU, against 25 s.)"""
     k = self.kernel_size[0]
-    windows = F.pad(x, (0, 0, k // 2, k // 2, k // 2, k // 2)).unfold(1, k, 1).unfold(2, k, 1)  # (B, H, W, C, k, k)
-    # as cuDNN's conv under autocast: bf16 inputs and weights, float32 sums, a bf16 result
-    weight = self.weight.to(x.dtype).float().view(-1, k, k)
-    out = (windows.float() * weight).sum((-2, -1))
-    return (out + self.bias.to(x.dtype).float() if self.bias is not None else out).to(x.dtype)
+    # as the conv under autocast: inputs and weights in autocast's dtype, float32 sums, a result
+    # in autocast's dtype (a layer norm's float32 output included)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    windows = F.pad(x.to(dtype), (0, 0, k // 2, k // 2, k // 2, k // 2)).unfold(1, k, 1).unfold(2, k, 1)  # (B, H, W, C, k, k)
+    out = (windows.float() * self.weight.to(dtype).float().view(-1, k, k)).sum((-2, -1))
+    return (out + self.bias.to(dtype).float() if self.bias is not None else out).to(dtype)
 
 
 def use_variant(variant: str) -> str:
@@ -303,21 +305,22 @@ def use_variant(variant: str) -> str:
     if kernel not in attention.ATTENTION_KERNELS or unknown:
         raise SystemExit(f"unknown variant {variant!r}: a kernel of {attention.ATTENTION_KERNELS}, then + any of {VARIANT_CHANGES}")
     fused_attention.INDUCTOR_LAUNCHES = "inductor_launches" in changes
-    attention._fixed_size = (lambda size: False) if "traced_tables" in changes else FIXED_SIZE
-    DepthwiseConvNHWC.forward = depthwise_conv_as_window_sums if "dwconv_as_window_sums" in changes else DEPTHWISE_CONV
+    attention._fixed_size = (lambda size: False) if "traced_tables" in changes else FIXED_SIZE_CHECK
+    DepthwiseConvNHWC.forward = (depthwise_conv_as_window_sums if "dwconv_as_window_sums" in changes
+                                 else DEPTHWISE_CONV_FORWARD)
     fused = functools.partial(TRITON_PATH, passes_in_one_program="two_passes" not in changes)
     attention._fused_manhattan_attention = (functools.partial(widest_grouping, fused=fused) if "grouped" in changes
                                             else fused)
     attention.decomposed_attention = (functools.partial(decomposed_as_masked_grid, decomposed_attention=BY_LINES)
                                       if "masked_grid" in changes else BY_LINES)
-    _grid_masks_cache.clear()  # keyed by the decay buffer's address, which a new model may reuse
+    _grid_masks_cache.clear()  # keyed by the address of a stage's decay, which a new model may reuse
     return kernel
 
 
 def restore_attention() -> None:
     attention._fused_manhattan_attention, attention.decomposed_attention = TRITON_PATH, BY_LINES
-    fused_attention.INDUCTOR_LAUNCHES, attention._fixed_size = False, FIXED_SIZE
-    DepthwiseConvNHWC.forward = DEPTHWISE_CONV
+    fused_attention.INDUCTOR_LAUNCHES, attention._fixed_size = False, FIXED_SIZE_CHECK
+    DepthwiseConvNHWC.forward = DEPTHWISE_CONV_FORWARD
 
 
 def build_model(name: str, variant: str | None, reparam: bool, dev: torch.device) -> torch.nn.Module:
@@ -413,7 +416,6 @@ def serve(label: str, args: argparse.Namespace) -> None:
     spec = COMPILED_MODELS[label]
     batches = [args.batch * m for m in spec.batches]
     dev = torch.device(args.device)
-    begin = time.perf_counter()
     torch._inductor.config.cpp_wrapper = spec.cpp_wrapper  # this process compiles this one model
     try:
         eager = build_model(spec.name, spec.variant, args.reparam, dev)
@@ -427,6 +429,7 @@ def serve(label: str, args: argparse.Namespace) -> None:
         expected = forward(eager, batches[0]).float()
         if spec.variant:
             use_variant(spec.variant)
+        begin = time.perf_counter()
         model = compile_model(eager, spec.mode)
         for batch in batches:
             for _ in range(3):  # compiles; CUDA graphs are recorded on a later call

@@ -106,7 +106,7 @@ class PositionTables:
 
 class ManhattanPosition(nn.Module):
     """Rotary tables and decay masks of one stage, built once per input size and reused (a compiled
-    graph of fixed sizes holds its own as constants: :func:`_tables_built_while_tracing`).
+    graph of fixed sizes holds the cached tables as constants: :func:`_tables_built_while_tracing`).
 
     The buffers are the official ``Relpos.angle`` and ``Relpos.decay``; they are derived from
     the configuration, so they are not saved in our state dict (checkpoints that carry them
@@ -148,10 +148,13 @@ class ManhattanPosition(nn.Module):
         self._cache = {}
 
     def tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
-        if torch.compiler.is_compiling():
-            if _fixed_size(height) and _fixed_size(width):
-                return _tables_built_while_tracing(self, height, width, dtype, with_masks)
-            return self._build(height, width, dtype, with_masks)  # symbolic sizes: traced, computed each pass
+        if torch.compiler.is_dynamo_compiling() and _fixed_size(height) and _fixed_size(width):
+            return _tables_built_while_tracing(self, height, width, dtype, with_masks)
+        if torch.compiler.is_compiling():  # symbolic sizes, torch.export: traced, computed in every pass
+            return self._build(height, width, dtype, with_masks)
+        return self._cached_tables(height, width, dtype, with_masks)
+
+    def _cached_tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
         key = (height, width, dtype, with_masks)
         cached = self._cache.get(key)
         if cached is not None:
@@ -219,13 +222,14 @@ except ImportError:  # older torch: every size counts as symbolic, and the table
 def _tables_built_while_tracing(
     position: ManhattanPosition, height: int, width: int, dtype: torch.dtype, with_masks: bool
 ) -> PositionTables:
-    """A stage's tables for a compiled graph of fixed sizes: Dynamo runs this function when it
-    traces the graph and keeps the tensors it returns as the graph's constants. Traced instead,
-    the tables were computed again in every pass, and inductor fused their cos and sin into each
-    rotary kernel (docs/performance.md). The constants are built from the buffers as they are at
-    tracing time (derived from the configuration, never trained)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return position._build(height, width, dtype, with_masks)
+    """A stage's tables for a compiled graph of fixed sizes: dynamo runs this function while it
+    traces the graph, and keeps the tensors it returns as the graph's constants. The tables are
+    the eager cache's, so the stage's blocks share one set of constants with each other and with
+    eager passes; dynamo keeps a reference to them for as long as the process runs. Traced
+    instead, the tables were computed again in every pass, and inductor fused their cos and sin
+    into each rotary kernel (docs/performance.md). They are built from the buffers as they are
+    at tracing time (derived from the configuration, never trained)."""
+    return position._cached_tables(height, width, dtype, with_masks)
 
 
 def complex_rotation(cos: Tensor, sin: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -279,10 +279,11 @@ def decayed_attention(
 
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
-    and RMT's eager CUDA inference is bound by CPU time per operator at batch 64).
+    and RMT's eager CUDA inference is bound by CPU time per operator at batch 64), or with
+    :data:`INDUCTOR_LAUNCHES` as ``rmt::decayed_attention_traceable``, which inductor traces into.
     """
     if torch.compiler.is_compiling():
-        op = _decayed_attention_triton_op if INDUCTOR_LAUNCHES else _decayed_attention_op
+        op = _graph_operator(_decayed_attention_op, _decayed_attention_traceable_op)
         return op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
     with profiler_label("rmt::decayed_attention"):
         return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
@@ -368,7 +369,7 @@ def decomposed_decayed_attention(
     k's). Returns (B, H, W, heads, head_dim).
     """
     if torch.compiler.is_compiling():
-        op = _decomposed_attention_triton_op if INDUCTOR_LAUNCHES else _decomposed_attention_op
+        op = _graph_operator(_decomposed_attention_op, _decomposed_attention_traceable_op)
         return op(q, k, v, decay, cos, sin, num_warps)
     with profiler_label("rmt::decomposed_decayed_attention"):
         return _launch_decomposed(q, k, v, decay, cos, sin, num_warps)
@@ -432,22 +433,32 @@ def _(q, k, v, decay, cos=None, sin=None, num_warps=None):
 
 # the operators of INDUCTOR_LAUNCHES: each traces into its launch, where ``wrap_triton`` puts the
 # kernel call in the graph; the function also serves as the operator's fake
+_decayed_attention_traceable_op = _decomposed_attention_traceable_op = None
 if hasattr(torch.library, "triton_op"):  # torch >= 2.6
 
-    @torch.library.triton_op("rmt::decayed_attention_in_graph", mutates_args=())
-    def _decayed_attention_triton_op(
+    @torch.library.triton_op("rmt::decayed_attention_traceable", mutates_args=())
+    def _decayed_attention_traceable_op(
         q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
         cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
         num_warps: Optional[int] = None,
     ) -> Tensor:
         return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, traced=True)
 
-    @torch.library.triton_op("rmt::decomposed_decayed_attention_in_graph", mutates_args=())
-    def _decomposed_attention_triton_op(
+    @torch.library.triton_op("rmt::decomposed_decayed_attention_traceable", mutates_args=())
+    def _decomposed_attention_traceable_op(
         q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
         num_warps: Optional[int] = None,
     ) -> Tensor:
         return _launch_decomposed(q, k, v, decay, cos, sin, num_warps, traced=True)
+
+
+def _graph_operator(custom_op: Callable, traceable_op: Optional[Callable]) -> Callable:
+    """The operator a compiled graph calls, by :data:`INDUCTOR_LAUNCHES`."""
+    if not INDUCTOR_LAUNCHES:
+        return custom_op
+    if traceable_op is None:
+        raise RuntimeError("fused_attention.INDUCTOR_LAUNCHES needs torch >= 2.6 (torch.library.triton_op)")
+    return traceable_op
 
 
 __all__ = [
