@@ -15,6 +15,7 @@ import rmt
 from rmt.errors import CheckpointError
 from rmt.models.checkpoint import convert_checkpoint, export_official_state_dict
 from rmt.models.config import RMTConfig
+from rmt.models import layers
 from rmt.models.layers import AffineFreeLayerNorm
 
 # layer scales in the last two stages, a decomposed and a full-attention pass, the token-label head
@@ -120,6 +121,43 @@ def test_folded_model_dispatches_fewer_operators():
     assert before.get("mul", 0) - after.get("mul", 0) == 2 * scaled > 0
     batch_norms = lambda ops: sum(n for name, n in ops.items() if "batch_norm" in name)  # noqa: E731
     assert batch_norms(before) == 8 and batch_norms(after) == 0  # stem 4, downsampling 3, head 1
+
+
+def _linear_ops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How often a forward pass of ``model`` calls oneDNN's linear and aten's addmm."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = model(x)
+    if torch.is_grad_enabled():
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {op: counts.get(op, 0) for op in ("mkldnn::_linear_pointwise", "aten::addmm")}
+
+
+@pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_folded_float32_cpu_inference_runs_onednn_linears_and_everything_else_runs_f_linear():
+    torch.manual_seed(0)
+    plain = _tiny()
+    folded = _tiny()
+    folded.load_state_dict(plain.state_dict())
+    folded.reparameterize()
+    linears = sum(isinstance(m, nn.Linear) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert _linear_ops(plain, x)["mkldnn::_linear_pointwise"] == 0  # unfolded: plain nn.Linear
+        assert _linear_ops(folded, x) == {"mkldnn::_linear_pointwise": linears, "aten::addmm": 0}
+        assert (folded(x) - plain(x)).abs().max().item() <= 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0
+    folded.train()
+    assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0  # autograd: F.linear, and a backward pass
+
+
+def test_the_linear_of_folded_models_computes_f_linear_for_strided_parameters_too():
+    x = torch.randn(3, 7, 32)
+    weight, bias = torch.randn(32, 64).t(), torch.randn(128)[::2]  # oneDNN's reads the bias as dense
+    with torch.inference_mode():
+        for w, b in ((weight, bias), (weight.contiguous(), bias.contiguous()), (weight, None)):
+            assert torch.allclose(layers.linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
 
 
 def test_folded_modules_keep_each_module_s_own_mode():
