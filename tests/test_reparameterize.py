@@ -148,6 +148,11 @@ def test_folded_float32_cpu_inference_runs_onednn_linears_and_everything_else_ru
         assert (folded(x) - plain(x)).abs().max().item() <= 1e-5
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0
+        enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # as mkldnn.flags() sets it
+        try:
+            assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0
+        finally:
+            torch.backends.mkldnn.enabled = enabled
     folded.train()
     assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0  # autograd: F.linear, and a backward pass
 

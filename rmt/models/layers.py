@@ -225,12 +225,13 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear``; in float32 CPU inference (no autograd, no autocast, eager) through oneDNN's
-    linear, which takes the weight as it is. On this project's AMD EPYC machine, at RMT's shapes,
+    """``F.linear``; in float32 CPU inference (no autograd, no autocast, eager, oneDNN not switched
+    off by ``torch.backends.mkldnn.flags``) through oneDNN's linear, which takes the weight as it is. On this project's AMD EPYC machine, at RMT's shapes,
     it ran about 2.2 times as fast as ``F.linear``, whose float32 GEMM is MKL's there
     (docs/performance.md); the numbers differ by float32 rounding."""
     if (
-        _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        _ONEDNN_LINEAR and torch.backends.mkldnn.enabled and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
         # it reads a strided bias as if it were dense (torch 2.14): the parameters as folding leaves them
         and weight.is_contiguous() and (bias is None or bias.is_contiguous())
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
