@@ -230,8 +230,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     it ran about 2.2 times as fast as ``F.linear``, whose float32 GEMM is MKL's there
     (docs/performance.md); the numbers differ by float32 rounding."""
     if (
-        _ONEDNN_LINEAR and torch.backends.mkldnn.enabled and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
+        # x.is_cpu first: the cheapest check to fail for CUDA, whose eager inference is bound by CPU time
+        _ONEDNN_LINEAR and x.is_cpu and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
         # it reads a strided bias as if it were dense (torch 2.14): the parameters as folding leaves them
         and weight.is_contiguous() and (bias is None or bias.is_contiguous())
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
