@@ -14,10 +14,9 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from rmt.bench.precompile import warm_compile_caches
+from rmt.bench.precompile import compile_jobs, warm_compile_caches
 from rmt.bench.runner import BenchSettings, run_benchmark
 from rmt.io import write_json_atomic
 
@@ -97,9 +96,8 @@ def _precompile(jobs: list, args: argparse.Namespace, results: dict, seconds: fl
     """Compile the first --compile-workers models and settings of the compiled jobs ahead, all at
     once, so that those jobs load them from inductor's caches (compiling took about 80 s a model
     on an H100); later ones compile as they come."""
-    singles = [replace(run, models=[model], batches=[batch], img_sizes=[size])
-               for run in (_settings(spec, kernel, args) for _, spec, kernel in jobs if spec.get("compile_mode"))
-               for size in run.img_sizes for batch in run.batches for model in run.models][:args.compile_workers]
+    singles = compile_jobs(_settings(spec, kernel, args) for _, spec, kernel in jobs
+                           if spec.get("compile_mode"))[:args.compile_workers]
     t0 = time.perf_counter()
     print(f"[precompile] {len(singles)} models and settings at once ...", flush=True)
     notes = warm_compile_caches(singles, args.compile_workers, timeout_s=seconds)

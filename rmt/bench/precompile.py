@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import IO, Iterator, Optional, Sequence
+from typing import IO, Iterable, Iterator, Optional, Sequence
 
 from rmt.bench.runner import BenchSettings, run_benchmark
 
@@ -40,16 +40,24 @@ def caches_enabled() -> bool:
     return bool(inductor_config.fx_graph_cache and not inductor_config.force_disable_caches)
 
 
-def warm_compile_caches(runs: Sequence[BenchSettings], workers: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
-    """Compile every (model, image size, batch) of the compiled ``runs`` once, ``workers``
-    processes at a time, each through :func:`run_benchmark` with one timed pass. Returns a note
-    for each that failed or ran past ``timeout_s`` (all of them together): the benchmark compiles
-    those itself. Each process holds its model and a batch on the device while it runs."""
-    jobs = {json.dumps(asdict(job), sort_keys=True): job for job in (  # each compiled once
+def compile_jobs(runs: Iterable[BenchSettings]) -> list[BenchSettings]:
+    """Each (model, image size, batch) of the compiled ``runs``, once, in the runs' order: the
+    settings of one process of :func:`warm_compile_caches`, with one timed pass."""
+    jobs = {json.dumps(asdict(job), sort_keys=True): job for job in (
         replace(settings, models=[name], img_sizes=[size], batches=[batch], warmup=2, iters=1, compile_workers=1,
                 baseline=None)
         for settings in runs if settings.compile_mode
         for size in settings.img_sizes for batch in settings.batches for name in settings.models)}
+    return list(jobs.values())
+
+
+def warm_compile_caches(runs: Sequence[BenchSettings], workers: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """Compile every (model, image size, batch) of the compiled ``runs`` once (:func:`compile_jobs`),
+    ``workers`` processes at a time, each through :func:`run_benchmark` with one timed pass.
+    Returns a note for each that failed or ran past ``timeout_s`` (all of them together): the
+    benchmark compiles those itself. Each process holds its model and a batch on the device while
+    it runs."""
+    jobs = compile_jobs(runs)
     if not jobs:
         return []
     if not caches_enabled():
@@ -60,7 +68,7 @@ def warm_compile_caches(runs: Sequence[BenchSettings], workers: int, timeout_s: 
     # the processes share the cores: inductor's own compile workers a share each
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     deadline = time.monotonic() + timeout_s
-    pending = list(enumerate(jobs.values()))
+    pending = list(enumerate(jobs))
     running: list[tuple[int, BenchSettings, subprocess.Popen, IO[str]]] = []
     notes: dict[int, str] = {}  # by job, so that they come in the run's order
     try:
