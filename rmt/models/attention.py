@@ -148,11 +148,11 @@ class ManhattanPosition(nn.Module):
         self._cache = {}
 
     def tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
+        if not torch.compiler.is_compiling():  # eager: one check a call, on every block's hot path
+            return self._cached_tables(height, width, dtype, with_masks)
         if torch.compiler.is_dynamo_compiling() and _fixed_size(height) and _fixed_size(width):
             return _tables_built_while_tracing(self, height, width, dtype, with_masks)
-        if torch.compiler.is_compiling():  # symbolic sizes, torch.export: traced, computed in every pass
-            return self._build(height, width, dtype, with_masks)
-        return self._cached_tables(height, width, dtype, with_masks)
+        return self._build(height, width, dtype, with_masks)  # symbolic sizes, torch.export: computed in every pass
 
     def _cached_tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
         key = (height, width, dtype, with_masks)
