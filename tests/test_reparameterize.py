@@ -238,6 +238,29 @@ def test_affine_free_norm_runs_in_its_input_dtype_under_autocast():
     assert torch.equal(norm(x.float()), expected)
 
 
+def test_affine_free_norm_gives_float32_cpu_inference_the_vectorised_kernel(monkeypatch):
+    calls = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def spy(x, shape, weight=None, bias=None, eps=1e-5):
+        calls.append((x.dtype, weight is not None and bias is not None))
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(layers.F, "layer_norm", spy)
+    norm = AffineFreeLayerNorm(32, eps=1e-6)
+    x = torch.randn(4, 7, 32) * 3 + 1
+    plain = layer_norm(x, (32,), eps=1e-6)
+    with torch.inference_mode():
+        assert torch.equal(norm(x), plain)  # a scale of ones and a shift of zeros change no bit
+        norm(x.to(torch.bfloat16))
+    with torch.no_grad():
+        norm(x)
+    trained = x.clone().requires_grad_()
+    norm(trained).sum().backward()
+    assert calls == [(torch.float32, True), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False)]
+    assert trained.grad is not None
+
+
 def test_training_after_reparameterize_takes_gradients():
     model = _tiny()
     with torch.inference_mode():  # folded parameters must still be normal, trainable tensors

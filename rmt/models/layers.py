@@ -313,11 +313,32 @@ class AffineFreeLayerNorm(nn.Module):
         available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
         if available and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
-                return F.layer_norm(x, self.normalized_shape, eps=self.eps)
-        return F.layer_norm(x, self.normalized_shape, eps=self.eps)
+                return self._normalise(x)
+        return self._normalise(x)
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        weight = bias = None
+        if (
+            x.is_cpu and x.dtype == torch.float32 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            # torch's float32 CPU kernel normalises without scale and shift in a scalar loop, and with
+            # them in vector code: a scale of ones and a shift of zeros halve its time (torch 2.14,
+            # RMT's shapes), with the same numbers (docs/performance.md). Not in bf16 or fp16, where it
+            # was no faster, nor in training, whose backward would compute their gradients too.
+            weight, bias = _unit_affine(self.normalized_shape[0])
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_affine(dim: int) -> tuple[Tensor, Tensor]:
+    """A float32 CPU layer norm's identity scale and shift, one pair per width: normal tensors even
+    if first made in inference mode, in float32 on the CPU whatever the default dtype and device."""
+    with torch.inference_mode(False):
+        return torch.ones(dim, dtype=torch.float32, device="cpu"), torch.zeros(dim, dtype=torch.float32, device="cpu")
 
 
 # --- folds: each rewrites a module so that it computes the same function without a neighbour ---
