@@ -47,6 +47,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     amp: str = typer.Option("none", "--amp", help="Autocast: none, bf16 or fp16."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Run the model in channels-last memory format."),
+    reparam: bool = typer.Option(False, "--reparam", help="Fold the model for inference first (as rmt bench --reparam; the same logits within float32 rounding)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images in file-name order."),
     real_labels: bool = typer.Option(False, "--real-labels", help="Also report ImageNet-ReaL top-1 (timm's labels); --real-labels FILE.json takes yours."),
     real_labels_file: Optional[Path] = typer.Option(None, "--real-labels-file", help="ReaL top-1 from this real.json instead of timm's copy."),
@@ -99,6 +100,7 @@ def evaluate(
             device=device,
             amp=amp,
             channels_last=channels_last,
+            reparameterize=reparam,
             limit=limit,
             real_labels=real_labels_file if real_labels_file is not None else real_labels,
             skip_bad=skip_bad,
@@ -148,6 +150,6 @@ def _table(report: EvalReport) -> Table:
     table.add_row("images/s", f"{c.images / c.seconds:.1f}" if c.seconds else "-")
     table.add_row("layout", escape(report.layout_description))  # paths are not markup
     weights = {"cache": "zoo cache", "checkpoint": escape(str(report.checkpoint)), "random": "[bold red]RANDOM (untrained)[/]"}[report.weights]
-    table.add_row("weights", weights)
+    table.add_row("weights", weights + (", folded for inference" if report.reparameterized else ""))
     table.add_row("device", f"{report.device} x {report.world_size}" if report.world_size > 1 else report.device)
     return table

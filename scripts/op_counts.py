@@ -23,7 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from rmt.bench.runner import build_model, fold_for_inference, precision
+from rmt.bench.runner import build_model, precision
+from rmt.zoo import fold_for_inference
 from rmt.io import write_json_atomic
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     for name in args.models:
         for folded in (False, True) if args.reparam else (False,):
             model = build_model(name, size, args.kernel if name.startswith("rmt") else None).eval()
-            if folded and not fold_for_inference(model):
+            if folded and not fold_for_inference(model, name):
                 continue
             counts = count_operators(model, x, args.dtype, weight_cache=not args.no_weight_cache)
             label = f"{name}[reparam]" if folded else name

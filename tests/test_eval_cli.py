@@ -104,6 +104,19 @@ def test_random_weights_are_refused_unless_asked_for(monkeypatch, capsys, tiny_v
     assert result["weights"] == "random" and result["images"] == 2
 
 
+def test_reparam_folds_the_model_and_says_so(monkeypatch, capsys, tiny_val, colour, tmp_path):
+    data = ["--data", tiny_val["flat-kaggle"], "--device", "cpu", "--workers", "0", "--reparam", "--json", tmp_path / "r.json"]
+    code, out, err = rmt_eval(monkeypatch, capsys, "rmt_t", *data, "--limit", "2", "--random-weights")
+    assert code == 0, err
+    assert "folded for inference" in out
+    assert json.loads((tmp_path / "r.json").read_text())["reparameterized"] is True
+    code, out, err = rmt_eval(monkeypatch, capsys, *colour, *data)  # a timm ResNet: nothing to fold
+    assert code == 0, err
+    assert "test_resnet has nothing to fold for inference: evaluated as built" in err and "folded" not in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["reparameterized"] is False and result["top1"] == pytest.approx(TOP1)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -23,6 +23,7 @@ from rmt.eval import (
     top1_gate,
     write_json_atomic,
 )
+from rmt.zoo import fold_for_inference
 
 from conftest import TINY_VAL, code_ranking, code_red, colour_code_state_dict, tiny_val_expected
 
@@ -155,6 +156,31 @@ def test_amp_and_channels_last_reach_the_model(tiny_val, colour_model, amp, dtyp
     dataset = dataset_of(tiny_val["flat-kaggle"], colour_model)
     counts = evaluate(recorder, dataset, batch_size=13, workers=0, amp=amp, channels_last=amp != "none")
     assert recorder.seen == [(dtype, amp != "none")] and counts.images == 13
+
+
+def test_a_folded_rmt_keeps_every_prediction(tiny_val):
+    torch.manual_seed(0)
+    model = timm.create_model("rmt_t").eval()
+    dataset = dataset_of(tiny_val["flat-kaggle"], model)
+    with torch.inference_mode():
+        logits = torch.cat([model(dataset[i][0][None]) for i in range(len(dataset))])
+    top2 = logits.topk(2).values
+    assert (top2[:, 0] - top2[:, 1]).min().item() > 1e-4  # far above folding's float32 rounding
+    # labels that only this model's predictions match: 13 of 13 both ways, or a prediction moved
+    known = EvalImageDataset(dataset.paths, tuple(logits.argmax(1).tolist()), dataset.transform, dataset.image_shape)
+    assert evaluate(model, known, batch_size=5, workers=0).top1 == 100.0
+    assert fold_for_inference(model, "rmt_t")
+    assert evaluate(model, known, batch_size=5, workers=0).top1 == 100.0
+
+
+def test_a_fold_that_fails_is_one_clear_error():
+    class Unfoldable(nn.Module):
+        def reparameterize(self) -> None:
+            raise ValueError("branch shapes differ\nsecond line")
+
+    assert not fold_for_inference(nn.Sequential(nn.Linear(2, 2)), "plain")
+    with pytest.raises(RMTError, match="^cannot fold mine for inference: branch shapes differ$"):
+        fold_for_inference(nn.Sequential(Unfoldable()), "mine")
 
 
 def test_model_must_output_imagenet_logits(tiny_val, colour_model):

@@ -11,9 +11,10 @@ import torch
 from rmt.bench.env import resolve_device
 from rmt.bench.runner import (
     DTYPES, build_model, check_compile_mode, check_freeze, compile_counts, compile_counts_since, compile_model,
-    fold_for_inference, precision, quiet_stderr,
+    precision, quiet_stderr,
 )
-from rmt.errors import RMTError, first_line
+from rmt.errors import RMTError
+from rmt.zoo import fold_for_inference
 
 
 def profile_model(
@@ -37,7 +38,7 @@ def profile_model(
 
     Returns the trace files, the top operators by self time (device time on CUDA) and, with
     ``memory``, their memory use. ``reparameterize`` folds the model for inference first
-    (:func:`rmt.bench.runner.fold_for_inference`). ``compile_mode`` profiles the model compiled
+    (:func:`rmt.zoo.fold_for_inference`). ``compile_mode`` profiles the model compiled
     with that ``torch.compile`` mode and static shapes, as ``rmt bench --compile`` runs it: the
     first (wait) step compiles, and the fused kernels are the operators listed. It starts with
     ``torch.compiler.reset()``, which drops every compiled function of this process. ``freeze``
@@ -66,10 +67,7 @@ def profile_model(
     before = set(out.glob("**/*.pt.trace.json*"))
     folded = False
     if reparameterize:
-        try:
-            folded = fold_for_inference(model)
-        except Exception as e:  # a timm model's own fold
-            raise RMTError(f"cannot fold {name} for inference: {first_line(e)}") from None
+        folded = fold_for_inference(model, name)
     model = model.to(dev)
     if compile_mode is not None:
         # graphs of an earlier compile in this process would be reused uncounted

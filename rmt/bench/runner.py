@@ -32,6 +32,7 @@ from rmt.bench.flops import count_flops
 from rmt.errors import RMTError, first_line, is_out_of_memory
 from rmt.models.attention import ManhattanPosition, resolve_attention_kernel
 from rmt.models.layers import AutocastWeightCache
+from rmt.zoo.models import fold_for_inference
 
 SCHEMA_VERSION = 1
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
@@ -100,7 +101,7 @@ class BenchSettings:
     warmup: Optional[int] = None  # None: 10 on CUDA, 1 on CPU
     iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
     attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
-    reparameterize: bool = False  # fold every model for inference first (fold_for_inference)
+    reparameterize: bool = False  # fold every model for inference first (rmt.zoo.fold_for_inference)
     # False: torch.autocast(cache_enabled=False), which also turns off RMT's weight cache, so RMT
     # casts its weights on every pass as timm models do (rmt.models.layers.AutocastWeightCache)
     autocast_cache: bool = True
@@ -323,21 +324,6 @@ def build_model(name: str, size: tuple[int, int], attn_kernel: Optional[str] = N
     return zoo.create_model(name)
 
 
-_FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
-
-
-def fold_for_inference(model: nn.Module) -> bool:
-    """Fold ``model`` for inference in place, as ``timm.utils.reparameterize_model`` does (RMT's
-    norms, batch norms, conv biases, layer scales and depthwise-conv residuals; RepVGG-style
-    branches of timm models). Returns whether it had anything to fold."""
-    from timm.utils import reparameterize_model
-
-    foldable = any(hasattr(m, name) for m in model.modules() if m is not model for name in _FOLD_METHODS)
-    with torch.inference_mode(False):  # folded parameters stay normal tensors
-        reparameterize_model(model, inplace=True)
-    return foldable
-
-
 def _model_builder(name: str, attn_kernel: Optional[str]) -> Builder:
     from rmt import zoo
 
@@ -539,7 +525,7 @@ def _prepare(
         row["gmacs"] = round(flops_cache[key] / 1e9, 4)
         row["attn_kernel"] = getattr(model, "attn_kernel", None)
         if settings.reparameterize:  # params and GMACs above stay those of the published model
-            row["reparameterized"] = fold_for_inference(model)
+            row["reparameterized"] = fold_for_inference(model, c.name)
         model = model.to(device)
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -43,6 +43,7 @@ class EvalReport:
     world_size: int
     is_main: bool  # rank 0: the process that prints and writes
     real_labels: bool = False  # whether ReaL top-1 was asked for
+    reparameterized: bool = False  # folded for inference (rmt.zoo.fold_for_inference) before the evaluation
     skipped_files: list[str] = field(default_factory=list)  # the unreadable images skipped, as counts.skipped lists them
 
     @property
@@ -75,6 +76,7 @@ class EvalReport:
             "batch_size": self.batch_size,
             "amp": self.amp,
             "channels_last": self.channels_last,
+            "reparameterized": self.reparameterized,
             "env": {
                 "device": self.device,
                 "world_size": self.world_size,
@@ -98,6 +100,7 @@ def run_imagenet_eval(
     device: str = "auto",
     amp: str = "none",
     channels_last: bool = False,
+    reparameterize: bool = False,
     limit: Optional[int] = None,
     real_labels: Union[bool, PathLike] = False,
     skip_bad: bool = False,
@@ -110,8 +113,10 @@ def run_imagenet_eval(
     nowhere. The preprocessing is the zoo entry's. Under torchrun each rank scores its own shard and
     every rank returns the same totals; ``progress`` and ``on_message`` are called on rank 0 only.
     ``real_labels``: True for timm's ImageNet-ReaL labels, or the path of a ReaL JSON file.
+    ``reparameterize``: fold the model for inference first (:func:`rmt.zoo.fold_for_inference`;
+    for RMT the same logits within float32 rounding, and faster, most on the CPU).
     """
-    from rmt.zoo import create_model, get_entry
+    from rmt.zoo import create_model, fold_for_inference, get_entry
 
     entry = get_entry(model)
     if random_weights and checkpoint is not None:
@@ -140,6 +145,9 @@ def run_imagenet_eval(
         notify("random weights: this accuracy says nothing about the published model")
     else:
         network, weights = create_model(model, pretrained=True), "cache"
+    folded = reparameterize and fold_for_inference(network, model)
+    if reparameterize and not folded:
+        notify(f"{model} has nothing to fold for inference: evaluated as built")
     notify(f"{len(val):,} images, layout: {val.description}")
 
     if workers is None:
@@ -176,6 +184,7 @@ def run_imagenet_eval(
         world_size=context.world_size,
         is_main=context.is_main,
         real_labels=real_sets is not None,
+        reparameterized=folded,
         skipped_files=[str(val.paths[i]) for i in counts.skipped_positions],
     )
 

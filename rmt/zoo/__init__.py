@@ -15,7 +15,7 @@ See docs/zoo.md for the schema, the cache layout, mirrors and offline use.
 
 from rmt.zoo.cache import CachedFile, WeightsCache, cache_dir
 from rmt.zoo.fetch import Fetched, cache_report, download, how_to_get, pretrained_checkpoint, source_url, weights_path
-from rmt.zoo.models import create_model
+from rmt.zoo.models import create_model, fold_for_inference
 from rmt.zoo.registry import ZooEntry, get_entry, list_entries, load_zoo, zoo_file
 from rmt.zoo.transfer import TransferOptions
 from rmt.zoo.verify import CheckedFile, check_weights_file
@@ -31,6 +31,7 @@ __all__ = [
     "cache_report",
     "check_weights_file",
     "create_model",
+    "fold_for_inference",
     "download",
     "get_entry",
     "how_to_get",

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
-from rmt.errors import CheckpointError, DownloadError, WeightsNotCachedError, ZooError, first_line
+from rmt.errors import CheckpointError, DownloadError, RMTError, WeightsNotCachedError, ZooError, first_line
 from rmt.zoo.fetch import how_to_get, weights_path
 from rmt.zoo.registry import ZooEntry, get_entry
 from rmt.zoo.transfer import TransferOptions, offline, unreachable
@@ -49,6 +50,28 @@ def create_model(
     # timm's loader applies the model's checkpoint filter and adapts the classifier / in_chans
     state_dict = load_state_dict(entry, path)
     return timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs)
+
+
+_FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
+
+
+def fold_for_inference(model: nn.Module, name: str) -> bool:
+    """Fold ``model`` (called ``name`` in errors) for inference in place, as
+    ``timm.utils.reparameterize_model`` does: RMT's norms, batch norms, conv biases, layer scales
+    and depthwise-conv residuals (the same outputs within float32 rounding, docs/models.md), the
+    RepVGG-style branches of timm models. Returns whether it had anything to fold; a timm
+    model's own fold that fails raises RMTError."""
+    from timm.utils import reparameterize_model
+
+    foldable = any(hasattr(m, method) for m in model.modules() if m is not model for method in _FOLD_METHODS)
+    try:
+        with torch.inference_mode(False):  # folded parameters stay normal tensors
+            reparameterize_model(model, inplace=True)
+    except RMTError:
+        raise
+    except Exception as e:  # a timm model's own fold
+        raise RMTError(f"cannot fold {name} for inference: {first_line(e)}") from None
+    return foldable
 
 
 def _from_timm_hub(entry: ZooEntry, kwargs: dict) -> nn.Module:
