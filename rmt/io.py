@@ -8,7 +8,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 from rmt.errors import RMTError
 
@@ -87,3 +87,27 @@ def check_writable(path: PathLike) -> None:
         raise RMTError(f"cannot write {path}: folder {parent} is not writable ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file: through symbolic links, and hard links where both exist."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_not_an_input(output: PathLike, option: str, inputs: dict[str, Optional[PathLike]]) -> None:
+    """Refuse an output path naming one of the command's input files, or a file already inside one
+    of its input folders (``inputs``: option -> path), before anything runs: the result would
+    replace what it is computed from."""
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        if same_file(output, path):
+            raise RMTError(f"{option} {output} is the {name} file: write it elsewhere")
+        inside = Path(os.path.realpath(output)).is_relative_to(os.path.realpath(path))
+        if os.path.isdir(path) and os.path.isfile(output) and inside:
+            raise RMTError(f"{option} {output} is a file of the {name} folder: write it elsewhere")

@@ -349,10 +349,11 @@ def compare(
     """Exit 1 when a model got slower, hungrier, failed or went missing beyond the threshold."""
     from rmt.bench.compare import compare_reports, parse_metrics
     from rmt.bench.report import read_report
-    from rmt.io import check_writable, write_json_atomic
+    from rmt.io import check_not_an_input, check_writable, write_json_atomic
 
     if json_out:
         check_writable(json_out)
+        check_not_an_input(json_out, "--json", {"baseline": base, "new report": new})
     result = compare_reports(read_report(base), read_report(new), threshold, parse_metrics(metric))
     if json_out:  # before printing: a closed standard output must not lose it
         write_json_atomic(json_out, result.to_dict())
@@ -368,7 +369,7 @@ def compare(
     for d in result.deltas:
         changes = [f"{d.changes[m]:+.1f}" if d.changes.get(m) is not None else "-" for m in result.metrics]
         verdict = f"[{colours.get(d.status, 'red')}]{d.status}[/]" + (f": {escape('; '.join(d.reasons))}" if d.reasons else "")
-        table.add_row(escape(d.model), d.setting, *changes, verdict)
+        table.add_row(escape(d.model), escape(d.setting), *changes, verdict)
     out.print(table)
     if result.regressed:
         err.print("[bold red]regression[/]: see the rows marked regressed, missing or failed")

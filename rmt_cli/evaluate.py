@@ -13,7 +13,7 @@ from rich.table import Table
 from rmt.errors import ConfigError
 from rmt.eval import EvalReport, run_imagenet_eval, top1_gate
 from rmt.eval.imagenet import check_top1_gate
-from rmt.io import check_writable, write_json_atomic
+from rmt.io import check_not_an_input, check_writable, write_json_atomic
 from rmt.eval import Progress as EvalProgress
 
 from rmt_cli.console import err, out
@@ -65,6 +65,8 @@ def evaluate(
         check_top1_gate(expect_top1, tolerance)
     if json_out is not None:
         check_writable(json_out)
+        check_not_an_input(json_out, "--json", {"--checkpoint": checkpoint, "--labels": labels,
+                                                "--real-labels": real_labels_file, "--data": data})
 
     bar = Progress(
         TextColumn("[bold]{task.description}"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
 from types import ModuleType
 from typing import NoReturn, Optional
 
@@ -12,7 +13,7 @@ import typer
 from rich.markup import escape
 
 import rmt
-from rmt.errors import RMTError
+from rmt.errors import RMTError, first_line, is_out_of_memory
 
 app = typer.Typer(
     name="rmt",
@@ -92,7 +93,24 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 (the last resort: never exit 1, CI's "regression")
+        _unexpected(e)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _unexpected(error: Exception) -> NoReturn:
+    """An error no command turned into an RMTError: the machine's limits and the paths it was given
+    are still the user's to change (one line, exit 2); anything else is a bug in rmt (its traceback,
+    then exit 3, so that CI never reads it as a regression or a missed gate, exit 1)."""
+    if is_out_of_memory(error):
+        _error(f"out of memory ({first_line(error)}): try a smaller batch or image size", 2)
+    if isinstance(error, OverflowError):
+        _error(f"a number is too large: {first_line(error)}", 2)
+    if isinstance(error, OSError) and error.filename is not None:  # a path the command was given
+        _error(f"{error.filename}: {error.strerror or first_line(error)}", 2)
+    traceback.print_exception(error, file=sys.stderr)
+    _error(f"internal error, a bug in rmt {rmt.__version__} ({type(error).__name__}: {first_line(error)}); "
+           "please report it with the traceback above", 3)
 
 
 if __name__ == "__main__":

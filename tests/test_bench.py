@@ -358,6 +358,23 @@ def test_compare_cli_exit_codes(tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     result = _cli("compare", str(paths["base"]), str(tmp_path / "junk.json"))
     assert result.returncode == 2 and "is not JSON" in result.stderr and "Traceback" not in result.stderr
+    before = paths["base"].read_bytes()
+    result = _cli("compare", str(paths["base"]), str(paths["same"]), "--json", str(paths["base"]))
+    assert result.returncode == 2 and "--json" in result.stderr and "is the baseline file: write it elsewhere" in result.stderr
+    assert paths["base"].read_bytes() == before  # the baseline is not replaced by the comparison
+    huge = _report([_row("rmt_s", 1000, 64, 2000)])
+    huge["results"][0]["throughput"] = 10**400  # JSON integers have no bound
+    write_json_atomic(tmp_path / "huge.json", huge)
+    result = _cli("compare", str(paths["base"]), str(tmp_path / "huge.json"))
+    assert result.returncode == 2 and "results[0] has a throughput beyond any float" in result.stderr
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = _cli("compare", str(paths["base"]), str(tmp_path / "deep.json"))
+    assert result.returncode == 2 and "is not an rmt bench report (nested too deeply)" in result.stderr
+    markup = _report([_row("rmt_s", 1000, 64, 2000)])
+    markup["results"][0]["dtype"] = "[/]"  # rich markup in a setting is shown, not parsed
+    write_json_atomic(tmp_path / "markup.json", markup)
+    result = _cli("compare", str(paths["base"]), str(tmp_path / "markup.json"))
+    assert result.returncode == 1 and "[/]" in result.stdout and "Traceback" not in result.stderr
     result = _cli("compare", str(paths["base"]), str(paths["same"]), "--metric", "speed")
     assert result.returncode == 2 and "unknown metric" in result.stderr
 
@@ -410,8 +427,12 @@ def test_profile_rejects_an_unknown_compile_mode_before_writing(tmp_path):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", compile_mode="fastest")
     with pytest.raises(RMTError, match="wait \\+ warmup >= 2"):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", compile_mode="default", warmup=0)
-    with pytest.raises(RMTError, match="batch must be at least 1, got 0"):
+    with pytest.raises(RMTError, match="batch size 0 is out of range: 1 to 1,048,576"):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", batch=0)
+    with pytest.raises(RMTError, match="batch size 99999999999999999999 is out of range"):  # not torch's overflow
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", batch=99999999999999999999)
+    with pytest.raises(RMTError, match="image size 224x100000 is too large: at most 65536 a side"):
+        profile_model("rmt_t", tmp_path / "prof", device="cpu", img_size=(224, 100000))
     with pytest.raises(RMTError, match="top must be at least 1, got -1"):
         profile_model("rmt_t", tmp_path / "prof", device="cpu", top=-1)
     with pytest.raises(RMTError, match="--freeze needs --compile"):

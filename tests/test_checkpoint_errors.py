@@ -12,6 +12,7 @@ import timm
 import torch
 
 import rmt
+import rmt.zoo
 from rmt.errors import CheckpointError
 from rmt.models.checkpoint import convert_checkpoint_file
 
@@ -233,6 +234,20 @@ def test_not_a_state_dict(tmp_path):
         rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "list.pth", [1, 2, 3]))
     with pytest.raises(CheckpointError, match="not a tensor"):
         rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "nested.pth", {"model": {"w": "text"}}))
+
+
+def test_tensors_that_are_no_weights_are_refused(tmp_path, rmt_t_state):
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in rmt_t_state.items()}
+    with pytest.raises(CheckpointError, match="is a tensor without data \\(saved from the meta device\\)"):
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "meta.pth", meta))
+    with pytest.raises(CheckpointError, match="checkpoint entry model: 1 has a key of type int, not a parameter name"):
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "int_key.pth", {"model": {1: torch.zeros(1)}}))
+    complex_state = {**rmt_t_state, "head.bias": rmt_t_state["head.bias"].to(torch.complex64)}
+    with pytest.raises(CheckpointError, match="'head.bias' holds complex64 numbers: not model weights"):
+        rmt.create_model("rmt_t", checkpoint=_save(tmp_path, "complex.pth", complex_state))
+    with pytest.raises(CheckpointError, match="without data"):  # a timm model's file goes through the same reader
+        rmt.zoo.create_model("test_resnet", checkpoint=_save(tmp_path, "meta_resnet.pth", {
+            k: torch.empty(v.shape, device="meta") for k, v in timm.create_model("test_resnet").state_dict().items()}))
 
 
 def test_ema_required_but_absent(tmp_path, rmt_t_state):

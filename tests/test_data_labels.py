@@ -52,6 +52,8 @@ def test_caffe_labels(tmp_path):
         ("ILSVRC2012_val_00000001.JPEG 1000\n", "val.txt:1: class index 1000 is outside 0..999"),
         ("ILSVRC2012_val_00000001.JPEG 1\nILSVRC2012_val_00000002.JPEG\n", "val.txt:2: expected 'FILE CLASS_INDEX'"),
         ("ILSVRC2012_val_00000001.JPEG n01440764\n", "val.txt:1: expected 'FILE CLASS_INDEX'"),
+        ("ILSVRC2012_val_00000001.JPEG \u00b2\n", "val.txt:1: expected 'FILE CLASS_INDEX'"),  # isdigit, but not int
+        ("ILSVRC2012_val_00000001.JPEG 5\nILSVRC2012_val_00000001.JPEG 7\n", "val.txt:2: ILSVRC2012_val_00000001 is listed again with class 7, after class 5"),
         ("\n\n", "labels file .* is empty"),
     ],
 )
@@ -82,6 +84,7 @@ def test_kaggle_labels(tmp_path):
         ("ImageId,Label\nx,n01440764\n", "expected the Kaggle header"),
         ("ImageId,PredictionString\nILSVRC2012_val_00000001,\n", r"\.csv:2: expected 'ImageId,WNID"),
         ("ImageId,PredictionString\nILSVRC2012_val_00000001,n99999999 1 2 3 4\n", "'n99999999' is not an ImageNet-1k wnid"),
+        ("ImageId,PredictionString\nILSVRC2012_val_00000001," + "x" * 200_000 + "\n", r"\.csv:2: not a Kaggle CSV row \(field larger"),
     ],
 )
 def test_kaggle_labels_errors(tmp_path, text, message):
@@ -156,6 +159,9 @@ def test_real_labels_file(tmp_path):
         read_real_labels(path)
     path.write_text("{")
     with pytest.raises(DatasetError, match="not a JSON file"):
+        read_real_labels(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's recursion
+    with pytest.raises(DatasetError, match="expected ReaL labels"):
         read_real_labels(path)
     for entry in (["a"], [1000], [True], "7"):
         path.write_text(json.dumps([entry] + [[1]] * 49_999))

@@ -117,6 +117,31 @@ def test_reparam_folds_the_model_and_says_so(monkeypatch, capsys, tiny_val, colo
     assert result["reparameterized"] is False and result["top1"] == pytest.approx(TOP1)
 
 
+def test_the_json_never_replaces_an_input(monkeypatch, capsys, tiny_val, colour, colour_checkpoint, tmp_path):
+    checkpoint = tmp_path / "weights.pth"
+    shutil.copy(colour_checkpoint, checkpoint)
+    before = checkpoint.read_bytes()
+    args = [colour[0], "--checkpoint", checkpoint, *colour[3:], "--data", tiny_val["flat-kaggle"]]
+    code, _, err = rmt_eval(monkeypatch, capsys, *args, "--json", checkpoint)
+    assert "--json" in one_line_error(code, err) and "is the --checkpoint file: write it elsewhere" in err
+    assert checkpoint.read_bytes() == before
+    data = tmp_path / "flat"
+    shutil.copytree(tiny_val["flat-kaggle"], data)
+    labels = data / "LOC_val_solution.csv"
+    code, _, err = rmt_eval(monkeypatch, capsys, *args[:-1], data, "--json", labels)  # the labels found in --data
+    assert "is a file of the --data folder: write it elsewhere" in one_line_error(code, err)
+    code, _, err = rmt_eval(monkeypatch, capsys, *args[:-1], data, "--json", data / "results.json")  # a new file there
+    assert code == 0, err
+
+
+def test_a_batch_larger_than_the_data_set_is_the_data_set(monkeypatch, capsys, tiny_val, colour, tmp_path):
+    code, _, err = rmt_eval(monkeypatch, capsys, *colour[:-1], "99999999999999999999", "--data", tiny_val["flat-caffe"],
+                            "--json", tmp_path / "r.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["top1"] == pytest.approx(TOP1) and result["batch_size"] == 99999999999999999999
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

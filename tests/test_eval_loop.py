@@ -282,7 +282,9 @@ def test_random_weights_are_the_same_on_every_run_and_rank(tiny_val, monkeypatch
     monkeypatch.setattr(rmt.zoo, "create_model", lambda *a, **k: built.append(create_model(*a, **k)) or built[-1])
     for _ in range(2):
         torch.randn(3)  # whatever the global generator's state
-        report = run_imagenet_eval("test_resnet", tiny_val["flat-kaggle"], random_weights=True, device="cpu", workers=0, limit=1)
-        assert report.weights == "random" and report.counts.images == 1
+        # real_labels=None: not asked for, as False
+        report = run_imagenet_eval("test_resnet", tiny_val["flat-kaggle"], random_weights=True, device="cpu", workers=0, limit=1,
+                                   real_labels=None)
+        assert report.weights == "random" and report.counts.images == 1 and not report.real_labels
     first, second = (model.state_dict() for model in built)
     assert all(torch.equal(first[k], second[k]) for k in first)

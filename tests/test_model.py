@@ -339,6 +339,12 @@ def test_features_only_for_dense_prediction():
     assert [f.shape[1] for f in some(torch.randn(1, 3, 64, 64))] == [128, 512]
 
 
+@pytest.mark.parametrize("out_indices", [(7,), (0, 4), 0, 5, (1.5,), "0"])
+def test_feature_indices_out_of_range_are_a_clear_error(out_indices):
+    with pytest.raises(rmt.ConfigError, match=r"give stage indices 0 to 3 \(or -4 to -1\), or a count of last stages 1 to 4"):
+        rmt.create_model("rmt_t", features_only=True, out_indices=out_indices)
+
+
 def test_features_from_create_model_with_checkpoint(tmp_path):
     source = rmt.create_model("rmt_t")
     torch.save(rmt.export_official_state_dict(source), tmp_path / "t.pth")

@@ -165,6 +165,28 @@ def test_argument_errors_are_one_line(capsys, monkeypatch, args, text):
     assert code == 2 and text in _one_error_line(err)
 
 
+@pytest.mark.parametrize("error, code, text", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 120000000000 bytes"), 2, "out of memory ([enforce fail"),
+    (OSError(36, "File name too long", "/tmp/" + "a" * 300), 2, "a: File name too long"),
+    (OverflowError("Python int too large to convert to C long"), 2, "a number is too large: Python int too large"),
+    (KeyError("stage"), 3, "internal error, a bug in rmt"),
+], ids=["memory", "path", "number", "bug"])
+def test_errors_no_command_turned_into_an_rmt_error(zoo_home, capsys, monkeypatch, error, code, text):
+    """The machine's limits and bad paths are still one line (exit 2); a bug shows its traceback and
+    exits 3, never 1, which CI reads as a regression or a missed accuracy gate."""
+    def fail():
+        raise error
+
+    monkeypatch.setattr("rmt.zoo.list_entries", fail)
+    exit_code, _, err = run_cli(capsys, monkeypatch, "list")
+    assert exit_code == code
+    if code == 2:
+        assert text in _one_error_line(err)
+    else:
+        assert "Traceback" in err and err.strip().splitlines()[-1].startswith(f"error: {text}")
+
+
 @pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_failing_standard_output_is_one_line(zoo_home):
     with open("/dev/full", "w") as full:

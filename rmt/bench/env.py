@@ -68,7 +68,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if kind != "cuda" or (index and not (index.isascii() and index.isdigit())):
         raise RMTError(f"unknown device {device!r}: use auto, cuda, cuda:N or cpu")
     if not torch.cuda.is_available():
         raise RMTError(f"--device {device} was asked for but no CUDA device is available (use --device cpu or auto)")

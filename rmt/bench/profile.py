@@ -10,7 +10,7 @@ import torch
 
 from rmt.bench.env import resolve_device
 from rmt.bench.runner import (
-    DTYPES, build_model, check_compile_mode, check_freeze, compile_counts, compile_counts_since, compile_model,
+    DTYPES, build_model, check_batch, check_compile_mode, check_freeze, check_img_size, compile_counts, compile_counts_since, compile_model,
     precision, quiet_stderr,
 )
 from rmt.errors import RMTError
@@ -46,7 +46,10 @@ def profile_model(
     """
     if dtype not in DTYPES:
         raise RMTError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    for what, value, least in (("batch", batch, 1), ("active steps", active, 1), ("top", top, 1),
+    check_batch(batch)
+    if model is None:  # (a model of the caller's own may take smaller images than RMT's 32)
+        check_img_size(*img_size)
+    for what, value, least in (("active steps", active, 1), ("top", top, 1),
                                ("wait steps", wait, 0), ("warmup steps", warmup, 0)):
         if value < least:
             raise RMTError(f"{what} must be at least {least}, got {value}")

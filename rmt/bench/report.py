@@ -6,10 +6,11 @@ import csv
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from rmt.errors import RMTError
+from rmt.errors import RMTError, first_line
 from rmt.io import atomic_write
 
 CSV_COLUMNS = (
@@ -31,6 +32,9 @@ def read_report(path: os.PathLike | str) -> dict[str, Any]:
         raise RMTError(f"cannot read {path}: {e}") from None
     except json.JSONDecodeError as e:
         raise RMTError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply; an integer of over 4,300 digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else first_line(e)
+        raise RMTError(f"{path} is not an rmt bench report ({reason})") from None
     if not isinstance(data, dict) or "results" not in data or not isinstance(data["results"], list):
         raise RMTError(f"{path} is not an rmt bench report (no 'results' list)")
     if data.get("schema") != 1:
@@ -69,6 +73,8 @@ def _row_problem(row: Any) -> Optional[str]:
     for key, value in numbers.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"has a non-numeric {key}: {value!r}"
+        if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no bound
+            return f"has a {key} beyond any float"
     return None
 
 

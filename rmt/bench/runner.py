@@ -131,9 +131,10 @@ class BenchSettings:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if any(b <= 0 for b in self.batches):
             raise RMTError(f"batch sizes must be positive, got {list(self.batches)}")
+        for batch in self.batches:
+            check_batch(batch)
         for h, w in self.img_sizes:
-            if min(h, w) < MIN_IMG_SIZE:
-                raise RMTError(f"image size {h}x{w} is too small: at least {MIN_IMG_SIZE}x{MIN_IMG_SIZE}")
+            check_img_size(h, w)
         if self.attn_kernel is not None:
             resolve_attention_kernel(self.attn_kernel)
         for name, value in (("warmup", self.warmup), ("iters", self.iters)):
@@ -162,10 +163,25 @@ class _Candidate:
 
 
 MIN_IMG_SIZE = 32  # one token at stride 32
+# far beyond any memory (and torch's int64 sizes), so that a typo is one clear error, not an overflow
+MAX_IMG_SIZE = 1 << 16
+MAX_BATCH = 1 << 20
+
+
+def check_img_size(h: int, w: int) -> None:
+    if min(h, w) < MIN_IMG_SIZE:
+        raise RMTError(f"image size {h}x{w} is too small: at least {MIN_IMG_SIZE}x{MIN_IMG_SIZE}")
+    if max(h, w) > MAX_IMG_SIZE:
+        raise RMTError(f"image size {h}x{w} is too large: at most {MAX_IMG_SIZE} a side")
+
+
+def check_batch(batch: int) -> None:
+    if not 1 <= batch <= MAX_BATCH:
+        raise RMTError(f"batch size {batch} is out of range: 1 to {MAX_BATCH:,}")
 
 
 def parse_img_size(text: str) -> tuple[int, int]:
-    """``224`` or ``HxW`` (``512x768``), each side at least 32."""
+    """``224`` or ``HxW`` (``512x768``), each side from 32 to 65536."""
     parts = text.lower().replace("*", "x").split("x")
     try:
         values = [int(p) for p in parts]
@@ -174,8 +190,7 @@ def parse_img_size(text: str) -> tuple[int, int]:
     if len(values) not in (1, 2):
         raise RMTError(f"image size {text!r} is not N or HxW")
     h, w = values[0], values[-1]
-    if min(h, w) < MIN_IMG_SIZE:
-        raise RMTError(f"image size {h}x{w} is too small: at least {MIN_IMG_SIZE}x{MIN_IMG_SIZE}")
+    check_img_size(h, w)
     return h, w
 
 

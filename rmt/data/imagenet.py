@@ -24,6 +24,7 @@ from rmt.data.labels import (
     KAGGLE_LABELS,
     NUM_CLASSES,
     PathLike,
+    is_decimal,
     read_labels_file,
     wnid_to_index,
 )
@@ -90,7 +91,7 @@ def scan_imagenet_val(root: PathLike, labels: Optional[PathLike] = None) -> Imag
     if not root.is_dir():
         raise DatasetError(f"data path {root} is a file; pass the folder that holds the validation images")
     folders, images = _list_folder(root)
-    for layout, is_class, class_of in (("imagefolder", _is_wnid, _wnid_class), ("imagenet-v2", str.isdigit, _index_class)):
+    for layout, is_class, class_of in (("imagefolder", _is_wnid, _wnid_class), ("imagenet-v2", is_decimal, _index_class)):
         classes = [f for f in folders if is_class(f.name)]
         if classes and len(classes) == len(folders):
             return _scan_class_folders(root, folders, labels, layout, class_of)
@@ -128,7 +129,7 @@ def _is_image(name: str) -> bool:
 
 
 def _is_wnid(name: str) -> bool:
-    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+    return len(name) == 9 and name[0] == "n" and is_decimal(name[1:])
 
 
 def _wnid_class(folder: Path) -> int:

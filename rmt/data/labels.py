@@ -57,6 +57,11 @@ def val_image_number(stem: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def is_decimal(text: str) -> bool:
+    """Digits 0-9 only (``str.isdigit`` also takes superscripts, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def read_caffe_labels(path: PathLike) -> dict[str, int]:
     """Caffe-style ``val.txt``: ``ILSVRC2012_val_00000001.JPEG 65`` per line, 0-based class index."""
     labels: dict[str, int] = {}
@@ -64,10 +69,17 @@ def read_caffe_labels(path: PathLike) -> dict[str, int]:
         if not line.strip():
             continue
         fields = line.split()
-        if len(fields) != 2 or not fields[1].isdigit():
+        if len(fields) != 2 or not is_decimal(fields[1]):
             raise DatasetError(f"{path}:{number}: expected 'FILE CLASS_INDEX' (Caffe val.txt), got {line.strip()!r}")
-        labels[Path(fields[0]).stem] = _check_index(int(fields[1]), path, number)
+        _add_label(labels, Path(fields[0]).stem, _check_index(int(fields[1]), path, number), path, number)
     return _non_empty(labels, path)
+
+
+def _add_label(labels: dict[str, int], image: str, index: int, path: PathLike, number: int) -> None:
+    """One image's label; an image listed again is fine with the same class, an error with another
+    (which of the two would be right?)."""
+    if labels.setdefault(image, index) != index:
+        raise DatasetError(f"{path}:{number}: {image} is listed again with class {index}, after class {labels[image]}")
 
 
 def read_kaggle_labels(path: PathLike) -> dict[str, int]:
@@ -78,15 +90,18 @@ def read_kaggle_labels(path: PathLike) -> dict[str, int]:
     if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
         raise DatasetError(f"{path}: expected the Kaggle header 'ImageId,PredictionString', got {','.join(header or [])!r}")
     labels: dict[str, int] = {}
-    for number, row in enumerate(rows, start=2):
-        if not row:
-            continue
-        tokens = row[1].split() if len(row) >= 2 else []
-        if not tokens:
-            raise DatasetError(f"{path}:{number}: expected 'ImageId,WNID x0 y0 x1 y1 ...', got {','.join(row)!r}")
-        if tokens[0] not in indices:
-            raise DatasetError(f"{path}:{number}: {tokens[0]!r} is not an ImageNet-1k wnid")
-        labels[Path(row[0].strip()).stem] = indices[tokens[0]]
+    try:
+        for number, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            tokens = row[1].split() if len(row) >= 2 else []
+            if not tokens:
+                raise DatasetError(f"{path}:{number}: expected 'ImageId,WNID x0 y0 x1 y1 ...', got {','.join(row)!r}")
+            if tokens[0] not in indices:
+                raise DatasetError(f"{path}:{number}: {tokens[0]!r} is not an ImageNet-1k wnid")
+            _add_label(labels, Path(row[0].strip()).stem, indices[tokens[0]], path, number)
+    except csv.Error as e:  # a field over the csv module's limit, a NUL byte
+        raise DatasetError(f"{path}:{rows.line_num}: not a Kaggle CSV row ({e})") from None
     return _non_empty(labels, path)
 
 
@@ -109,7 +124,7 @@ def read_devkit_labels(ground_truth: PathLike, meta: Optional[PathLike] = None) 
         if not line.strip():
             continue
         token = line.strip()
-        if not token.isdigit() or int(token) not in id_to_class:
+        if not is_decimal(token) or int(token) not in id_to_class:
             raise DatasetError(f"{ground_truth}:{number}: expected an ILSVRC2012_ID from 1 to {NUM_CLASSES}, got {token!r}")
         labels[f"ILSVRC2012_val_{number:08d}"] = id_to_class[int(token)]
     return _non_empty(labels, ground_truth)
@@ -152,7 +167,7 @@ def read_labels_file(path: PathLike) -> tuple[str, dict[str, int]]:
     first = next((line for line in _read_text(path).splitlines() if line.strip()), "")
     if first.startswith("ImageId"):
         return "kaggle", read_kaggle_labels(path)
-    if first.strip().isdigit():
+    if is_decimal(first.strip()):
         return "devkit", read_devkit_labels(path)
     return "caffe", read_caffe_labels(path)
 
@@ -168,6 +183,8 @@ def read_real_labels(path: Optional[PathLike] = None) -> list[list[int]]:
         real = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{where}: not a JSON file ({e})") from None
+    except (RecursionError, ValueError):  # nested too deeply; an integer of over 4,300 digits
+        real = None  # not ReaL labels either way
     if not isinstance(real, list) or len(real) != NUM_VAL_IMAGES or not all(map(_is_class_list, real)):
         raise DatasetError(
             f"{where}: expected ReaL labels, a JSON list of {NUM_VAL_IMAGES:,} lists of class indices (0 to {NUM_CLASSES - 1})"

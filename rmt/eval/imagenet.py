@@ -130,7 +130,7 @@ def run_imagenet_eval(
     # absolute: the report's paths (skipped files, their errors, the layout) must outlive the working directory
     val = scan_imagenet_val(Path(data).resolve(), labels).head(limit)
     real_sets = None
-    if real_labels is not False:
+    if real_labels is not None and real_labels is not False:  # (None: not asked for either)
         real_sets = real_label_sets(val.stems, read_real_labels(None if real_labels is True else real_labels))
     preprocessing = entry.preprocessing
     dataset = EvalImageDataset(val.paths, val.targets, build_eval_transform(preprocessing), tuple(preprocessing["input_size"]))

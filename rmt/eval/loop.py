@@ -107,6 +107,9 @@ def evaluate(
     if channels_last:  # otherwise keep the model's own layout (RMT's convs are channels-last already)
         model = model.to(memory_format=memory_format)
     sampler = ShardSampler(len(dataset), context.rank, context.world_size)
+    # a batch beyond the largest shard is that shard (and the DataLoader's slicing takes no more
+    # than sys.maxsize)
+    batch_size = min(batch_size, max(1, len(ShardSampler(len(dataset), 0, context.world_size))))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from rmt.errors import CheckpointError, first_line
-from rmt.io import atomic_write
+from rmt.io import atomic_write, same_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -221,12 +221,21 @@ def _strip_prefix(state_dict: Any, where: str) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint entry '{where}' is a {type(state_dict).__name__}, not a state dict")
     out = {}
     for key, value in state_dict.items():
+        entry = f"checkpoint entry {(where + ': ') if where else ''}{key!r}"
+        if not isinstance(key, str):
+            raise CheckpointError(f"{entry} has a key of type {type(key).__name__}, not a parameter name: not a state dict")
         if not isinstance(value, Tensor):
-            raise CheckpointError(
-                f"checkpoint entry {(where + ': ') if where else ''}'{key}' is a {type(value).__name__}, not a tensor: not a state dict"
-            )
+            raise CheckpointError(f"{entry} is a {type(value).__name__}, not a tensor: not a state dict")
+        if value.is_meta:
+            raise CheckpointError(f"{entry} is a tensor without data (saved from the meta device): not trained weights")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+            raise CheckpointError(f"{entry} holds {str(value.dtype).removeprefix('torch.')} numbers: not model weights")
         out[key[len("module."):] if key.startswith("module.") else key] = value
     return out
+
+
+# counters (batch norms' num_batches_tracked) and masks that state dicts may hold besides floats
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -587,7 +596,7 @@ def convert_checkpoint_file(
 
     if layout not in ("official", "rmt"):
         raise CheckpointError(f"unknown layout {layout!r}: choose official or rmt")
-    if _same_file(source, destination):
+    if same_file(source, destination):
         raise CheckpointError("destination is the source file: write the converted checkpoint elsewhere")
     if os.fspath(destination).endswith(".safetensors"):  # what torch.load and timm would take it for
         raise CheckpointError(
@@ -604,13 +613,3 @@ def convert_checkpoint_file(
         "params": sum(p.numel() for p in model.parameters()),
         "tensors": len(state),
     }
-
-
-def _same_file(a: PathLike, b: PathLike) -> bool:
-    """Whether two paths name one file: through symbolic links, and hard links where both exist."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False

@@ -56,6 +56,8 @@ def create_model(
             which keeps its initialisation (as timm's pretrained models do).
     """
     check_model_name(name)
+    if kwargs.get("features_only") and kwargs.get("out_indices") is not None:
+        _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", VARIANTS[name].depths)))
     if pretrained and checkpoint is not None:
         raise CheckpointError("give either pretrained=True or checkpoint=PATH, not both")
     if pretrained:
@@ -91,3 +93,19 @@ def create_model(
     model = FeatureGetterNet(model, out_indices=out_indices if out_indices is not None else tuple(range(len(model.stages))))
     model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(pretrained_cfg)
     return model
+
+
+def _check_out_indices(out_indices: Any, stages: int) -> None:
+    """timm's feature indices: a count of last stages, or stage indices (negative from the end)."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if is_int(out_indices):
+        fits = 1 <= out_indices <= stages
+    else:
+        fits = isinstance(out_indices, (list, tuple)) and all(is_int(i) and -stages <= i < stages for i in out_indices)
+    if not fits:
+        raise ConfigError(
+            f"out_indices={out_indices!r}: give stage indices 0 to {stages - 1} (or -{stages} to -1), "
+            f"or a count of last stages 1 to {stages}"
+        )

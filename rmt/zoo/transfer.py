@@ -217,7 +217,7 @@ def _http_attempt(
         else:
             start, mode = 0, "wb"
             length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+            total = int(length) if length and length.isascii() and length.isdigit() else None
             partial.parent.mkdir(parents=True, exist_ok=True)
             _meta_path(partial).write_text(
                 json.dumps({"url": url, "etag": response.headers.get("ETag"),
