@@ -250,7 +250,10 @@ def test_settings_errors():
             BenchSettings(models=["tiny"], time_budget_s=budget).validate()
     for repeated, message in ((dict(batches=[8, 1, 8]), "batch size 8 listed more than once"),
                               (dict(img_sizes=[(64, 64), (64, 64)]), "image size 64x64 listed more than once"),
-                              (dict(batches=[]), "no batch sizes"), (dict(img_sizes=[]), "no image sizes")):
+                              (dict(batches=[]), "no batch sizes"), (dict(img_sizes=[]), "no image sizes"),
+                              (dict(batches=[0]), "batch size 0 is out of range: 1 to 1,048,576"),
+                              (dict(batches=[10**20]), "batch size 100000000000000000000 is out of range"),
+                              (dict(img_sizes=[(224, 70000)]), "image size 224x70000 is too large: at most 65536 a side")):
         with pytest.raises(RMTError, match=message):
             BenchSettings(models=["tiny"], **repeated).validate()
     assert parse_img_size("512x768") == (512, 768) and parse_img_size("224") == (224, 224)

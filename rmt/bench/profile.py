@@ -10,8 +10,8 @@ import torch
 
 from rmt.bench.env import resolve_device
 from rmt.bench.runner import (
-    DTYPES, build_model, check_batch, check_compile_mode, check_freeze, check_img_size, compile_counts, compile_counts_since, compile_model,
-    precision, quiet_stderr,
+    DTYPES, build_model, check_batch, check_compile_mode, check_freeze, check_img_size, compile_counts,
+    compile_counts_since, compile_model, precision, quiet_stderr,
 )
 from rmt.errors import RMTError
 from rmt.zoo import fold_for_inference

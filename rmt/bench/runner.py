@@ -129,8 +129,6 @@ class BenchSettings:
         check_freeze(self.compile_mode, self.freeze)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if any(b <= 0 for b in self.batches):
-            raise RMTError(f"batch sizes must be positive, got {list(self.batches)}")
         for batch in self.batches:
             check_batch(batch)
         for h, w in self.img_sizes:
