@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import timm
+from timm.models import create_feature_extractor
 import torch
 from timm.layers import LayerScale
 from timm.utils import reparameterize_model
@@ -198,6 +199,12 @@ def test_features_and_intermediates_after_reparameterize():
     reparameterize_model(backbone, inplace=True)
     with torch.inference_mode():
         assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [64, 128, 256, 512]
+    # timm's FX feature extraction of a folded model: the folded layers are leaves
+    nodes = ["stages.1", "stages.3"]
+    unfolded, folded = (create_feature_extractor(m, return_nodes=nodes) for m in (_tiny(), model))
+    with torch.inference_mode():
+        pairs = [(unfolded(x)[n], folded(x)[n]) for n in nodes]
+    assert all(a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 for a, b in pairs)
 
 
 def test_bfloat16_autocast_after_reparameterize_close_to_float32():

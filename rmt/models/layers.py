@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers._fx import register_notrace_module
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 T = TypeVar("T")
@@ -242,6 +243,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+@register_notrace_module  # FX feature extraction: a leaf (its dispatch reads the input's device and dtype)
 class CachedLinear(AutocastWeightCache, nn.Linear):
     """``nn.Linear`` keeping its autocast-dtype weights across inference passes
     (:class:`AutocastWeightCache`), and in float32 CPU inference calling oneDNN's linear
@@ -258,14 +260,17 @@ class _CachedConv(AutocastWeightCache):
         return super()._conv_forward(x, weight, bias)
 
 
+@register_notrace_module  # FX feature extraction: a leaf (its dispatch reads the input's device and dtype)
 class CachedConv2d(_CachedConv, nn.Conv2d):
     """``nn.Conv2d`` keeping its autocast-dtype weights across inference passes (:class:`AutocastWeightCache`)."""
 
 
+@register_notrace_module  # FX feature extraction: a leaf (its dispatch reads the input's device and dtype)
 class CachedDepthwiseConvNHWC(_CachedConv, DepthwiseConvNHWC):
     """:class:`DepthwiseConvNHWC` keeping its autocast-dtype weights across inference passes."""
 
 
+@register_notrace_module  # FX feature extraction: a leaf (its dispatch reads the input's device and dtype)
 class CachedResidualDepthwiseConvNHWC(_CachedConv, ResidualDepthwiseConvNHWC):
     """:class:`ResidualDepthwiseConvNHWC` keeping its autocast-dtype weights across inference passes."""
 
@@ -291,6 +296,7 @@ def keep_autocast_weights(root: nn.Module) -> None:
             module.__class__ = caching
 
 
+@register_notrace_module  # FX feature extraction: a leaf (its dispatch reads the input's device and dtype)
 class AffineFreeLayerNorm(nn.Module):
     """Layer norm over the last dim without scale or shift, in its input's dtype even under autocast.
 
