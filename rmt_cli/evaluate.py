@@ -39,7 +39,8 @@ def register(app: typer.Typer) -> None:
 
 def evaluate(
     model: str = typer.Argument(..., help="A zoo name (rmt_b, swin_t) or any timm model name."),
-    data: Path = typer.Option(..., "--data", help="The validation images: wnid folders, a flat folder with labels, or ImageNet-V2."),
+    # a str, not a Path: typer would turn an empty --data '' into the current directory
+    data: str = typer.Option(..., "--data", help="The validation images: wnid folders, a flat folder with labels, or ImageNet-V2."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels of a flat folder: val.txt, LOC_val_solution.csv, the devkit ground truth or devkit folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file (any official RMT layout; a state dict for timm models)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass per process (halved on CUDA out-of-memory)."),
@@ -58,6 +59,8 @@ def evaluate(
     random_weights: bool = typer.Option(False, "--random-weights", help="Evaluate untrained weights (refused otherwise when no weights are found)."),
 ) -> None:
     """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""
+    if not data.strip():
+        raise ConfigError("--data was given an empty path: give the folder of validation images")
     if tolerance is not None and expect_top1 is None:
         raise ConfigError("--tolerance needs --expect-top1")
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance

@@ -160,6 +160,8 @@ def test_bad_options_are_one_line(monkeypatch, capsys, tiny_val, colour, args, m
 
 
 def test_bad_data_is_one_line(monkeypatch, capsys, tiny_val, colour, tmp_path):
+    code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", "")  # not the current directory
+    assert "--data was given an empty path" in one_line_error(code, err)
     code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", tmp_path)
     line = one_line_error(code, err)
     assert "accepted layouts: ImageFolder" in line and "ImageNet-V2" in line

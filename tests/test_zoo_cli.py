@@ -88,6 +88,7 @@ def test_download_from_a_url_with_json_output(zoo_home, zoo_server, capsys, monk
         ("ok", ["download", "rmt_t", "--url", "{url}", "--sha256", "0" * 64], "sha256 mismatch"),
         (None, ["download", "rmt_t", "--from", "/no/such/RMT_T.pth"], "no such file"),
         (None, ["download", "rmt_t", "--from", ""], "--from was given an empty path"),
+        (None, ["download", "rmt_t", "--url", " "], "--url was given an empty URL"),
         (None, ["download", "rmt_t", "--from", "/dev/null"], "--from /dev/null: is a device or other special file"),
         (None, ["download", "rmt_t", "--url", "http://[bad/x"], "'http://[bad/x' is not a valid URL"),
         (None, ["info", "resnet18.nonexistent_tag"], "timm's resnet18 has no pretrained tag 'nonexistent_tag' (its tags: a1_in1k"),

@@ -170,6 +170,8 @@ def download(
         sha256 = sha256.strip().lower()
         if not SHA256_HEX.match(sha256):
             raise ZooError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
+    if url is not None and not url.strip():  # else taken for no URL at all: the entry's own source
+        raise ZooError("--url was given an empty URL: give the http(s):// or file:// URL to fetch")
     if source_file is not None:
         if os.fspath(source_file) == "":  # Path("") would be the current directory
             raise ZooError("--from was given an empty path: give the file to import")
