@@ -121,3 +121,26 @@ def test_the_zoo_preprocessing_of_every_variant_is_the_official_one(tmp_path, va
     official = official_eval_transform(224, crop_pct)
     for path in sample_images(tmp_path)[-2:]:  # the generated 257x255 and 1024x97 photos
         assert torch.equal(ours(load_rgb(str(path))), official(datasets.folder.default_loader(str(path))))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_under_an_image_name_is_unreadable_not_a_hang(tmp_path):
+    import os
+    import threading
+
+    pipe = tmp_path / "ILSVRC2012_val_00000001.JPEG"
+    os.mkfifo(pipe)  # opening it for reading would wait for a writer
+    errors = []
+
+    def load() -> None:
+        try:
+            load_rgb(str(pipe))
+        except ValueError as e:
+            errors.append(str(e))
+
+    reader = threading.Thread(target=load, daemon=True)  # a hang fails the test instead of the suite
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive() and errors and "not a regular file" in errors[0]
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(tmp_path / "red.png")
+    assert load_rgb(str(tmp_path / "red.png")).getpixel((0, 0)) == (200, 10, 10)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from typing import Any, Mapping
 
 from PIL import Image
@@ -18,7 +20,11 @@ def load_rgb(path: str) -> Image.Image:
     PIL picks the decoder from the content, so PNG data saved under a .JPEG name (ImageNet has
     one) decodes too. This is torchvision's ``pil_loader``, the loader of the official evaluation.
     """
-    with open(path, "rb") as f:
+    # O_NONBLOCK: opening a named pipe (or a device) under an image's name would wait forever for a writer
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file (a named pipe, socket or device)")
         image = Image.open(f)
         return image.convert("RGB")
 
