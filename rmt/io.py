@@ -99,15 +99,10 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return False
 
 
-def check_not_an_input(output: PathLike, option: str, inputs: dict[str, Optional[PathLike]]) -> None:
-    """Refuse an output path naming one of the command's input files, or a file already inside one
-    of its input folders (``inputs``: option -> path), before anything runs: the result would
-    replace what it is computed from."""
+def check_not_an_input(output: PathLike, what: str, inputs: dict[str, Optional[PathLike]]) -> None:
+    """Refuse an output path (``what``: how to name it) that names one of the input files
+    (``inputs``: name -> path), before anything runs: the result would replace what it is
+    computed from."""
     for name, path in inputs.items():
-        if path is None:
-            continue
-        if same_file(output, path):
-            raise RMTError(f"{option} {output} is the {name} file: write it elsewhere")
-        inside = Path(os.path.realpath(output)).is_relative_to(os.path.realpath(path))
-        if os.path.isdir(path) and os.path.isfile(output) and inside:
-            raise RMTError(f"{option} {output} is a file of the {name} folder: write it elsewhere")
+        if path is not None and same_file(output, path):
+            raise RMTError(f"{what} {output} is the {name} file: write it elsewhere")

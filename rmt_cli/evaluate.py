@@ -13,7 +13,7 @@ from rich.table import Table
 from rmt.errors import ConfigError
 from rmt.eval import EvalReport, run_imagenet_eval, top1_gate
 from rmt.eval.imagenet import check_top1_gate
-from rmt.io import check_not_an_input, check_writable, write_json_atomic
+from rmt.io import check_writable, write_json_atomic
 from rmt.eval import Progress as EvalProgress
 
 from rmt_cli.console import err, out
@@ -39,10 +39,10 @@ def register(app: typer.Typer) -> None:
 
 def evaluate(
     model: str = typer.Argument(..., help="A zoo name (rmt_b, swin_t) or any timm model name."),
-    # a str, not a Path: typer would turn an empty --data '' into the current directory
+    # input paths are strs, not Paths: typer would turn an empty '' into the current directory
     data: str = typer.Option(..., "--data", help="The validation images: wnid folders, a flat folder with labels, or ImageNet-V2."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels of a flat folder: val.txt, LOC_val_solution.csv, the devkit ground truth or devkit folder."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file (any official RMT layout; a state dict for timm models)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels of a flat folder: val.txt, LOC_val_solution.csv, the devkit ground truth or devkit folder."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (any official RMT layout; a state dict for timm models)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per forward pass per process (halved on CUDA out-of-memory)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader workers per process (default: this node's CPUs shared, at most 8)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
@@ -51,7 +51,7 @@ def evaluate(
     reparam: bool = typer.Option(False, "--reparam", help="Fold the model for inference first (as rmt bench --reparam; the same logits within float32 rounding)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images in file-name order."),
     real_labels: bool = typer.Option(False, "--real-labels", help="Also report ImageNet-ReaL top-1 (timm's labels); --real-labels FILE.json takes yours."),
-    real_labels_file: Optional[Path] = typer.Option(None, "--real-labels-file", help="ReaL top-1 from this real.json instead of timm's copy."),
+    real_labels_file: Optional[str] = typer.Option(None, "--real-labels-file", help="ReaL top-1 from this real.json instead of timm's copy."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and reported) instead of failing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     expect_top1: Optional[float] = typer.Option(None, "--expect-top1", help="CI gate: exit 1 unless top-1 is within the tolerance of this value."),
@@ -59,17 +59,17 @@ def evaluate(
     random_weights: bool = typer.Option(False, "--random-weights", help="Evaluate untrained weights (refused otherwise when no weights are found)."),
 ) -> None:
     """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""
-    if not data.strip():
-        raise ConfigError("--data was given an empty path: give the folder of validation images")
+    for option, value in (("--data", data), ("--labels", labels), ("--checkpoint", checkpoint),
+                          ("--real-labels-file", real_labels_file)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{option} was given an empty path")
     if tolerance is not None and expect_top1 is None:
         raise ConfigError("--tolerance needs --expect-top1")
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     if expect_top1 is not None:
         check_top1_gate(expect_top1, tolerance)
     if json_out is not None:
-        check_writable(json_out)
-        check_not_an_input(json_out, "--json", {"--checkpoint": checkpoint, "--labels": labels,
-                                                "--real-labels": real_labels_file, "--data": data})
+        check_writable(json_out)  # (and run_imagenet_eval refuses it if it is a file the evaluation reads)
 
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -109,6 +109,7 @@ def evaluate(
             limit=limit,
             real_labels=real_labels_file if real_labels_file is not None else real_labels,
             skip_bad=skip_bad,
+            report_path=json_out,
             progress=on_progress,
             on_message=lambda message: err.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True),
         )

@@ -104,6 +104,8 @@ def _unexpected(error: Exception) -> NoReturn:
     then exit 3, so that CI never reads it as a regression or a missed gate, exit 1)."""
     if is_out_of_memory(error):
         _error(f"out of memory ({first_line(error)}): try a smaller batch or image size", 2)
+    if isinstance(error, RuntimeError) and "DataLoader worker" in str(error):  # killed: memory, a small /dev/shm
+        _error(f"{first_line(error)}: try fewer --workers, or --workers 0", 2)
     if isinstance(error, OverflowError):
         _error(f"a number is too large: {first_line(error)}", 2)
     if isinstance(error, OSError) and error.filename is not None:  # a path the command was given

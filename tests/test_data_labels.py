@@ -85,6 +85,7 @@ def test_kaggle_labels(tmp_path):
         ("ImageId,PredictionString\nILSVRC2012_val_00000001,\n", r"\.csv:2: expected 'ImageId,WNID"),
         ("ImageId,PredictionString\nILSVRC2012_val_00000001,n99999999 1 2 3 4\n", "'n99999999' is not an ImageNet-1k wnid"),
         ("ImageId,PredictionString\nILSVRC2012_val_00000001," + "x" * 200_000 + "\n", r"\.csv:2: not a Kaggle CSV row \(field larger"),
+        ("ImageId," + "x" * 200_000 + "\n", r"\.csv:1: not a Kaggle CSV row \(field larger"),
     ],
 )
 def test_kaggle_labels_errors(tmp_path, text, message):

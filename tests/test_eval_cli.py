@@ -120,18 +120,18 @@ def test_reparam_folds_the_model_and_says_so(monkeypatch, capsys, tiny_val, colo
 def test_the_json_never_replaces_an_input(monkeypatch, capsys, tiny_val, colour, colour_checkpoint, tmp_path):
     checkpoint = tmp_path / "weights.pth"
     shutil.copy(colour_checkpoint, checkpoint)
-    before = checkpoint.read_bytes()
-    args = [colour[0], "--checkpoint", checkpoint, *colour[3:], "--data", tiny_val["flat-kaggle"]]
-    code, _, err = rmt_eval(monkeypatch, capsys, *args, "--json", checkpoint)
-    assert "--json" in one_line_error(code, err) and "is the --checkpoint file: write it elsewhere" in err
-    assert checkpoint.read_bytes() == before
     data = tmp_path / "flat"
     shutil.copytree(tiny_val["flat-kaggle"], data)
-    labels = data / "LOC_val_solution.csv"
-    code, _, err = rmt_eval(monkeypatch, capsys, *args[:-1], data, "--json", labels)  # the labels found in --data
-    assert "is a file of the --data folder: write it elsewhere" in one_line_error(code, err)
-    code, _, err = rmt_eval(monkeypatch, capsys, *args[:-1], data, "--json", data / "results.json")  # a new file there
-    assert code == 0, err
+    before = {p: p.read_bytes() for p in (checkpoint, *data.iterdir())}
+    args = [colour[0], "--checkpoint", checkpoint, *colour[3:], "--data", data]
+    for target, what in ((checkpoint, "the checkpoint file"), (data / "LOC_val_solution.csv", "the labels file"),
+                         (next(data.glob("*.JPEG")), "one of the validation images")):
+        code, _, err = rmt_eval(monkeypatch, capsys, *args, "--json", target)
+        assert f"the report path {target} is {what}: write it elsewhere" in one_line_error(code, err)
+    assert {p: p.read_bytes() for p in before} == before
+    for _ in range(2):  # a report of its own in the data folder is no input, the second time either
+        code, _, err = rmt_eval(monkeypatch, capsys, *args, "--json", data / "results.json")
+        assert code == 0, err
 
 
 def test_a_batch_larger_than_the_data_set_is_the_data_set(monkeypatch, capsys, tiny_val, colour, tmp_path):
@@ -160,8 +160,9 @@ def test_bad_options_are_one_line(monkeypatch, capsys, tiny_val, colour, args, m
 
 
 def test_bad_data_is_one_line(monkeypatch, capsys, tiny_val, colour, tmp_path):
-    code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", "")  # not the current directory
-    assert "--data was given an empty path" in one_line_error(code, err)
+    for option in ("--data", "--labels", "--checkpoint", "--real-labels-file"):  # not the current directory
+        code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", tmp_path, option, "")
+        assert f"{option} was given an empty path" in one_line_error(code, err)
     code, _, err = rmt_eval(monkeypatch, capsys, *colour, "--data", tmp_path)
     line = one_line_error(code, err)
     assert "accepted layouts: ImageFolder" in line and "ImageNet-V2" in line

@@ -343,6 +343,10 @@ def test_features_only_for_dense_prediction():
 def test_feature_indices_out_of_range_are_a_clear_error(out_indices):
     with pytest.raises(rmt.ConfigError, match=r"give stage indices 0 to 3 \(or -4 to -1\), or a count of last stages 1 to 4"):
         rmt.create_model("rmt_t", features_only=True, out_indices=out_indices)
+    import numpy as np
+
+    numpy_indices = rmt.create_model("rmt_t", features_only=True, out_indices=(np.int64(1), np.int64(3)))  # as timm takes them
+    assert numpy_indices.feature_info.channels() == [128, 512]
 
 
 def test_features_from_create_model_with_checkpoint(tmp_path):

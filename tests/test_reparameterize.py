@@ -187,6 +187,8 @@ def test_reparameterize_twice_changes_nothing():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+# the token-labelling model's training graph has its aux head's outputs too, which torchvision notes
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in train mode")
 def test_features_and_intermediates_after_reparameterize():
     model = _tiny()
     x = torch.randn(1, 3, 64, 64)
@@ -266,6 +268,12 @@ def test_affine_free_norm_gives_float32_cpu_inference_the_vectorised_kernel(monk
     norm(trained).sum().backward()
     assert calls == [(torch.float32, True), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False)]
     assert trained.grad is not None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fake, torch.inference_mode():  # (as memory and FLOP estimators run it)
+        assert norm(fake.from_tensor(x)).shape == x.shape
+    with torch.inference_mode():
+        assert torch.equal(norm(x), plain)  # nothing fake was kept for later calls
 
 
 def test_training_after_reparameterize_takes_gradients():

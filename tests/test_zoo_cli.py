@@ -171,8 +171,10 @@ def test_argument_errors_are_one_line(capsys, monkeypatch, args, text):
                   "allocate 120000000000 bytes"), 2, "out of memory ([enforce fail"),
     (OSError(36, "File name too long", "/tmp/" + "a" * 300), 2, "a: File name too long"),
     (OverflowError("Python int too large to convert to C long"), 2, "a number is too large: Python int too large"),
+    (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
+                  "workers are out of shared memory."), 2, "try fewer --workers, or --workers 0"),
     (KeyError("stage"), 3, "internal error, a bug in rmt"),
-], ids=["memory", "path", "number", "bug"])
+], ids=["memory", "path", "number", "workers", "bug"])
 def test_errors_no_command_turned_into_an_rmt_error(zoo_home, capsys, monkeypatch, error, code, text):
     """The machine's limits and bad paths are still one line (exit 2); a bug shows its traceback and
     exits 3, never 1, which CI reads as a regression or a missed accuracy gate."""

@@ -86,11 +86,11 @@ def read_kaggle_labels(path: PathLike) -> dict[str, int]:
     """Kaggle ``LOC_val_solution.csv``: ``ImageId,PredictionString``; the first token of the prediction is the wnid."""
     indices = wnid_to_index()
     rows = csv.reader(_read_text(path).splitlines())
-    header = next(rows, None)
-    if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-        raise DatasetError(f"{path}: expected the Kaggle header 'ImageId,PredictionString', got {','.join(header or [])!r}")
     labels: dict[str, int] = {}
     try:
+        header = next(rows, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise DatasetError(f"{path}: expected the Kaggle header 'ImageId,PredictionString', got {','.join(header or [])!r}")
         for number, row in enumerate(rows, start=2):
             if not row:
                 continue

@@ -21,9 +21,8 @@ def load_rgb(path: str) -> Image.Image:
     one) decodes too. This is torchvision's ``pil_loader``, the loader of the official evaluation.
     """
     # O_NONBLOCK: opening a named pipe (or a device) under an image's name would wait forever for a writer
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise ValueError("not a regular file (a named pipe, socket or device)")
         image = Image.open(f)
         return image.convert("RGB")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,11 @@ import timm
 import torch
 
 import rmt
-from rmt.data.imagenet import EvalImageDataset, scan_imagenet_val
+from rmt.data.imagenet import EvalImageDataset, ImageNetVal, scan_imagenet_val
 from rmt.data.labels import PathLike, read_real_labels, real_label_sets
 from rmt.data.transforms import build_eval_transform
-from rmt.errors import ConfigError
+from rmt.errors import ConfigError, EvalError
+from rmt.io import check_not_an_input, same_file
 from rmt.eval.distributed import context_from_env, process_group, resolve_device
 from rmt.eval.loop import AMP_DTYPES, EvalCounts, Progress, default_workers, evaluate
 
@@ -104,6 +106,7 @@ def run_imagenet_eval(
     limit: Optional[int] = None,
     real_labels: Union[bool, PathLike] = False,
     skip_bad: bool = False,
+    report_path: Optional[PathLike] = None,
     progress: Optional[Callable[[Progress], None]] = None,
     on_message: Optional[Callable[[str], None]] = None,
 ) -> EvalReport:
@@ -113,6 +116,8 @@ def run_imagenet_eval(
     nowhere. The preprocessing is the zoo entry's. Under torchrun each rank scores its own shard and
     every rank returns the same totals; ``progress`` and ``on_message`` are called on rank 0 only.
     ``real_labels``: True for timm's ImageNet-ReaL labels, or the path of a ReaL JSON file.
+    ``report_path``: where the caller will write the report; refused before the model is built
+    if it is one of the files the evaluation reads (checkpoint, labels, ReaL labels, an image).
     ``reparameterize``: fold the model for inference first (:func:`rmt.zoo.fold_for_inference`;
     for RMT the same logits within float32 rounding, and faster, most on the CPU).
     """
@@ -129,6 +134,8 @@ def run_imagenet_eval(
 
     # absolute: the report's paths (skipped files, their errors, the layout) must outlive the working directory
     val = scan_imagenet_val(Path(data).resolve(), labels).head(limit)
+    if report_path is not None:
+        _check_report_path(report_path, val, checkpoint, real_labels)
     real_sets = None
     if real_labels is not None and real_labels is not False:  # (None: not asked for either)
         real_sets = real_label_sets(val.stems, read_real_labels(None if real_labels is True else real_labels))
@@ -187,6 +194,15 @@ def run_imagenet_eval(
         reparameterized=folded,
         skipped_files=[str(val.paths[i]) for i in counts.skipped_positions],
     )
+
+
+def _check_report_path(path: PathLike, val: ImageNetVal, checkpoint: Optional[PathLike],
+                       real_labels: Union[bool, PathLike, None]) -> None:
+    real_file = None if isinstance(real_labels, bool) else real_labels
+    check_not_an_input(path, "the report path", {"checkpoint": checkpoint, "labels": val.labels_file, "ReaL labels": real_file})
+    name = os.path.basename(path)  # images of another name are no hard links anyone makes
+    if any(os.path.basename(image) == name and same_file(image, path) for image in val.paths):
+        raise EvalError(f"the report path {path} is one of the validation images: write it elsewhere")
 
 
 def check_top1_gate(expected: float, tolerance: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 from typing import Any, Optional
 
 import timm
@@ -57,7 +58,7 @@ def create_model(
     """
     check_model_name(name)
     if kwargs.get("features_only") and kwargs.get("out_indices") is not None:
-        _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", VARIANTS[name].depths)))
+        _check_out_indices(kwargs["out_indices"], len(VARIANTS[name].depths))
     if pretrained and checkpoint is not None:
         raise CheckpointError("give either pretrained=True or checkpoint=PATH, not both")
     if pretrained:
@@ -97,8 +98,8 @@ def create_model(
 
 def _check_out_indices(out_indices: Any, stages: int) -> None:
     """timm's feature indices: a count of last stages, or stage indices (negative from the end)."""
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+    def is_int(value: Any) -> bool:  # numpy's integers too, as timm takes them
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     if is_int(out_indices):
         fits = 1 <= out_indices <= stages

@@ -330,21 +330,14 @@ class AffineFreeLayerNorm(nn.Module):
         ):
             # torch's float32 CPU kernel normalises without scale and shift in a scalar loop, and with
             # them in vector code: a scale of ones and a shift of zeros halve its time (torch 2.14,
-            # RMT's shapes), with the same numbers (docs/performance.md). Not in bf16 or fp16, where it
-            # was no faster, nor in training, whose backward would compute their gradients too.
-            weight, bias = _unit_affine(self.normalized_shape[0])
+            # RMT's shapes), with the same numbers (docs/performance.md); making the two small tensors
+            # costs a few microseconds. Not in bf16 or fp16, where it was no faster, nor with autograd
+            # recording (its backward kernels were not measured).
+            weight, bias = x.new_ones(self.normalized_shape), x.new_zeros(self.normalized_shape)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
-
-
-@functools.lru_cache(maxsize=None)
-def _unit_affine(dim: int) -> tuple[Tensor, Tensor]:
-    """A float32 CPU layer norm's identity scale and shift, one pair per width: normal tensors even
-    if first made in inference mode, in float32 on the CPU whatever the default dtype and device."""
-    with torch.inference_mode(False):
-        return torch.ones(dim, dtype=torch.float32, device="cpu"), torch.zeros(dim, dtype=torch.float32, device="cpu")
 
 
 # --- folds: each rewrites a module so that it computes the same function without a neighbour ---

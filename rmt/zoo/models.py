@@ -55,7 +55,7 @@ def create_model(
 _FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
 
 
-def fold_for_inference(model: nn.Module, name: str) -> bool:
+def fold_for_inference(model: nn.Module, name: str = "the model") -> bool:
     """Fold ``model`` (called ``name`` in errors) for inference in place, as
     ``timm.utils.reparameterize_model`` does: RMT's norms, batch norms, conv biases, layer scales
     and depthwise-conv residuals (the same outputs within float32 rounding, docs/models.md), the
