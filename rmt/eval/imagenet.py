@@ -200,7 +200,7 @@ def _check_report_path(path: PathLike, val: ImageNetVal, checkpoint: Optional[Pa
                        real_labels: Union[bool, PathLike, None]) -> None:
     real_file = None if isinstance(real_labels, bool) else real_labels
     check_not_an_input(path, "the report path", {"checkpoint": checkpoint, "labels": val.labels_file, "ReaL labels": real_file})
-    name = os.path.basename(path)  # images of another name are no hard links anyone makes
+    name = os.path.basename(path)  # only an image of the report's name is looked at: not every one of 50,000
     if any(os.path.basename(image) == name and same_file(image, path) for image in val.paths):
         raise EvalError(f"the report path {path} is one of the validation images: write it elsewhere")
 
