@@ -8,8 +8,8 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from timm.layers._fx import register_notrace_module
+from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 T = TypeVar("T")
@@ -221,23 +221,32 @@ class AutocastWeightCache:
         return state
 
 
+def eager_float32_cpu_inference(x: Tensor, *parameters: Optional[Tensor]) -> bool:
+    """Whether ``x`` is a float32 CPU tensor in eager code (not compiled, not jit-traced) with no
+    autograd recording for it or ``parameters``: where the eager CPU kernels below are chosen by
+    measurement, and compiled graphs and backward passes are left to torch's defaults."""
+    return (
+        # x.is_cpu first: the cheapest check to fail for CUDA, whose eager inference is bound by CPU time
+        x.is_cpu and x.dtype == torch.float32 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *parameters)))
+    )
+
+
 # oneDNN's linear, which inductor's frozen CPU graphs call too
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.linear``; in float32 CPU inference (no autograd, no autocast, eager, oneDNN not switched
-    off by ``torch.backends.mkldnn.flags``) through oneDNN's linear, which takes the weight as it is. On this project's AMD EPYC machine, at RMT's shapes,
-    it ran about 2.2 times as fast as ``F.linear``, whose float32 GEMM is MKL's there
-    (docs/performance.md); the numbers differ by float32 rounding."""
+    off by ``torch.backends.mkldnn.flags``) through oneDNN's linear, which takes the weight as it
+    is. On this project's AMD EPYC machine, at RMT's shapes, it ran about 2.2 times as fast as
+    ``F.linear``, whose float32 GEMM is MKL's there (docs/performance.md); the numbers differ by
+    float32 rounding."""
     if (
-        # x.is_cpu first: the cheapest check to fail for CUDA, whose eager inference is bound by CPU time
-        _ONEDNN_LINEAR and x.is_cpu and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
+        _ONEDNN_LINEAR and eager_float32_cpu_inference(x, weight, bias) and weight.dtype == torch.float32
+        and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
         # it reads a strided bias as if it were dense (torch 2.14): the parameters as folding leaves them
         and weight.is_contiguous() and (bias is None or bias.is_contiguous())
-        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)))
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -324,10 +333,7 @@ class AffineFreeLayerNorm(nn.Module):
 
     def _normalise(self, x: Tensor) -> Tensor:
         weight = bias = None
-        if (
-            x.is_cpu and x.dtype == torch.float32 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
+        if eager_float32_cpu_inference(x):
             # torch's float32 CPU kernel normalises without scale and shift in a scalar loop, and with
             # them in vector code: a scale of ones and a shift of zeros halve its time (torch 2.14,
             # RMT's shapes), with the same numbers (docs/performance.md); making the two small tensors
