@@ -107,9 +107,10 @@ def evaluate(
     if channels_last:  # otherwise keep the model's own layout (RMT's convs are channels-last already)
         model = model.to(memory_format=memory_format)
     sampler = ShardSampler(len(dataset), context.rank, context.world_size)
+    largest_shard = len(ShardSampler(len(dataset), 0, context.world_size))  # rank 0's
     # a batch beyond the largest shard is that shard (and the DataLoader's slicing takes no more
     # than sys.maxsize)
-    batch_size = min(batch_size, max(1, len(ShardSampler(len(dataset), 0, context.world_size))))
+    batch_size = min(batch_size, max(1, largest_shard))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -129,7 +130,7 @@ def evaluate(
     batches = iter(loader)
     # every rank takes the same number of steps (a shorter shard's last ones are empty), so that
     # after each step they can agree on whether one of them failed
-    steps = -(-len(ShardSampler(len(dataset), 0, context.world_size)) // batch_size)
+    steps = -(-largest_shard // batch_size)
     with torch.inference_mode():
         for _ in range(steps):
             failure = None
