@@ -13,6 +13,7 @@ import timm
 import torch
 
 import rmt
+from rmt.data.labels import is_decimal
 
 
 def git_commit() -> Optional[str]:
@@ -68,7 +69,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not (index.isascii() and index.isdigit())):
+    if kind != "cuda" or (index and not is_decimal(index)):
         raise RMTError(f"unknown device {device!r}: use auto, cuda, cuda:N or cpu")
     if not torch.cuda.is_available():
         raise RMTError(f"--device {device} was asked for but no CUDA device is available (use --device cpu or auto)")

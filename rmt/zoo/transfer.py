@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from rmt.data.labels import is_decimal
 from rmt.errors import DownloadError, ZooError, first_line
 from rmt.models.checkpoint import looks_like_html
 
@@ -217,7 +218,7 @@ def _http_attempt(
         else:
             start, mode = 0, "wb"
             length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isascii() and length.isdigit() else None
+            total = int(length) if length and is_decimal(length) else None
             partial.parent.mkdir(parents=True, exist_ok=True)
             _meta_path(partial).write_text(
                 json.dumps({"url": url, "etag": response.headers.get("ETag"),
