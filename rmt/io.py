@@ -74,7 +74,14 @@ def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
 
 
 def check_writable(path: PathLike) -> None:
-    """Fail now, in one line, if ``path`` could not be written later (no folder, not writable, a folder)."""
+    """Fail now, in one line, if ``path`` could not be written later (no folder, not writable, a
+    folder, or a name ending in a separator: pass command-line paths as typed, since ``Path``
+    drops that separator and would write a file named after the folder meant)."""
+    text = os.fspath(path)
+    if not text:
+        raise RMTError("cannot write to an empty path: give a file name")
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise RMTError(f"cannot write {text}: it names a folder; give a file name")
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():

@@ -75,13 +75,14 @@ def bench(
     time_budget: float = typer.Option(150.0, "--time-budget", help="CPU only: seconds the default iteration count aims at."),
     retry_oom: bool = typer.Option(False, "--retry-oom", help="On out-of-memory, retry that model with half the batch."),
     baseline: Optional[str] = typer.Option(None, help="Ratios are to this model (default: the first one; swin_t for the default set)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the schema-1 JSON report here."),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per model and setting."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="PNG: published top-1 vs throughput (needs rmt\\[plot])."),
+    # output paths are strs, not Paths: typer would drop the slash of 'reports/' and write a file named reports
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the schema-1 JSON report here."),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="Write one CSV row per model and setting."),
+    plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: published top-1 vs throughput (needs rmt\\[plot])."),
 ) -> None:
     """Throughput, latency spread, peak memory, GMACs and MFU of RMT against its peers."""
     from rmt.bench.report import plot, require_matplotlib, to_csv
-    from rmt.io import check_writable, write_json_atomic, write_text_atomic
+    from rmt.io import check_writable, same_file, write_json_atomic, write_text_atomic
     from rmt.bench.runner import DEFAULT_MODELS, BenchSettings, parse_img_size, run_benchmark
 
     try:
@@ -113,7 +114,7 @@ def bench(
     outputs = [path for path in (json_out, csv_out, plot_out) if path is not None]
     for path in outputs:  # a typo must not throw away a long run
         check_writable(path)
-    if len({path.resolve() for path in outputs}) < len(outputs):
+    if any(same_file(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1:]):
         raise RMTError("--json, --csv and --plot must name different files")
     if plot_out is not None:
         require_matplotlib()
@@ -130,13 +131,13 @@ def bench(
         report = run_benchmark(settings, progress=progress)
     # the files first: a closed or full standard output must not lose a long run's report
     wrote = []
-    if json_out:
+    if json_out is not None:
         write_json_atomic(json_out, report)
         wrote.append(f"wrote {json_out}")
-    if csv_out:
+    if csv_out is not None:
         write_text_atomic(csv_out, to_csv(report))
         wrote.append(f"wrote {csv_out}")
-    if plot_out:
+    if plot_out is not None:
         from rmt import zoo
 
         drawn = plot(report, plot_out, top1=lambda name: zoo.get_entry(name).published_top1)
@@ -247,7 +248,7 @@ def _print_sweep(report: dict[str, Any], sizes: list[tuple[int, int]], memory_la
 def flops(
     model: str = typer.Argument(..., help="Zoo name or timm name."),
     img_size: str = typer.Option("224", "--img-size", help="N or HxW."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {model, img_size, gmacs, params, ...} here."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write {model, img_size, gmacs, params, ...} here."),
 ) -> None:
     """Multiply-adds of one image (the papers' 'FLOPs'), by operator and by module."""
     from rmt import zoo
@@ -255,12 +256,12 @@ def flops(
     from rmt.io import check_writable, write_json_atomic
     from rmt.bench.runner import build_model, parse_img_size
 
-    if json_out:
+    if json_out is not None:
         check_writable(json_out)
     size = parse_img_size(img_size)
     entry = zoo.get_entry(model)
     report = count_flops(build_model(model, size), size, name=model)
-    if json_out:  # before printing: a closed standard output must not lose it
+    if json_out is not None:  # before printing: a closed standard output must not lose it
         write_json_atomic(json_out, report.to_dict())
     out.print(
         f"[bold]{model}[/] at {size[0]}x{size[1]}: [bold]{report.gmacs:.3f} GMACs[/], {report.params:,} parameters"
@@ -285,7 +286,7 @@ def flops(
     for name, macs in report.by_module:
         modules.add_row(("  " * name.count(".")) + name, f"{macs / 1e9:.4f}")
     out.print(modules)
-    if json_out:
+    if json_out is not None:
         out.print(f"wrote {json_out}", markup=False)
 
 
@@ -304,19 +305,19 @@ def profile(
         None, "--compile", help="Profile the model compiled (as rmt bench --compile); optional MODE: default, reduce-overhead, max-autotune.",
     ),
     freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing (as rmt bench --freeze)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary here."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the summary here."),
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
     from rmt.bench.profile import profile_model
     from rmt.io import check_writable, write_json_atomic
     from rmt.bench.runner import graph_break_note, parse_img_size
 
-    if json_out:
+    if json_out is not None:
         check_writable(json_out)
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam,
                             compile_mode=compile_mode, freeze=freeze)
-    if json_out:  # before printing: a closed standard output must not lose it
+    if json_out is not None:  # before printing: a closed standard output must not lose it
         write_json_atomic(json_out, summary)
     folded = ", folded for inference" if summary["reparameterized"] else ""
     folded += f", compiled ({compile_mode}{', frozen' if freeze else ''})" if compile_mode else ""
@@ -335,7 +336,7 @@ def profile(
     out.print(f"Perfetto: {summary['open']['perfetto']}", markup=False)
     if summary["graph_breaks"]:
         out.print(f"[yellow]note:[/] {graph_break_note(summary['compiled_graphs'], summary['graph_breaks'])}")
-    if json_out:
+    if json_out is not None:
         out.print(f"wrote {json_out}", markup=False)
 
 
@@ -344,18 +345,18 @@ def compare(
     new: Path = typer.Argument(..., help="New report."),
     threshold: float = typer.Option(5.0, help="Allowed change in percent."),
     metric: str = typer.Option("throughput,latency,memory", help="Metrics to gate on, comma-separated."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison here."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the comparison here."),
 ) -> None:
     """Exit 1 when a model got slower, hungrier, failed or went missing beyond the threshold."""
     from rmt.bench.compare import compare_reports, parse_metrics
     from rmt.bench.report import read_report
     from rmt.io import check_not_an_input, check_writable, write_json_atomic
 
-    if json_out:
+    if json_out is not None:
         check_writable(json_out)
         check_not_an_input(json_out, "--json", {"baseline": base, "new report": new})
     result = compare_reports(read_report(base), read_report(new), threshold, parse_metrics(metric))
-    if json_out:  # before printing: a closed standard output must not lose it
+    if json_out is not None:  # before printing: a closed standard output must not lose it
         write_json_atomic(json_out, result.to_dict())
     for warning in result.env_warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 def convert(
     model: str = typer.Argument(..., help="RMT variant the checkpoint belongs to, e.g. rmt_s."),
     source: Path = typer.Argument(..., help="Checkpoint in any official layout (or ours)."),
-    destination: Path = typer.Argument(..., help="Where to write the converted checkpoint."),
+    destination: str = typer.Argument(..., help="Where to write the converted checkpoint."),  # a str: Path drops a trailing slash
     to: str = typer.Option("official", "--to", help="Layout to write: official ({'model': state dict}, for the official code) or rmt (a bare state dict)."),
     ema: Optional[bool] = typer.Option(
         None, "--ema/--no-ema", help="Take the EMA or the plain weights (default: of a file holding both, the published ones: plain for rmt_t, EMA for the others)."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -39,7 +38,8 @@ def register(app: typer.Typer) -> None:
 
 def evaluate(
     model: str = typer.Argument(..., help="A zoo name (rmt_b, swin_t) or any timm model name."),
-    # input paths are strs, not Paths: typer would turn an empty '' into the current directory
+    # paths are strs, not Paths: typer would turn an empty '' into the current directory, and drop
+    # the slash of an output path 'reports/' (a file named reports would be written)
     data: str = typer.Option(..., "--data", help="The validation images: wnid folders, a flat folder with labels, or ImageNet-V2."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels of a flat folder: val.txt, LOC_val_solution.csv, the devkit ground truth or devkit folder."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (any official RMT layout; a state dict for timm models)."),
@@ -53,7 +53,7 @@ def evaluate(
     real_labels: bool = typer.Option(False, "--real-labels", help="Also report ImageNet-ReaL top-1 (timm's labels); --real-labels FILE.json takes yours."),
     real_labels_file: Optional[str] = typer.Option(None, "--real-labels-file", help="ReaL top-1 from this real.json instead of timm's copy."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and reported) instead of failing."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     expect_top1: Optional[float] = typer.Option(None, "--expect-top1", help="CI gate: exit 1 unless top-1 is within the tolerance of this value."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.0, help=f"Gate tolerance in percentage points (default: {DEFAULT_TOLERANCE})."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Evaluate untrained weights (refused otherwise when no weights are found)."),

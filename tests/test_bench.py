@@ -454,6 +454,43 @@ def test_an_unwritable_json_path_fails_before_the_work(capsys, monkeypatch, tmp_
     assert list(tmp_path.iterdir()) == []  # no trace folder, nothing measured
 
 
+@pytest.mark.parametrize("command", [["bench", "rmt_t", "--device", "cpu"], ["profile", "rmt_t", "--device", "cpu"],
+                                     ["flops", "rmt_t"], ["compare", "a.json", "b.json"], ["eval", "rmt_t", "--data", "val"]],
+                         ids=["bench", "profile", "flops", "compare", "eval"])
+@pytest.mark.parametrize("path", ["reports/", ""], ids=["trailing-slash", "empty"])
+def test_a_json_path_naming_no_file_fails_before_the_work(capsys, monkeypatch, tmp_path, command, path):
+    """Typer's Path would drop the slash of 'reports/' and write a file named reports."""
+    from conftest import run_rmt
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_rmt(capsys, monkeypatch, *command, "--json", path)
+    message = "cannot write reports/: it names a folder; give a file name" if path else "cannot write to an empty path: give a file name"
+    assert code == 2 and err.strip() == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_outputs_that_are_one_file_through_a_link_are_refused(capsys, monkeypatch, tmp_path):
+    from conftest import run_rmt
+
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "run.json")
+    os.link(tmp_path / "run.json", tmp_path / "hard.csv")
+    for other in ("link.csv", "hard.csv"):
+        code, _, err = run_rmt(capsys, monkeypatch, "bench", "rmt_t", "--device", "cpu",
+                               "--json", tmp_path / "run.json", "--csv", tmp_path / other)
+        assert code == 2 and err.strip() == "error: --json, --csv and --plot must name different files"
+    assert (tmp_path / "run.json").read_text() == "{}"
+
+
+def test_profile_out_naming_a_file_says_so(tmp_path):
+    from rmt.bench.profile import profile_model
+
+    (tmp_path / "traces").write_text("mine")
+    with pytest.raises(RMTError, match=r"cannot write traces to .*traces: it is a file, not a folder"):
+        profile_model("rmt_t", tmp_path / "traces", device="cpu")
+    assert (tmp_path / "traces").read_text() == "mine"
+
+
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs procfs")
 def test_a_folder_that_takes_no_files_is_not_writable():
     from rmt.io import check_writable

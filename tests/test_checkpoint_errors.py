@@ -317,6 +317,13 @@ def test_cli_convert_reads_a_misnamed_file_and_writes_no_misnamed_one(tmp_path, 
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_cli_convert_refuses_a_folder_destination_before_reading(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "convert", "rmt_t", str(tmp_path / "missing.pth"),
+                             str(tmp_path / "converted") + "/"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == f"error: cannot write {tmp_path / 'converted'}/: it names a folder; give a file name\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_refuses_a_destination_that_is_the_source_through_a_link(tmp_path, rmt_t_state):
     src = _save(tmp_path, "t.pth", {"model": rmt_t_state})
     before = src.read_bytes()

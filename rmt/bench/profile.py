@@ -63,6 +63,8 @@ def profile_model(
         model = build_model(name, img_size)
     model = model.eval()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # mkdir would only say "File exists"
+        raise RMTError(f"cannot write traces to {out}: it is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from rmt.errors import CheckpointError, first_line
-from rmt.io import atomic_write, same_file
+from rmt.io import atomic_write, check_writable, same_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -602,6 +602,7 @@ def convert_checkpoint_file(
         raise CheckpointError(
             f"{destination}: rmt convert writes torch.save checkpoints, not safetensors; give the destination a .pth name"
         )
+    check_writable(destination)  # before the source is read
     model = create_model(model_name)
     used = load_checkpoint(model, source, ema=ema, model_name=model_name, prefer_ema=published_prefers_ema(model_name))
     state = export_official_state_dict(model) if layout == "official" else model.state_dict()
