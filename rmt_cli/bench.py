@@ -11,7 +11,6 @@ from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rmt.errors import RMTError
 from rmt_cli.console import err, out
 
 
@@ -25,9 +24,12 @@ def register(app: typer.Typer) -> None:
 def optional_compile_mode(argv: list[str]) -> list[str]:
     """``--compile`` takes an optional mode: a bare ``--compile`` (followed by an option, a model
     name or nothing) means ``--compile default``. No model is named like a mode, so this is exact."""
+    if "--compile" not in argv:  # every command line passes here: rmt (torch) is imported only when needed
+        return list(argv)
     import difflib
 
     from rmt.bench.runner import COMPILE_MODES
+    from rmt.errors import RMTError
 
     out = []
     for i, token in enumerate(argv):
@@ -82,6 +84,7 @@ def bench(
 ) -> None:
     """Throughput, latency spread, peak memory, GMACs and MFU of RMT against its peers."""
     from rmt.bench.report import plot, require_matplotlib, to_csv
+    from rmt.errors import RMTError
     from rmt.io import check_writable, same_file, write_json_atomic, write_text_atomic
     from rmt.bench.runner import DEFAULT_MODELS, BenchSettings, parse_img_size, run_benchmark
 

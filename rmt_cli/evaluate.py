@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from rmt.errors import ConfigError
-from rmt.eval import EvalReport, run_imagenet_eval, top1_gate
-from rmt.eval.imagenet import check_top1_gate
-from rmt.io import check_writable, write_json_atomic
-from rmt.eval import Progress as EvalProgress
-
 from rmt_cli.console import err, out
+
+if TYPE_CHECKING:  # rmt (torch, timm) is imported when the command runs, not for `rmt --help`
+    from rmt.eval import EvalReport
+    from rmt.eval import Progress as EvalProgress
 
 DEFAULT_TOLERANCE = 0.1
 MAX_SKIPPED_SHOWN = 10
@@ -59,6 +57,11 @@ def evaluate(
     random_weights: bool = typer.Option(False, "--random-weights", help="Evaluate untrained weights (refused otherwise when no weights are found)."),
 ) -> None:
     """Top-1 / top-5 on ImageNet validation with the model's official preprocessing (torchrun-ready)."""
+    from rmt.errors import ConfigError
+    from rmt.eval import run_imagenet_eval, top1_gate
+    from rmt.eval.imagenet import check_top1_gate
+    from rmt.io import check_writable, write_json_atomic
+
     for option, value in (("--data", data), ("--labels", labels), ("--checkpoint", checkpoint),
                           ("--real-labels-file", real_labels_file)):
         if value is not None and not value.strip():

@@ -12,8 +12,8 @@ from typing import NoReturn, Optional
 import typer
 from rich.markup import escape
 
-import rmt
-from rmt.errors import RMTError, first_line, is_out_of_memory
+# No rmt import here: rmt imports torch and timm (seconds), which `rmt --help`, `rmt --version`
+# and a mistyped option do not need. Each command imports what it runs.
 
 app = typer.Typer(
     name="rmt",
@@ -25,9 +25,18 @@ app = typer.Typer(
 from rmt_cli.console import StdoutError, err, stdout
 
 
+def _version_string() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rmt")
+    except PackageNotFoundError:  # a source tree that is not installed (as rmt.__version__ says)
+        return "0.0.0+unknown"
+
+
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"rmt {rmt.__version__}")
+        typer.echo(f"rmt {_version_string()}")
         raise typer.Exit()
 
 
@@ -76,8 +85,6 @@ def main() -> None:
         if code == 130:  # typer turns Ctrl-C into a returned 130 (no command returns it otherwise)
             raise KeyboardInterrupt
         stdout.flush()
-    except RMTError as e:
-        _error(str(e), 2)
     except no_args_is_help as e:  # bare `rmt` or `rmt COMMAND`: the help was printed
         sys.exit(e.exit_code)
     except click_errors.UsageError as e:  # a missing, unknown or malformed argument
@@ -93,7 +100,11 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 (the last resort: never exit 1, CI's "regression")
+    except Exception as e:  # noqa: BLE001 (user errors, then the last resort: never exit 1, CI's "regression")
+        from rmt.errors import RMTError
+
+        if isinstance(e, RMTError):
+            _error(str(e), 2)
         _unexpected(e)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -102,6 +113,8 @@ def _unexpected(error: Exception) -> NoReturn:
     """An error no command turned into an RMTError: the machine's limits and the paths it was given
     are still the user's to change (one line, exit 2); anything else is a bug in rmt (its traceback,
     then exit 3, so that CI never reads it as a regression or a missed gate, exit 1)."""
+    from rmt.errors import first_line, is_out_of_memory
+
     if is_out_of_memory(error):
         _error(f"out of memory ({first_line(error)}): try a smaller batch or image size", 2)
     if isinstance(error, RuntimeError) and "DataLoader worker" in str(error):  # killed: memory, a small /dev/shm
@@ -111,7 +124,7 @@ def _unexpected(error: Exception) -> NoReturn:
     if isinstance(error, OSError) and error.filename is not None:  # a path the command was given
         _error(f"{error.filename}: {error.strerror or first_line(error)}", 2)
     traceback.print_exception(error, file=sys.stderr)
-    _error(f"internal error, a bug in rmt {rmt.__version__} ({type(error).__name__}: {first_line(error)}); "
+    _error(f"internal error, a bug in rmt {_version_string()} ({type(error).__name__}: {first_line(error)}); "
            "please report it with the traceback above", 3)
 
 

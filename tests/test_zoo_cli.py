@@ -166,6 +166,22 @@ def test_argument_errors_are_one_line(capsys, monkeypatch, args, text):
     assert code == 2 and text in _one_error_line(err)
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["eval", "--help"], ["bench", "--bogus"]],
+                         ids=["help", "version", "command-help", "usage-error"])
+def test_help_version_and_usage_errors_do_not_import_torch(args):
+    """torch and timm take seconds to import; none of these needs them."""
+    script = ("import sys; sys.argv = ['rmt', *sys.argv[1:]]\n"
+              "from rmt_cli.main import main\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+              "print(sorted(name for name in ('torch', 'timm', 'rmt') if name in sys.modules), code)")
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == f"[] {2 if args[-1] == '--bogus' else 0}", result.stdout + result.stderr
+    if args == ["--version"]:
+        from importlib.metadata import version
+
+        assert result.stdout.splitlines()[0] == f"rmt {version('rmt')}"
+
+
 @pytest.mark.parametrize("error, code, text", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
                   "allocate 120000000000 bytes"), 2, "out of memory ([enforce fail"),
