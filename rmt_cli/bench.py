@@ -299,7 +299,7 @@ def profile(
     img_size: str = typer.Option("224", "--img-size", help="N or HxW."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
     dtype: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16."),
-    out_dir: Path = typer.Option(Path("runs/profile"), "--out", help="Trace directory (TensorBoard logdir)."),
+    out_dir: str = typer.Option("runs/profile", "--out", help="Trace directory (TensorBoard logdir)."),  # a str: Path reads '' as '.'
     memory: bool = typer.Option(False, "--memory", help="Also record memory per operator."),
     active: int = typer.Option(3, min=1, help="Profiled steps (after 1 wait and 1 warmup step)."),
     top: int = typer.Option(15, min=1, help="Operators to list."),

@@ -482,13 +482,15 @@ def test_bench_outputs_that_are_one_file_through_a_link_are_refused(capsys, monk
     assert (tmp_path / "run.json").read_text() == "{}"
 
 
-def test_profile_out_naming_a_file_says_so(tmp_path):
+def test_profile_out_naming_a_file_or_nothing_says_so(tmp_path):
     from rmt.bench.profile import profile_model
 
     (tmp_path / "traces").write_text("mine")
     with pytest.raises(RMTError, match=r"cannot write traces to .*traces: it is a file, not a folder"):
         profile_model("rmt_t", tmp_path / "traces", device="cpu")
     assert (tmp_path / "traces").read_text() == "mine"
+    with pytest.raises(RMTError, match="cannot write traces to an empty path: give a folder"):
+        profile_model("rmt_t", "", device="cpu")
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs procfs")

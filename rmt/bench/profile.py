@@ -58,13 +58,15 @@ def profile_model(
     if compile_mode is not None and wait + warmup < 2:
         # CUDA graphs are recorded on a model's second call: profiled steps should replay them
         raise RMTError("a compiled model needs wait + warmup >= 2 steps before the profiled ones")
+    if not os.fspath(out_dir):
+        raise RMTError("cannot write traces to an empty path: give a folder")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # mkdir would only say "File exists"
+        raise RMTError(f"cannot write traces to {out}: it is a file, not a folder")
     dev = resolve_device(device)
     if model is None:  # an unknown name fails before the trace directory is made
         model = build_model(name, img_size)
     model = model.eval()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():  # mkdir would only say "File exists"
-        raise RMTError(f"cannot write traces to {out}: it is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
