@@ -113,11 +113,12 @@ def test_a_feature_backbone_loads_a_file_with_another_classifier(tmp_path, schem
         assert torch.equal(backbone.state_dict()["model.stem.0.weight"], tuned.stem[0].weight)
     with pytest.raises(rmt.RMTError, match="feature_cls='hook': with weights, RMT feature models are timm's 'getter' kind"):
         rmt.create_model("rmt_t", checkpoint=path, features_only=True, feature_cls="hook")
-    feature_model = timm.create_model("rmt_t", features_only=True)
-    with pytest.raises(CheckpointError, match=r"a feature model .* build it with its weights: rmt.create_model\(NAME, checkpoint=PATH, features_only=True\)"):
-        rmt.load_checkpoint(feature_model, path)
-    with pytest.raises(CheckpointError, match="a feature model .* export the full model's weights"):
-        rmt.export_official_state_dict(feature_model)
+    for kind in ("getter", "hook", "fx"):  # each timm wrapper holds the network under its own name
+        feature_model = timm.create_model("rmt_t", features_only=True, feature_cls=kind)
+        with pytest.raises(CheckpointError, match=r"a feature model .* build it with its weights: rmt.create_model\(NAME, checkpoint=PATH, features_only=True\)"):
+            rmt.load_checkpoint(feature_model, path)
+        with pytest.raises(CheckpointError, match="a feature model .* export the full model's weights"):
+            rmt.export_official_state_dict(feature_model)
     headless = rmt.create_model("rmt_t", checkpoint=path, num_classes=0, global_pool="").eval()
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)

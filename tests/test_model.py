@@ -626,6 +626,24 @@ def test_timms_fx_feature_extractor_traces_rmt():
             assert torch.equal(nhwc.permute(0, 3, 1, 2), nchw)
 
 
+def test_timms_hook_features_and_refused_kinds():
+    x = torch.randn(1, 3, 64, 64)
+    hook = timm.create_model("rmt_t", features_only=True, feature_cls="hook").eval()
+    getter = timm.create_model("rmt_t", features_only=True).eval()
+    loaded = hook.load_state_dict({"body." + k[len("model."):]: v for k, v in getter.state_dict().items()}, strict=False)
+    assert loaded.missing_keys and all(k.startswith("body.head.") for k in loaded.missing_keys)  # hooks keep the head
+    with torch.no_grad():
+        for nhwc, nchw in zip(hook(x), getter(x), strict=True):  # the stages' own (B, H, W, C) layout
+            assert torch.equal(nhwc.permute(0, 3, 1, 2), nchw)
+    # they run the network's top-level children in turn: timm would fail on an assertion
+    from timm.models._features import FeatureListNet
+
+    for kind, named in (("dict", "'dict'"), ("List", "'List'"), (FeatureListNet, "'FeatureListNet'")):
+        for create in (timm.create_model, rmt.create_model):
+            with pytest.raises(rmt.ConfigError, match=f"feature_cls={named} is not supported by RMT: use 'getter'"):
+                create("rmt_t", features_only=True, feature_cls=kind)
+
+
 def test_torch_export_with_a_dynamic_batch():
     from torch.export import Dim, export
 

@@ -267,10 +267,12 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
 
 
 def _refuse_feature_model(model: nn.Module, instead: str) -> None:
-    # timm's feature wrapper holds the network as .model, its head pruned: neither layout's keys
-    from timm.models._features import FeatureGetterNet
+    # timm's feature wrappers hold the network (as .model, .body or .graph_module), its head
+    # pruned: neither layout's keys
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
+    from timm.models._features_fx import FeatureGraphNet
 
-    if isinstance(model, FeatureGetterNet):
+    if isinstance(model, (FeatureGetterNet, FeatureHookNet, FeatureGraphNet, FeatureDictNet)):
         raise CheckpointError(f"a feature model (features_only=True) has no checkpoint layout of its own: {instead}")
 
 

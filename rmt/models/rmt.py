@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.layers._fx import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureDictNet, feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -535,6 +535,8 @@ def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
         if overlay.get("file"):
             return create_model(variant, checkpoint=overlay["file"], **kwargs)
         return create_model(variant, pretrained=True, **kwargs)
+    if kwargs.get("features_only"):
+        _check_feature_cls(kwargs.get("feature_cls"))
     cfg = VARIANTS[variant]
     out_indices = kwargs.pop("out_indices", tuple(range(cfg.num_stages)))
     return build_model_with_cfg(
@@ -546,6 +548,18 @@ def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
+
+
+def _check_feature_cls(feature_cls: Any) -> None:
+    """Refuse timm's dict and list feature kinds, in one line instead of timm's assertion. They run
+    the network's top-level children in turn, and RMT's stages are not among them (they sit in one
+    Sequential, which timm could only flatten with the stem's, skipping the stem's own forward)."""
+    kind = feature_cls.lower() if isinstance(feature_cls, str) else feature_cls
+    if kind in ("dict", "list") or (isinstance(kind, type) and issubclass(kind, FeatureDictNet)):
+        raise ConfigError(
+            f"feature_cls={getattr(feature_cls, '__name__', feature_cls)!r} is not supported by RMT: use 'getter' "
+            "(the default; (B, C, H, W) stage outputs), 'hook' or 'fx' (the stages' own (B, H, W, C))"
+        )
 
 
 @register_model
