@@ -95,8 +95,8 @@ def main() -> None:
     except StdoutError as e:  # standard output itself, not any other file
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         if e.errno == errno.EPIPE:  # `rmt list | head`: the reader is gone, so is the rest
-            sys.exit(1)
-        _error(f"cannot write the output: {e.strerror or e}", 1)
+            sys.exit(1)  # (click's own exit for a broken pipe inside a command)
+        _error(f"cannot write the output: {e.strerror or e}", 2)
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)

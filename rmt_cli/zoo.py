@@ -200,7 +200,7 @@ def download(
                 out.print("Or set RMT_ZOO_MIRROR to a mirror that has the file.")
             else:
                 out.print(how["message"])
-            raise typer.Exit(1)
+            raise typer.Exit(2)  # nothing was downloaded, as for bad input (1 is CI's "regression")
     if as_json:
         _print_json(fetched.to_json())
         return
