@@ -282,7 +282,7 @@ def test_another_architectures_checkpoint_is_refused(zoo_home, zoo_server, rmt_t
     with pytest.raises(CheckpointError) as e:
         zoo.download("rmt_s", url=url)
     text = str(e.value)
-    assert "checkpoint does not fit rmt_s" in text and "it looks like a rmt_t checkpoint" in text and "\n" not in text
+    assert text.startswith(f"{url}: checkpoint does not fit rmt_s") and "it looks like a rmt_t checkpoint" in text and "\n" not in text
     assert _nothing_cached(zoo_home)
 
 
@@ -461,10 +461,11 @@ def test_a_neighbouring_swin_variant_does_not_fit(zoo_home, tmp_path):
     state["layers.2.blocks.6.attn.relative_position_bias_table"] = torch.zeros(169, 12)  # Swin-S has 18 blocks there
     source = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(source))
-    for use in (lambda: zoo.download("swin_t", source_file=source), lambda: zoo.create_model("swin_t", checkpoint=source)):
+    for use, named in ((lambda: zoo.download("swin_t", source_file=source), f"{source}: "),
+                       (lambda: zoo.create_model("swin_t", checkpoint=source), "")):
         with pytest.raises(CheckpointError) as e:
             use()
-        assert str(e.value).startswith("checkpoint does not fit swin_tiny_patch4_window7_224.ms_in1k")
+        assert str(e.value).startswith(f"{named}checkpoint does not fit swin_tiny_patch4_window7_224.ms_in1k")
         assert "1 unexpected key(s): layers.2.blocks.6.attn.relative_position_bias_table" in str(e.value)
     assert _nothing_cached(zoo_home)
 
