@@ -64,7 +64,7 @@ def bench(
     dtype: Optional[str] = typer.Option(None, help="fp32, tf32, bf16 or fp16 (bf16/fp16: autocast); default bf16 on CUDA, fp32 on CPU."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last model and input."),
     compile: Optional[str] = typer.Option(
-        None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune.",
+        None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.",
     ),
     freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing, weights as graph constants (cast and packed once)."),
     compile_workers: int = typer.Option(
@@ -305,7 +305,7 @@ def profile(
     top: int = typer.Option(15, min=1, help="Operators to list."),
     reparam: bool = typer.Option(False, "--reparam", help="Fold the model for inference first (as rmt bench --reparam)."),
     compile_mode: Optional[str] = typer.Option(
-        None, "--compile", help="Profile the model compiled (as rmt bench --compile); optional MODE: default, reduce-overhead, max-autotune.",
+        None, "--compile", help="Profile the model compiled (as rmt bench --compile); optional MODE: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.",
     ),
     freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing (as rmt bench --freeze)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the summary here."),

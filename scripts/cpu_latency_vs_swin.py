@@ -53,7 +53,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    models = {BASELINE: timm.create_model(BASELINE).eval()}
+    models = {BASELINE: timm.create_model(BASELINE, img_size=args.img_size).eval()}  # (built for 224 px otherwise)
     no_cache = set()  # labels run with autocast's cache off
     for name in args.models:
         for kernel in args.kernels:
