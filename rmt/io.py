@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -15,11 +16,23 @@ from rmt.errors import RMTError
 PathLike = Union[str, os.PathLike]
 
 
+def names_a_folder(path: PathLike) -> bool:
+    """Whether ``path`` as given ends in a separator, ``.`` or ``..``: it can only mean a folder,
+    although ``Path`` would read ``reports/`` and ``reports/.`` as a file named ``reports``."""
+    text = os.fspath(path)
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    for sep in separators[1:]:
+        text = text.replace(sep, separators[0])
+    return text.rsplit(separators[0], 1)[-1] in ("", ".", "..")
+
+
 @contextmanager
 def replacing(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path``, with the permissions it
     should have, when the block succeeds. On any failure the temporary file is removed and
     ``path`` is untouched; OSErrors propagate, for callers with their own message."""
+    if names_a_folder(path):
+        raise IsADirectoryError(errno.EISDIR, "it names a folder; give a file name", os.fspath(path))
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
@@ -75,12 +88,12 @@ def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
 
 def check_writable(path: PathLike) -> None:
     """Fail now, in one line, if ``path`` could not be written later (no folder, not writable, a
-    folder, or a name ending in a separator: pass command-line paths as typed, since ``Path``
-    drops that separator and would write a file named after the folder meant)."""
+    folder, or a name that can only mean one (:func:`names_a_folder`): pass command-line paths as
+    typed, since ``Path`` drops the trailing separator)."""
     text = os.fspath(path)
     if not text:
         raise RMTError("cannot write to an empty path: give a file name")
-    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+    if names_a_folder(text):
         raise RMTError(f"cannot write {text}: it names a folder; give a file name")
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")

@@ -312,11 +312,14 @@ def profile(
 ) -> None:
     """Profile forward passes with torch.profiler; traces open in TensorBoard and Perfetto."""
     from rmt.bench.profile import profile_model
-    from rmt.io import check_writable, write_json_atomic
+    from rmt.errors import RMTError
+    from rmt.io import check_writable, same_file, write_json_atomic
     from rmt.bench.runner import graph_break_note, parse_img_size
 
     if json_out is not None:
         check_writable(json_out)
+        if same_file(json_out, out_dir):  # the trace folder would be made where the summary goes
+            raise RMTError(f"--json {json_out} is the --out folder: write it elsewhere")
     summary = profile_model(model, out_dir, batch=batch, img_size=parse_img_size(img_size), device=device,
                             dtype=dtype, memory=memory, active=active, top=top, reparameterize=reparam,
                             compile_mode=compile_mode, freeze=freeze)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -457,15 +458,25 @@ def test_an_unwritable_json_path_fails_before_the_work(capsys, monkeypatch, tmp_
 @pytest.mark.parametrize("command", [["bench", "rmt_t", "--device", "cpu"], ["profile", "rmt_t", "--device", "cpu"],
                                      ["flops", "rmt_t"], ["compare", "a.json", "b.json"], ["eval", "rmt_t", "--data", "val"]],
                          ids=["bench", "profile", "flops", "compare", "eval"])
-@pytest.mark.parametrize("path", ["reports/", ""], ids=["trailing-slash", "empty"])
+@pytest.mark.parametrize("path", ["reports/", "reports/.", ""], ids=["trailing-slash", "trailing-dot", "empty"])
 def test_a_json_path_naming_no_file_fails_before_the_work(capsys, monkeypatch, tmp_path, command, path):
     """Typer's Path would drop the slash of 'reports/' and write a file named reports."""
     from conftest import run_rmt
 
     monkeypatch.chdir(tmp_path)
     code, _, err = run_rmt(capsys, monkeypatch, *command, "--json", path)
-    message = "cannot write reports/: it names a folder; give a file name" if path else "cannot write to an empty path: give a file name"
+    message = f"cannot write {path}: it names a folder; give a file name" if path else "cannot write to an empty path: give a file name"
     assert code == 2 and err.strip() == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_atomic_writers_refuse_a_path_naming_a_folder(monkeypatch, tmp_path):
+    from rmt.io import write_json_atomic
+
+    monkeypatch.chdir(tmp_path)
+    for path in ("reports/", "reports/.", "."):
+        with pytest.raises(RMTError, match=f"cannot write {re.escape(path)}: "):
+            write_json_atomic(path, {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -482,15 +493,27 @@ def test_bench_outputs_that_are_one_file_through_a_link_are_refused(capsys, monk
     assert (tmp_path / "run.json").read_text() == "{}"
 
 
-def test_profile_out_naming_a_file_or_nothing_says_so(tmp_path):
+def test_profile_out_naming_a_file_or_nothing_says_so_before_the_model_is_built(capsys, monkeypatch, tmp_path):
+    from conftest import run_rmt
+
     from rmt.bench.profile import profile_model
 
-    (tmp_path / "traces").write_text("mine")
-    with pytest.raises(RMTError, match=r"cannot write traces to .*traces: it is a file, not a folder"):
-        profile_model("rmt_t", tmp_path / "traces", device="cpu")
-    assert (tmp_path / "traces").read_text() == "mine"
-    with pytest.raises(RMTError, match="cannot write traces to an empty path: give a folder"):
-        profile_model("rmt_t", "", device="cpu")
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("rmt.bench.profile.build_model", no_model)
+    traces = tmp_path / "traces"
+    traces.write_text("mine")
+    for out, message in ((traces, f"cannot write traces to {traces}: {traces} is a file, not a folder"),
+                         (traces / "run1", f"cannot write traces to {traces / 'run1'}: {traces} is a file, not a folder"),
+                         ("", "cannot write traces to an empty path: give a folder")):
+        with pytest.raises(RMTError) as e:
+            profile_model("rmt_t", out, device="cpu")
+        assert str(e.value) == message
+    assert traces.read_text() == "mine"
+    code, _, err = run_rmt(capsys, monkeypatch, "profile", "rmt_t", "--out", tmp_path / "p", "--json", tmp_path / "p")
+    assert code == 2 and err.strip() == f"error: --json {tmp_path / 'p'} is the --out folder: write it elsewhere"
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs procfs")

@@ -61,8 +61,9 @@ def profile_model(
     if not os.fspath(out_dir):
         raise RMTError("cannot write traces to an empty path: give a folder")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():  # mkdir would only say "File exists"
-        raise RMTError(f"cannot write traces to {out}: it is a file, not a folder")
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # mkdir would say "File exists" or "Not a directory"
+    if blocker is not None and not blocker.is_dir():
+        raise RMTError(f"cannot write traces to {out}: {blocker} is a file, not a folder")
     dev = resolve_device(device)
     if model is None:  # an unknown name fails before the trace directory is made
         model = build_model(name, img_size)
