@@ -252,8 +252,9 @@ def _fetch_locked(
         except CheckpointError as e:
             # its messages name the file read, the cache's temporary copy (deleted below), or none
             # ("checkpoint does not fit rmt_s: ..."): name the user's
-            message = str(e).replace(str(partial), shown)
-            raise CheckpointError(message if shown in message else f"{shown}: {message}") from None
+            message = str(e)
+            named = str(partial) in message
+            raise CheckpointError(message.replace(str(partial), shown) if named else f"{shown}: {message}") from None
         _check_format_matches_name(entry, partial, shown)
         stored = cache.store(entry, partial, sha256=actual, source=source, state_dict=checked.state_dict)
     except DownloadError as e:
