@@ -4,6 +4,8 @@ Every message is a single line that says what is wrong and, where it can, what t
 The CLI prints ``str(error)`` and exits non-zero; Python callers can catch :class:`RMTError`.
 """
 
+import sys
+
 
 class RMTError(Exception):
     """Base class of every error caused by user input (not by a bug)."""
@@ -70,9 +72,9 @@ def first_line(error: BaseException) -> str:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator failing."""
-    import torch
-
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+    # torch's own error only where torch was imported (importing it here could fail in turn)
+    torch = sys.modules.get("torch")
+    if isinstance(error, (getattr(torch, "OutOfMemoryError", MemoryError), MemoryError)):
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -15,8 +15,15 @@ def _width(stream) -> int | None:
     return None if stream.isatty() or "COLUMNS" in os.environ else 220
 
 
-class StdoutError(OSError):
-    """Standard output itself failed (a full disk, a closed pipe), as opposed to any other OSError."""
+class StdoutError(Exception):
+    """Standard output itself failed (a full disk, a closed pipe), as opposed to any other file.
+
+    Not an OSError: click would catch a broken pipe itself and exit 1, CI's "regression".
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
 
 
 _TRAILING_SPACES = re.compile(r" +\n")
@@ -36,14 +43,14 @@ class _Stdout(io.TextIOBase):
         try:
             sys.stdout.write(text)
         except OSError as e:
-            raise StdoutError(e.errno, e.strerror) from e
+            raise StdoutError(e) from e
         return written
 
     def flush(self) -> None:
         try:
             sys.stdout.flush()
         except OSError as e:
-            raise StdoutError(e.errno, e.strerror) from e
+            raise StdoutError(e) from e
 
     def isatty(self) -> bool:
         return sys.stdout.isatty()

@@ -36,7 +36,7 @@ def _version_string() -> str:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"rmt {_version_string()}")
+        stdout.write(f"rmt {_version_string()}\n")  # a full disk is then StdoutError's one line
         raise typer.Exit()
 
 
@@ -95,26 +95,31 @@ def main() -> None:
     except StdoutError as e:  # standard output itself, not any other file
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         if e.errno == errno.EPIPE:  # `rmt list | head`: the reader is gone, so is the rest
-            sys.exit(1)  # (click's own exit for a broken pipe inside a command)
-        _error(f"cannot write the output: {e.strerror or e}", 2)
+            sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a tool a closed pipe ended
+        _error(f"cannot write the output: {e}", 2)
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 (user errors, then the last resort: never exit 1, CI's "regression")
-        from rmt.errors import RMTError
-
-        if isinstance(e, RMTError):
-            _error(str(e), 2)
-        _unexpected(e)
+        _failure(e)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _unexpected(error: Exception) -> NoReturn:
-    """An error no command turned into an RMTError: the machine's limits and the paths it was given
-    are still the user's to change (one line, exit 2); anything else is a bug in rmt (its traceback,
-    then exit 3, so that CI never reads it as a regression or a missed gate, exit 1)."""
-    from rmt.errors import first_line, is_out_of_memory
-
+def _failure(error: Exception) -> NoReturn:
+    """A user error (an RMTError) is one line, exit 2. An error no command turned into one: the
+    machine's limits and the paths it was given are still the user's to change (one line, exit
+    2); anything else is a bug in rmt (its traceback, then exit 3, so that CI never reads it as a
+    regression or a missed gate, exit 1)."""
+    try:  # imported here, not for `rmt --help`: rmt imports torch and timm
+        from rmt.errors import RMTError, first_line, is_out_of_memory
+    except Exception as broken:  # noqa: BLE001 (a broken torch or timm install: the command failed on it too)
+        reason = next(iter(str(broken).splitlines()), "") or type(broken).__name__
+        _error(f"cannot load rmt ({reason}): check the torch and timm installs", 2)
+    if isinstance(error, RMTError):
+        _error(str(error), 2)
+    if isinstance(error, ImportError) and error.name and error.name.partition(".")[0] != "rmt":
+        # a dependency that cannot load (torch without its CUDA libraries, say): the install needs fixing
+        _error(f"cannot load {error.name} ({first_line(error)}): check the torch and timm installs", 2)
     if is_out_of_memory(error):
         _error(f"out of memory ({first_line(error)}): try a smaller batch or image size", 2)
     if isinstance(error, RuntimeError) and "DataLoader worker" in str(error):  # killed: memory, a small /dev/shm

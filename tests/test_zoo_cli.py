@@ -189,8 +189,10 @@ def test_help_version_and_usage_errors_do_not_import_torch(args):
     (OverflowError("Python int too large to convert to C long"), 2, "a number is too large: Python int too large"),
     (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
                   "workers are out of shared memory."), 2, "try fewer --workers, or --workers 0"),
+    (ImportError("libcudart.so.12: cannot open shared object file", name="torch._C"), 2,
+     "cannot load torch._C (libcudart.so.12: cannot open shared object file): check the torch and timm installs"),
     (KeyError("stage"), 3, "internal error, a bug in rmt"),
-], ids=["memory", "path", "number", "workers", "bug"])
+], ids=["memory", "path", "number", "workers", "dependency", "bug"])
 def test_errors_no_command_turned_into_an_rmt_error(zoo_home, capsys, monkeypatch, error, code, text):
     """The machine's limits and bad paths are still one line (exit 2); a bug shows its traceback and
     exits 3, never 1, which CI reads as a regression or a missed accuracy gate."""
@@ -207,8 +209,17 @@ def test_errors_no_command_turned_into_an_rmt_error(zoo_home, capsys, monkeypatc
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_failing_standard_output_is_one_line(zoo_home):
+@pytest.mark.parametrize("args", [["list", "--json"], ["--version"]], ids=["command", "version"])
+def test_a_failing_standard_output_is_one_line(zoo_home, args):
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "list", "--json"], stdout=full,
+        result = subprocess.run([sys.executable, "-m", "rmt_cli.main", *args], stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == 2 and "cannot write the output: No space left on device" in _one_error_line(result.stderr)
+
+
+def test_a_reader_that_goes_away_ends_with_sigpipes_code(zoo_home):
+    """`rmt list | head -1` under pipefail: 141, as for a tool SIGPIPE ended (click itself would exit 1)."""
+    process = subprocess.Popen([sys.executable, "-m", "rmt_cli.main", "list", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before it writes: its first write fails with EPIPE
+    assert process.wait(timeout=120) == 141 and process.stderr.read() == ""
