@@ -29,5 +29,6 @@ def convert(
     summary = convert_checkpoint_file(model, source, destination, layout=to, ema=ema)
     out.print(
         f"wrote {destination} ({summary['layout']} layout, {summary['tensors']} tensors, "
-        f"{summary['params']:,} parameters, from '{summary['source_entry']}')"
+        f"{summary['params']:,} parameters, from '{summary['source_entry']}')",
+        markup=False, soft_wrap=True,  # a path is not markup, nor broken across lines
     )

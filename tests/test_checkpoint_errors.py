@@ -113,6 +113,10 @@ def test_a_feature_backbone_loads_a_file_with_another_classifier(tmp_path, schem
         assert torch.equal(backbone.state_dict()["model.stem.0.weight"], tuned.stem[0].weight)
     with pytest.raises(rmt.RMTError, match="feature_cls='hook': with weights, RMT feature models are timm's 'getter' kind"):
         rmt.create_model("rmt_t", checkpoint=path, features_only=True, feature_cls="hook")
+    from timm.models._features import FeatureGetterNet
+
+    for getter in ("Getter", FeatureGetterNet):  # the getter kind, as timm reads these
+        assert isinstance(rmt.create_model("rmt_t", checkpoint=path, features_only=True, feature_cls=getter), FeatureGetterNet)
     for kind in ("getter", "hook", "fx"):  # each timm wrapper holds the network under its own name
         feature_model = timm.create_model("rmt_t", features_only=True, feature_cls=kind)
         with pytest.raises(CheckpointError, match=r"a feature model .* build it with its weights: rmt.create_model\(NAME, checkpoint=PATH, features_only=True\)"):
@@ -277,11 +281,11 @@ def test_cli_convert_reports_one_line(tmp_path, rmt_t_state):
 
 def test_cli_convert_round_trip(tmp_path, rmt_t_state):
     src = _save(tmp_path, "deit.pth", {"model": rmt_t_state, "epoch": 1})
-    ours, back = tmp_path / "ours.pth", tmp_path / "official.pth"
+    ours, back = tmp_path / "[bold]ours.pth", tmp_path / "official.pth"  # a path is printed as it is, not as markup
     for args in (["rmt_t", str(src), str(ours), "--to", "rmt"], ["rmt_t", str(ours), str(back), "--to", "official"]):
         result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "convert", *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        assert "14,334,216 parameters" in result.stdout
+        assert "14,334,216 parameters" in result.stdout and f"wrote {args[2]} (" in result.stdout
     restored = torch.load(back, weights_only=True)
     assert set(restored) == {"model"}  # what the official scripts read
     restored = restored["model"]

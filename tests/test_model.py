@@ -642,6 +642,8 @@ def test_timms_hook_features_and_refused_kinds():
         for create in (timm.create_model, rmt.create_model):
             with pytest.raises(rmt.ConfigError, match=f"feature_cls={named} is not supported by RMT: use 'getter'"):
                 create("rmt_t", features_only=True, feature_cls=kind)
+    with pytest.raises(rmt.ConfigError, match="unknown feature_cls 'bogus': choose getter"):
+        timm.create_model("rmt_t", features_only=True, feature_cls="bogus")  # timm: a bare assertion
 
 
 def test_torch_export_with_a_dynamic_batch():

@@ -14,7 +14,7 @@ from torch import nn
 from rmt.errors import CheckpointError, ConfigError, UnknownModelError
 from rmt.models.checkpoint import PathLike, load_checkpoint, published_prefers_ema
 from rmt.models.config import VARIANTS
-from rmt.models.rmt import check_global_pool
+from rmt.models.rmt import check_global_pool, feature_kind
 
 
 def list_models() -> list[str]:
@@ -72,7 +72,7 @@ def create_model(
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     feature_cls = kwargs.pop("feature_cls", None)
-    if features_only and feature_cls not in (None, "getter"):
+    if features_only and feature_kind(feature_cls) != "getter":
         raise ConfigError(
             f"feature_cls={feature_cls!r}: with weights, RMT feature models are timm's 'getter' kind (stage outputs "
             "through forward_intermediates); leave feature_cls out"

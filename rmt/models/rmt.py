@@ -20,7 +20,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.layers._fx import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureDictNet, feature_take_indices
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet, feature_take_indices
+from timm.models._features_fx import FeatureGraphNet
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -535,8 +536,13 @@ def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
         if overlay.get("file"):
             return create_model(variant, checkpoint=overlay["file"], **kwargs)
         return create_model(variant, pretrained=True, **kwargs)
-    if kwargs.get("features_only"):
-        _check_feature_cls(kwargs.get("feature_cls"))
+    if kwargs.get("features_only") and feature_kind(kwargs.get("feature_cls")) in ("dict", "list"):
+        # they run the network's top-level children in turn, and RMT's stages are not among them (they
+        # sit in one Sequential, which timm could only flatten with the stem's, skipping its forward)
+        raise ConfigError(
+            f"feature_cls={getattr(kwargs['feature_cls'], '__name__', kwargs['feature_cls'])!r} is not supported by RMT: "
+            "use 'getter' (the default; (B, C, H, W) stage outputs), 'hook' or 'fx' (the stages' own (B, H, W, C))"
+        )
     cfg = VARIANTS[variant]
     out_indices = kwargs.pop("out_indices", tuple(range(cfg.num_stages)))
     return build_model_with_cfg(
@@ -550,16 +556,25 @@ def _create_rmt(variant: str, pretrained: bool = False, **kwargs: Any) -> RMT:
     )
 
 
-def _check_feature_cls(feature_cls: Any) -> None:
-    """Refuse timm's dict and list feature kinds, in one line instead of timm's assertion. They run
-    the network's top-level children in turn, and RMT's stages are not among them (they sit in one
-    Sequential, which timm could only flatten with the stem's, skipping the stem's own forward)."""
-    kind = feature_cls.lower() if isinstance(feature_cls, str) else feature_cls
-    if kind in ("dict", "list") or (isinstance(kind, type) and issubclass(kind, FeatureDictNet)):
-        raise ConfigError(
-            f"feature_cls={getattr(feature_cls, '__name__', feature_cls)!r} is not supported by RMT: use 'getter' "
-            "(the default; (B, C, H, W) stage outputs), 'hook' or 'fx' (the stages' own (B, H, W, C))"
-        )
+_FEATURE_CLASSES = (  # subclasses first
+    (FeatureListNet, "list"), (FeatureDictNet, "dict"), (FeatureGetterNet, "getter"),
+    (FeatureHookNet, "hook"), (FeatureGraphNet, "fx"),
+)
+
+
+def feature_kind(feature_cls: Any) -> Optional[str]:
+    """The kind of timm feature model ``feature_cls`` asks for, read as timm reads it (a name in
+    any case, any name holding "hook", or a class): "getter" (also for None: RMT's default),
+    "hook", "fx", "dict" or "list"; None for a class of the caller's own. A name timm does not know
+    is a one-line ConfigError (timm would fail on an assertion)."""
+    if feature_cls is None:
+        return "getter"
+    if isinstance(feature_cls, str):
+        kind = "hook" if "hook" in feature_cls.lower() else feature_cls.lower()
+        if kind not in ("getter", "hook", "fx", "dict", "list"):
+            raise ConfigError(f"unknown feature_cls {feature_cls!r}: choose getter (the default), hook or fx")
+        return kind
+    return next((kind for cls, kind in _FEATURE_CLASSES if isinstance(feature_cls, type) and issubclass(feature_cls, cls)), None)
 
 
 @register_model
