@@ -139,6 +139,11 @@ def test_bench_reparam_folds_rmt_and_keeps_the_published_counts(tmp_path):
     assert report["settings"]["reparameterize"] is True
     # params and GMACs are the published model's, not the folded one's
     assert rows["tiny"]["params"] == sum(p.numel() for p in rmt.RMT(TINY).parameters())
+    assert not [n for n in report["notes"] if "--reparam" in n]
+    plain = run_benchmark(replace(settings, reparameterize=False), builders=_builders())
+    assert [n for n in plain["notes"] if "--reparam" in n] == [  # swin_t has nothing to fold
+        "tiny ran as built: --reparam folds it for inference first (the same outputs within float32 rounding, "
+        "fewer operators; docs/models.md)"]
     plain = run_benchmark(replace(settings, models=["tiny"], reparameterize=False), builders=_builders())
     assert plain["results"][0]["reparameterized"] is False
     assert plain["results"][0]["gmacs"] == rows["tiny"]["gmacs"]

@@ -32,7 +32,7 @@ from rmt.bench.flops import count_flops
 from rmt.errors import RMTError, first_line, is_out_of_memory
 from rmt.models.attention import ManhattanPosition, resolve_attention_kernel
 from rmt.models.layers import AutocastWeightCache
-from rmt.zoo.models import fold_for_inference
+from rmt.zoo.models import fold_for_inference, has_folds
 
 SCHEMA_VERSION = 1
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
@@ -388,6 +388,7 @@ def run_benchmark(
     started = time.perf_counter()
     flops_cache: dict[tuple[str, tuple[int, int]], int] = {}  # GMACs do not depend on the batch
     rows: list[dict[str, Any]] = []
+    unfolded: set[str] = set()  # models with something to fold, run as built
 
     def step(what: str) -> None:
         nonlocal done
@@ -406,6 +407,8 @@ def run_benchmark(
             candidates = [_Candidate(name) for name in settings.models]
             for c in candidates:
                 c.row = _prepare(c, builders[c.name], settings, device, size, batch, flops_cache)
+                if c.model is not None and not settings.reparameterize and has_folds(c.model):
+                    unfolded.add(c.name)
                 if c.model is not None:
                     c.row.update(_warm_up(c, settings, device, size, batch, warmup))
                 step(f"{c.name} {size[0]}x{size[1]} b{batch}: warmup")
@@ -443,6 +446,9 @@ def run_benchmark(
             f"CPU run: {warmup} warmup and {counts} timed iteration(s) per model, chosen to fit a "
             f"{settings.time_budget_s:.0f} s budget (--iters overrides)"
         )
+    if unfolded:  # what a deployment would run: the same outputs, fewer operators
+        notes.append(f"{', '.join(sorted(unfolded))} ran as built: --reparam folds {'it' if len(unfolded) == 1 else 'them'} for inference first "
+                     "(the same outputs within float32 rounding, fewer operators; docs/models.md)")
     for r in rows:
         where = f"{r['model']} {r['img_size'][0]}x{r['img_size'][1]} b{r['batch']}"
         if r["graph_breaks"]:  # a figure of several graphs with eager code between them

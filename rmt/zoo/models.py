@@ -55,6 +55,11 @@ def create_model(
 _FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
 
 
+def has_folds(model: nn.Module) -> bool:
+    """Whether :func:`fold_for_inference` would fold anything in ``model``."""
+    return any(hasattr(m, method) for m in model.modules() if m is not model for method in _FOLD_METHODS)
+
+
 def fold_for_inference(model: nn.Module, name: str = "the model") -> bool:
     """Fold ``model`` (called ``name`` in errors) for inference in place, as
     ``timm.utils.reparameterize_model`` does: RMT's norms, batch norms, conv biases, layer scales
@@ -63,7 +68,7 @@ def fold_for_inference(model: nn.Module, name: str = "the model") -> bool:
     model's own fold that fails raises RMTError."""
     from timm.utils import reparameterize_model
 
-    foldable = any(hasattr(m, method) for m in model.modules() if m is not model for method in _FOLD_METHODS)
+    foldable = has_folds(model)
     try:
         with torch.inference_mode(False):  # folded parameters stay normal tensors
             reparameterize_model(model, inplace=True)
