@@ -447,7 +447,8 @@ def run_benchmark(
             f"{settings.time_budget_s:.0f} s budget (--iters overrides)"
         )
     if unfolded:  # what a deployment would run: the same outputs, fewer operators
-        notes.append(f"{', '.join(sorted(unfolded))} ran as built: --reparam folds {'it' if len(unfolded) == 1 else 'them'} for inference first "
+        pronoun = "it" if len(unfolded) == 1 else "them"
+        notes.append(f"{', '.join(sorted(unfolded))} ran as built: --reparam folds {pronoun} for inference first "
                      "(the same outputs within float32 rounding, fewer operators; docs/models.md)")
     for r in rows:
         where = f"{r['model']} {r['img_size'][0]}x{r['img_size'][1]} b{r['batch']}"

@@ -269,10 +269,9 @@ def export_official_state_dict(model: nn.Module) -> "OrderedDict[str, Tensor]":
 def _refuse_feature_model(model: nn.Module, instead: str) -> None:
     # timm's feature wrappers hold the network (as .model, .body or .graph_module), its head
     # pruned: neither layout's keys
-    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
-    from timm.models._features_fx import FeatureGraphNet
+    from rmt.models.rmt import feature_kind  # (rmt.models.rmt loads checkpoints through this module)
 
-    if isinstance(model, (FeatureGetterNet, FeatureHookNet, FeatureGraphNet, FeatureDictNet)):
+    if feature_kind(type(model)) is not None:
         raise CheckpointError(f"a feature model (features_only=True) has no checkpoint layout of its own: {instead}")
 
 

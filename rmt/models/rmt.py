@@ -565,7 +565,8 @@ _FEATURE_CLASSES = (  # subclasses first
 def feature_kind(feature_cls: Any) -> Optional[str]:
     """The kind of timm feature model ``feature_cls`` asks for, read as timm reads it (a name in
     any case, any name holding "hook", or a class): "getter" (also for None: RMT's default),
-    "hook", "fx", "dict" or "list"; None for a class of the caller's own. A name timm does not know
+    "hook", "fx", "dict" or "list"; None for any other class (a wrapper of the caller's own, or no
+    feature model at all: ``feature_kind(type(model))`` tells timm's wrappers). A name timm does not know
     is a one-line ConfigError (timm would fail on an assertion)."""
     if feature_cls is None:
         return "getter"
