@@ -577,10 +577,16 @@ def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) ->
                 continue
             for batch, ms in reply.items():
                 times[label].setdefault(int(batch), []).append(ms)
+        # after every round, so that a run stopped at its time limit keeps the rounds it timed
+        for label in ready:
+            rows[label]["batches"] = {batch: {"ms": round(statistics.median(ms), 3),
+                                              "rounds_ms": [round(t, 3) for t in ms],
+                                              "img_s": round(batch / statistics.median(ms) * 1000, 1)}
+                                      for batch, ms in times[label].items()}
+        _add_ratios_to_swin(rows)
+        (out / "attention.json").write_text(json.dumps(results, indent=1))
+        print(f"round {round_ + 1} of {args.rounds} timed", flush=True)
     for label in ready:
-        rows[label]["batches"] = {batch: {"ms": round(statistics.median(ms), 3), "rounds_ms": [round(t, 3) for t in ms],
-                                          "img_s": round(batch / statistics.median(ms) * 1000, 1)}
-                                  for batch, ms in times[label].items()}
         if COMPILED_MODELS[label].profiled:
             rows[label]["profile"] = children[label].ask("profile")
     for child in children.values():
