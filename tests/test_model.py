@@ -492,6 +492,31 @@ def test_a_compiled_graph_holds_the_tables_as_constants_and_traces_them_for_symb
     assert (out - eager).abs().max().item() <= 1e-5
 
 
+def test_each_copy_of_a_model_compiles_with_its_own_tables():
+    """A compiled graph finds a stage's tables through the stage's key (dynamo of torch 2.11 cannot
+    pass the module itself): a copy, deep or pickled, has keys of its own, so its graph is built
+    from its own buffers, on its own device."""
+    import copy
+    import pickle
+
+    from rmt.models import attention
+
+    model = rmt.RMT(TINY).eval()
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    keys = set()
+    for m in [model, *copies]:
+        for position in (p for p in m.modules() if isinstance(p, ManhattanPosition)):
+            assert attention._positions[position._key] is position
+            keys.add(position._key)
+    assert len(keys) == 3 * sum(isinstance(p, ManhattanPosition) for p in model.modules())
+    x = torch.randn(1, 3, 64, 64)
+    twice = copies[0].double()
+    with torch.no_grad():
+        compiled = torch.compile(twice, backend="eager", fullgraph=True, dynamic=False)(x.double())
+        assert compiled.dtype == torch.float64
+        assert (compiled - twice(x.double())).abs().max().item() <= 1e-12
+
+
 @pytest.mark.parametrize("deferred_max_bytes", [None, 0])  # the deferred normalisation; SDPA, another output layout
 def test_compiled_cpu_inference_runs_the_eager_kernels_through_one_operator(deferred_max_bytes, monkeypatch):
     from rmt.models import attention

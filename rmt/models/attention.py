@@ -53,7 +53,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -123,6 +125,15 @@ class ManhattanPosition(nn.Module):
         for name, value in self.official_buffers().items():
             self.register_buffer(name, value, persistent=False)
         self._cache: dict[tuple, PositionTables] = {}
+        self._register()
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle: a copy gets a key of its own
+        super().__setstate__(state)
+        self._register()
+
+    def _register(self) -> None:
+        self._key = next(_position_keys)
+        _positions[self._key] = self
 
     def official_buffers(self) -> dict[str, Tensor]:
         """``angle`` and ``decay`` as the official ``Relpos`` module computes them (fp32, CPU)."""
@@ -151,7 +162,7 @@ class ManhattanPosition(nn.Module):
         if not torch.compiler.is_compiling():  # eager: one check a call, on every block's hot path
             return self._cached_tables(height, width, dtype, with_masks)
         if torch.compiler.is_dynamo_compiling() and _fixed_size(height) and _fixed_size(width):
-            return _tables_built_while_tracing(self, height, width, dtype, with_masks)
+            return _tables_built_while_tracing(self._key, height, width, dtype, with_masks)
         return self._build(height, width, dtype, with_masks)  # symbolic sizes, torch.export: computed in every pass
 
     def _cached_tables(self, height: int, width: int, dtype: torch.dtype, with_masks: bool) -> PositionTables:
@@ -218,9 +229,16 @@ except ImportError:  # older torch: every size counts as symbolic, and the table
         return False
 
 
+# Each ManhattanPosition by an int key, which dynamo can pass to _tables_built_while_tracing as a
+# constant: dynamo of torch 2.11 raised "UnspecializedNNModuleVariable(ManhattanPosition) is not a
+# constant" when given the module itself (2.14 accepts it)
+_positions: weakref.WeakValueDictionary[int, ManhattanPosition] = weakref.WeakValueDictionary()
+_position_keys = itertools.count()
+
+
 @torch.compiler.assume_constant_result
 def _tables_built_while_tracing(
-    position: ManhattanPosition, height: int, width: int, dtype: torch.dtype, with_masks: bool
+    position_key: int, height: int, width: int, dtype: torch.dtype, with_masks: bool
 ) -> PositionTables:
     """A stage's tables for a compiled graph of fixed sizes: dynamo runs this function while it
     traces the graph, and keeps the tensors it returns as the graph's constants. The tables are
@@ -229,7 +247,7 @@ def _tables_built_while_tracing(
     instead, the tables were computed again in every pass, and inductor fused their cos and sin
     into each rotary kernel (docs/performance.md). They are built from the buffers as they are
     at tracing time (derived from the configuration, never trained)."""
-    return position._cached_tables(height, width, dtype, with_masks)
+    return _positions[position_key]._cached_tables(height, width, dtype, with_masks)
 
 
 def complex_rotation(cos: Tensor, sin: Tensor) -> Tensor:
