@@ -26,6 +26,14 @@ def names_a_folder(path: PathLike) -> bool:
     return text.rsplit(separators[0], 1)[-1] in ("", ".", "..")
 
 
+def check_paths_given(paths: dict[str, Optional[str]]) -> None:
+    """Refuse an input path given as ``''``, by its option's name: ``Path('')`` is the current
+    folder, so a command would otherwise go on to read ``.`` (pass the paths as typed, not as Paths)."""
+    for option, value in paths.items():
+        if value is not None and not value.strip():
+            raise RMTError(f"{option} was given an empty path")
+
+
 @contextmanager
 def replacing(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path``, with the permissions it

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
@@ -347,8 +346,8 @@ def profile(
 
 
 def compare(
-    base: Path = typer.Argument(..., help="Baseline report (rmt bench --json)."),
-    new: Path = typer.Argument(..., help="New report."),
+    base: str = typer.Argument(..., help="Baseline report (rmt bench --json)."),  # strs: Path reads '' as '.'
+    new: str = typer.Argument(..., help="New report."),
     threshold: float = typer.Option(5.0, help="Allowed change in percent."),
     metric: str = typer.Option("throughput,latency,memory", help="Metrics to gate on, comma-separated."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the comparison here."),
@@ -356,8 +355,9 @@ def compare(
     """Exit 1 when a model got slower, hungrier, failed or went missing beyond the threshold."""
     from rmt.bench.compare import compare_reports, parse_metrics
     from rmt.bench.report import read_report
-    from rmt.io import check_not_an_input, check_writable, write_json_atomic
+    from rmt.io import check_not_an_input, check_paths_given, check_writable, write_json_atomic
 
+    check_paths_given({"the baseline report": base, "the new report": new})
     if json_out is not None:
         check_writable(json_out)
         check_not_an_input(json_out, "--json", {"baseline": base, "new report": new})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -16,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 def convert(
     model: str = typer.Argument(..., help="RMT variant the checkpoint belongs to, e.g. rmt_s."),
-    source: Path = typer.Argument(..., help="Checkpoint in any official layout (or ours)."),
+    source: str = typer.Argument(..., help="Checkpoint in any official layout (or ours)."),  # a str: Path reads '' as '.'
     destination: str = typer.Argument(..., help="Where to write the converted checkpoint."),  # a str: Path drops a trailing slash
     to: str = typer.Option("official", "--to", help="Layout to write: official ({'model': state dict}, for the official code) or rmt (a bare state dict)."),
     ema: Optional[bool] = typer.Option(
@@ -24,8 +23,10 @@ def convert(
     ),
 ) -> None:
     """Check a checkpoint tensor by tensor and rewrite it in the official or rmt layout."""
+    from rmt.io import check_paths_given
     from rmt.models.checkpoint import convert_checkpoint_file
 
+    check_paths_given({"the source checkpoint": source})
     summary = convert_checkpoint_file(model, source, destination, layout=to, ema=ema)
     out.print(
         f"wrote {destination} ({summary['layout']} layout, {summary['tensors']} tensors, "

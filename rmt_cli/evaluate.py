@@ -60,12 +60,10 @@ def evaluate(
     from rmt.errors import ConfigError
     from rmt.eval import run_imagenet_eval, top1_gate
     from rmt.eval.imagenet import check_top1_gate
-    from rmt.io import check_writable, write_json_atomic
+    from rmt.io import check_paths_given, check_writable, write_json_atomic
 
-    for option, value in (("--data", data), ("--labels", labels), ("--checkpoint", checkpoint),
-                          ("--real-labels-file", real_labels_file)):
-        if value is not None and not value.strip():
-            raise ConfigError(f"{option} was given an empty path")
+    check_paths_given({"--data": data, "--labels": labels, "--checkpoint": checkpoint,
+                       "--real-labels-file": real_labels_file})
     if tolerance is not None and expect_top1 is None:
         raise ConfigError("--tolerance needs --expect-top1")
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance

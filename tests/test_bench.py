@@ -364,6 +364,9 @@ def test_compare_cli_exit_codes(tmp_path):
     assert _cli("compare", str(paths["base"]), str(paths["missing"])).returncode == 1
     result = _cli("compare", str(paths["base"]), str(paths["other_env"]))
     assert result.returncode == 0 and "environments differ: device_name" in result.stderr
+    for args, which in (([" ", str(paths["same"])], "the baseline report"), ([str(paths["base"]), ""], "the new report")):
+        result = _cli("compare", *args)  # not read as the current folder
+        assert result.returncode == 2 and result.stderr == f"error: {which} was given an empty path\n"
     (tmp_path / "junk.json").write_text("{not json")
     result = _cli("compare", str(paths["base"]), str(tmp_path / "junk.json"))
     assert result.returncode == 2 and "is not JSON" in result.stderr and "Traceback" not in result.stderr

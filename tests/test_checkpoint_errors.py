@@ -279,6 +279,13 @@ def test_cli_convert_reports_one_line(tmp_path, rmt_t_state):
     assert not (tmp_path / "out.pth").exists()
 
 
+def test_cli_convert_refuses_an_empty_source(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rmt_cli.main", "convert", "rmt_t", "", str(tmp_path / "out.pth")],
+                            capture_output=True, text=True)  # not read as the current folder
+    assert result.returncode == 2 and result.stderr == "error: the source checkpoint was given an empty path\n"
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_cli_convert_round_trip(tmp_path, rmt_t_state):
     src = _save(tmp_path, "deit.pth", {"model": rmt_t_state, "epoch": 1})
     ours, back = tmp_path / "[bold]ours.pth", tmp_path / "official.pth"  # a path is printed as it is, not as markup
