@@ -43,7 +43,9 @@ def registers(kernel, constants: dict, warps: int, arch: int) -> dict:
         name: "constexpr" if name in constants else "*fp32" if name == "decay_ptr" else "*bf16" if name.endswith("_ptr") else "i32"
         for name in inspect.signature(kernel.fn).parameters
     }
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+    # Triton 3.2 names the constexprs "constants"
+    constants_kw = "constexprs" if "constexprs" in inspect.signature(ASTSource).parameters else "constants"
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, **{constants_kw: constants}),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as folder:

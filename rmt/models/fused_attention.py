@@ -103,7 +103,13 @@ if triton is not None:
         (docs/performance.md)."""
         cos = tl.load(cos_ptr + at, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + at + 1, mask=mask, other=0.0).to(tl.float32)
-        even, odd = tl.split(tl.reshape(x.to(tl.float32), cos.shape + (2,)))
+        # the tile's shape with its last axis as (pairs, 2), spelled out for each rank: the shape is
+        # a list in Triton 3.2 (where shape + (2,) failed to compile) and a tuple from 3.3
+        if len(x.shape) == 2:
+            pairs = tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2))
+        else:
+            pairs = tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1], x.shape[2] // 2, 2))
+        even, odd = tl.split(pairs)
         rotated = tl.join(even * cos - odd * sin, odd * cos + even * sin)
         return tl.reshape(rotated, x.shape).to(x.dtype)
 
