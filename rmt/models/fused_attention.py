@@ -47,8 +47,8 @@ ONE_PROGRAM_WARPS = 8
 # How a compiled graph calls the kernels. False (measured, docs/performance.md): as custom
 # operators, opaque to inductor, whose Python launch runs in torch's dispatcher on every call.
 # True: as ``torch.library.triton_op`` operators, which inductor traces into, launching the
-# kernels from its own generated code like its own kernels. Not yet measured on a GPU; for
-# scripts/gpu_attention_variants.py's ``+inductor_launches`` to compare (torch >= 2.6).
+# kernels from its own generated code like its own kernels: no faster on an H200 (session 12,
+# docs/performance.md), hence off; scripts/gpu_attention_variants.py's ``+inductor_launches``.
 INDUCTOR_LAUNCHES = False
 
 
