@@ -69,8 +69,7 @@ def test_compile_and_flex_on_cuda(official_mini):
         assert (flex - eager).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("inductor_launches", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not hasattr(torch.library, "triton_op"), reason="needs torch.library.triton_op"))])
+@pytest.mark.parametrize("inductor_launches", [False, True])
 def test_compiled_triton_kernels_give_the_official_logits(official_mini, monkeypatch, inductor_launches):
     """The Triton kernels in a compiled graph, as custom operators or launched by inductor itself
     (fused_attention.INDUCTOR_LAUNCHES): the official logits, and the kernels really ran."""

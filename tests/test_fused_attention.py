@@ -379,7 +379,6 @@ print(json.dumps(calls))
 """
 
 
-@pytest.mark.skipif(fused_attention._decayed_attention_traceable_op is None, reason="needs torch.library.triton_op")
 def test_a_compiled_graph_launches_the_kernels_itself_with_inductor_launches():
     """What fused_attention.INDUCTOR_LAUNCHES gives inductor: a call of each kernel, grid and warps
     as the eager launch has them, cloning none of its inputs (a clone would copy q, k, v or the

@@ -471,8 +471,6 @@ def _graph_ops(model: torch.nn.Module, x: torch.Tensor, **compile_kwargs) -> tup
     return called, out
 
 
-@pytest.mark.skipif(not hasattr(torch.fx.experimental.symbolic_shapes, "has_static_value"),
-                    reason="torch < 2.8 cannot tell a fixed size while tracing: the tables are traced")
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
 def test_a_compiled_graph_holds_the_tables_as_constants_and_traces_them_for_symbolic_sizes(kernel):
     """Traced, the rotary tables and decay masks were computed again in every pass of a graph

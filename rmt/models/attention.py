@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
 import math
 import weakref
@@ -62,6 +61,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from rmt.models import fused_attention
 from rmt.models.layers import DepthwiseConvNHWC, exporting, profiler_label
@@ -221,12 +221,9 @@ class ManhattanPosition(nn.Module):
         return PositionTables(cos, sin, rotation, rows=None, columns=None, full=bias(manhattan, width))
 
 
-try:  # torch >= 2.8; Dynamo evaluates it while tracing
-    from torch.fx.experimental.symbolic_shapes import has_static_value as _fixed_size
-except ImportError:  # older torch: every size counts as symbolic, and the tables are traced
-
-    def _fixed_size(size: int) -> bool:
-        return False
+# whether a height or width is fixed while dynamo traces (it evaluates the check there): symbolic
+# sizes are traced with the tables they need
+_fixed_size = has_static_value
 
 
 # Each ManhattanPosition by an int key, which dynamo can pass to _tables_built_while_tracing as a
@@ -319,13 +316,11 @@ def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _efficient_first() -> Callable[[], contextlib.AbstractContextManager]:
-    """A context giving SDPA's memory-efficient backend priority over cuDNN (torch >= 2.6)."""
+    """A context giving SDPA's memory-efficient backend priority over cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-        return functools.partial(sdpa_kernel, order, set_priority=True)
-    return functools.partial(sdpa_kernel, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return functools.partial(sdpa_kernel, order, set_priority=True)
 
 
 def _attend_sdpa_efficient_first(q: Tensor, k: Tensor, v: Tensor, bias: DecayBias) -> Tensor:

@@ -439,32 +439,26 @@ def _(q, k, v, decay, cos=None, sin=None, num_warps=None):
 
 # the operators of INDUCTOR_LAUNCHES: each traces into its launch, where ``wrap_triton`` puts the
 # kernel call in the graph; the function also serves as the operator's fake
-_decayed_attention_traceable_op = _decomposed_attention_traceable_op = None
-if hasattr(torch.library, "triton_op"):  # torch >= 2.6
-
-    @torch.library.triton_op("rmt::decayed_attention_traceable", mutates_args=())
-    def _decayed_attention_traceable_op(
-        q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
-        cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
-        num_warps: Optional[int] = None,
-    ) -> Tensor:
-        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, traced=True)
-
-    @torch.library.triton_op("rmt::decomposed_decayed_attention_traceable", mutates_args=())
-    def _decomposed_attention_traceable_op(
-        q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
-        num_warps: Optional[int] = None,
-    ) -> Tensor:
-        return _launch_decomposed(q, k, v, decay, cos, sin, num_warps, traced=True)
+@torch.library.triton_op("rmt::decayed_attention_traceable", mutates_args=())
+def _decayed_attention_traceable_op(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
+    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, heads_per_program: int = 1,
+    num_warps: Optional[int] = None,
+) -> Tensor:
+    return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, traced=True)
 
 
-def _graph_operator(custom_op: Callable, traceable_op: Optional[Callable]) -> Callable:
+@torch.library.triton_op("rmt::decomposed_decayed_attention_traceable", mutates_args=())
+def _decomposed_attention_traceable_op(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+    num_warps: Optional[int] = None,
+) -> Tensor:
+    return _launch_decomposed(q, k, v, decay, cos, sin, num_warps, traced=True)
+
+
+def _graph_operator(custom_op: Callable, traceable_op: Callable) -> Callable:
     """The operator a compiled graph calls, by :data:`INDUCTOR_LAUNCHES`."""
-    if not INDUCTOR_LAUNCHES:
-        return custom_op
-    if traceable_op is None:
-        raise RuntimeError("fused_attention.INDUCTOR_LAUNCHES needs torch >= 2.6 (torch.library.triton_op)")
-    return traceable_op
+    return traceable_op if INDUCTOR_LAUNCHES else custom_op
 
 
 __all__ = [

@@ -28,13 +28,13 @@ def _folding(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def exporting() -> bool:
-    """Whether ``torch.export`` is tracing the code (torch >= 2.6; never on older versions).
+    """Whether ``torch.export`` is tracing the code.
 
     Reads the flag that ``torch.compiler.is_exporting()`` returns, as dynamo itself does since
     torch 2.14: before, dynamo replaced the call with ``True`` under ``torch.compile`` too
     (pytorch/pytorch#176347), and compiled CPU inference lost its chunking and fused operator.
     Strict and non-strict export both set the flag."""
-    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+    return torch.compiler._is_exporting_flag
 
 
 def profiler_label(name: str) -> contextlib.AbstractContextManager:
