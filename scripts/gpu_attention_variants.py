@@ -591,8 +591,7 @@ def _time_compiled_models(args: argparse.Namespace, results: dict, out: Path) ->
             rows[label]["profile"] = children[label].ask("profile")
     for child in children.values():
         child.end()
-    _add_ratios_to_swin(rows)
-    (out / "attention.json").write_text(json.dumps(results, indent=1))
+    (out / "attention.json").write_text(json.dumps(results, indent=1))  # with the profiles
     for label, row in rows.items():
         print(label, {batch: (b["ms"], b.get("to_swin_t")) for batch, b in row.get("batches", {}).items()} or row, flush=True)
 

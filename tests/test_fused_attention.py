@@ -8,6 +8,11 @@ bfloat16 included.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,25 +314,24 @@ def test_the_custom_operators_pass_torch_librarys_checks():
     torch.library.opcheck(fused_attention._decayed_attention_op, (q, k, v, decay, 0, False, cos, sin, 2, 4))
 
 
+def _run_with_tritons_compiler(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Python with ``args`` in a process of its own, Triton compiling the kernels rather than
+    interpreting them (the interpreter is chosen when the kernels are defined)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_the_kernels_compile_for_a_gpu_with_the_installed_triton(tmp_path):
     """The other tests run Triton's interpreter, which is not its compiler: compile each kernel for
     sm_90 (no GPU needed) in every configuration rmt_s runs at 224 px, and check that the default
     warps do not spill. Triton 3.2's compiler refused what the interpreters ran (a tile's shape +
     (2,), its shapes being lists)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton ships no ptxas")
     root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(root / "scripts" / "triton_kernel_registers.py"), "--json", str(tmp_path / "r.json")],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = _run_with_tritons_compiler([str(root / "scripts" / "triton_kernel_registers.py"), "--json", str(tmp_path / "r.json")], 600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     defaults = [row for row in rows if row["default_warps"]]
@@ -383,13 +387,7 @@ def test_a_compiled_graph_launches_the_kernels_itself_with_inductor_launches():
     """What fused_attention.INDUCTOR_LAUNCHES gives inductor: a call of each kernel, grid and warps
     as the eager launch has them, cloning none of its inputs (a clone would copy q, k, v or the
     tables on every pass): only the output, a fresh tensor, is written."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _TRACE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=300)
+    run = _run_with_tritons_compiler(["-c", _TRACE_FOR_A_GPU], 300)
     assert run.returncode == 0, run.stderr[-2000:]
     one_program, two_heads_a_program = json.loads(run.stdout.splitlines()[-1])
     assert one_program == {"kernel": "_decomposed_attention_kernel", "num_warps": [fused_attention.ONE_PROGRAM_WARPS],

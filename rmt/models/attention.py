@@ -61,7 +61,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import has_static_value
+from torch.fx.experimental.symbolic_shapes import has_static_value as _fixed_size  # dynamo evaluates it while tracing
 
 from rmt.models import fused_attention
 from rmt.models.layers import DepthwiseConvNHWC, exporting, profiler_label
@@ -219,11 +219,6 @@ class ManhattanPosition(nn.Module):
         ).reshape(height * width, 2)
         manhattan = (grid[:, None, :] - grid[None, :, :]).abs().sum(-1)
         return PositionTables(cos, sin, rotation, rows=None, columns=None, full=bias(manhattan, width))
-
-
-# whether a height or width is fixed while dynamo traces (it evaluates the check there): symbolic
-# sizes are traced with the tables they need
-_fixed_size = has_static_value
 
 
 # Each ManhattanPosition by an int key, which dynamo can pass to _tables_built_while_tracing as a
