@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rmt
 from rmt.bench.runner import BenchSettings, precision, run_benchmark
-from rmt.models.layers import AutocastWeightCache, CachedLinear, keep_autocast_weights
+from rmt.models.layers import AutocastWeightCache, CachedLinear, DepthwiseConvNHWC, keep_autocast_weights
 
 
 class Casts(TorchDispatchMode):
@@ -155,6 +155,39 @@ def test_copies_follow_every_change_of_the_parameters(make):
     _check(layer, x.double())
     layer.float()
     _check(layer, x)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 8), lambda: DepthwiseConvNHWC(8, 3)], ids=["linear", "nhwc-conv"])
+def test_a_parametrized_weight_is_read_through_its_parametrization(make):
+    """The layers read their weights from the parameter dict (registered_weights, cheaper than
+    ``module.weight``); a parametrization's weight is not there but a property of the module."""
+    torch.manual_seed(0)
+    layer = _folded(make())
+    x = torch.randn(2, 16) if isinstance(layer, nn.Linear) else torch.randn(2, 5, 5, 8)
+    doubled = copy.deepcopy(layer)
+    with torch.no_grad():
+        doubled.weight.mul_(2)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Doubled())
+    with torch.inference_mode():
+        assert torch.equal(layer(x), doubled(x))
+    assert torch.equal(_check(layer, x), _check(doubled, x))
+
+
+def test_a_conv_given_other_weights_computes_with_them():
+    """LoRA-style callers pass merged weights to ``_conv_forward``: only the parameters themselves
+    are swapped for their cached copies."""
+    torch.manual_seed(0)
+    layer = _folded(nn.Conv2d(4, 8, 3, padding=1))
+    x, other = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3)
+    with torch.inference_mode(), _bf16():
+        layer(x)  # fills the cache
+        expected = torch.nn.functional.conv2d(x, other, layer.bias, padding=1)
+        assert torch.equal(layer._conv_forward(x, other, layer.bias), expected)
 
 
 def test_a_fused_optimizer_step_is_seen():

@@ -338,6 +338,24 @@ def test_the_kernels_compile_for_a_gpu_with_the_installed_triton(tmp_path):
     assert len(defaults) == 9 and all(row["spill_store_bytes"] == 0 for row in defaults), defaults
 
 
+def test_the_eager_overhead_script_times_the_kernels_path(tmp_path):
+    """scripts/eager_overhead.py replaces the kernels' launches with no-ops: each counted stage
+    must have taken the Triton path (the plain math's compute would be counted otherwise)."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "scripts" / "eager_overhead.py"), "--model", "rmt_t", "--rounds", "1",
+                          "--calls", "3", "--json", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "o.json").read_text())
+    rows = report["rows"]
+    assert rows["CachedLinear"]["calls_per_pass"] == 5 * 14 + 2  # five a block, and the head's two
+    assert rows["AffineFreeLayerNorm"]["calls_per_pass"] == 2 * 14
+    # rmt_t's stage 3 attends over all 196 tokens, too many for the kernels
+    assert [name for name in rows if name.startswith("manhattan_attention")] == [
+        "manhattan_attention, stage 1 (56x56)", "manhattan_attention, stage 2 (28x28)", "manhattan_attention, stage 4 (7x7)"]
+    assert report["not_counted"] == ["stage 3 (14x14): its attention does not run the Triton kernels"]
+    assert report["added_ms_per_pass"] == pytest.approx(sum(row["added_ms_per_pass"] for row in rows.values()), abs=1e-2)
+
+
 # Traced for a compiled graph (AOT autograd, as inductor receives it), on fake tensors of an sm_90
 # GPU: Triton's own analysis of what each kernel writes needs a compiled kernel, not the
 # interpreter the other tests run, and its compiler can target a GPU this machine lacks.

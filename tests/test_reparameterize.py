@@ -247,6 +247,30 @@ def test_affine_free_norm_runs_in_its_input_dtype_under_autocast():
     assert torch.equal(norm(x.float()), expected)
 
 
+def test_affine_free_norm_switches_autocast_off_for_its_operator_alone(monkeypatch):
+    """Eagerly the norm turns autocast off and on again around its operator (cheaper than a
+    ``torch.autocast(enabled=False)`` region): off inside, on after, also when the operator raises."""
+    seen = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def spy(x, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return layer_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "layer_norm", spy)
+    norm = AffineFreeLayerNorm(32, eps=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm(torch.randn(2, 32, dtype=torch.bfloat16))
+        assert torch.is_autocast_enabled("cpu")
+        with pytest.raises(RuntimeError):
+            norm(torch.randn(2, 31, dtype=torch.bfloat16))  # not 32 features
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    norm(torch.randn(2, 32))
+    assert seen == [False, False, False] and not torch.is_autocast_enabled("cpu")
+    with torch.device("meta"):  # a device type without autocast
+        assert norm(torch.empty(2, 32)).shape == (2, 32)
+
+
 def test_affine_free_norm_gives_float32_cpu_inference_the_vectorised_kernel(monkeypatch):
     calls = []
     layer_norm = torch.nn.functional.layer_norm

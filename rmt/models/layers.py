@@ -46,6 +46,18 @@ def profiler_label(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def registered_weights(module: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """``(module.weight, module.bias)``, read from the module's parameters where they are
+    registered there: ``nn.Module.__getattr__``, which ``module.weight`` goes through, costs
+    about half a microsecond of CPU time a lookup, on every layer's every call, and eager CUDA
+    inference at batch 64 is bound by CPU time. A weight that is not a registered parameter (a
+    parametrization's property, an attribute that a hook sets) is read as ``module.weight``."""
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    bias = params["bias"] if "bias" in params else module.bias
+    return weight, bias
+
+
 class DepthwiseConvNHWC(nn.Conv2d):
     """Depthwise conv on (B, H, W, C) tokens (a channels-last view, so no copy either way)."""
 
@@ -53,7 +65,14 @@ class DepthwiseConvNHWC(nn.Conv2d):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # nn.Conv2d.forward's body with the weights of _forward_weights, which the caching class's
+        # _conv_forward would otherwise look up again
+        weight, bias = self._forward_weights()
+        return nn.Conv2d._conv_forward(self, x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+
+    def _forward_weights(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The weight and bias a forward pass computes with (the caching class's autocast copies)."""
+        return registered_weights(self)
 
 
 class ResidualDepthwiseConvNHWC(DepthwiseConvNHWC):
@@ -159,7 +178,7 @@ class AutocastWeightCache:
     def autocast_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
         """``(weight, bias)`` as this forward pass should use them: cached autocast-dtype copies
         in autocast inference, the parameters themselves otherwise."""
-        weight, bias = self.weight, self.bias
+        weight, bias = registered_weights(self)
         if torch.compiler.is_compiling():  # a compiled graph makes its own casts, and never reads the cache
             return weight, bias
         if torch.is_grad_enabled():
@@ -267,8 +286,13 @@ class CachedLinear(AutocastWeightCache, nn.Linear):
 
 
 class _CachedConv(AutocastWeightCache):
+    def _forward_weights(self) -> tuple[Tensor, Optional[Tensor]]:  # DepthwiseConvNHWC.forward's
+        return self.autocast_parameters()
+
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if weight is self.weight and bias is self.bias:
+        # nn.Conv2d.forward passes the parameters themselves; other callers (LoRA's merged weights) their own
+        registered_weight, registered_bias = registered_weights(self)
+        if weight is registered_weight and bias is registered_bias:
             weight, bias = self.autocast_parameters()
         return super()._conv_forward(x, weight, bias)
 
@@ -325,14 +349,25 @@ class AffineFreeLayerNorm(nn.Module):
         self.normalized_shape, self.eps = (dim,), eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # (asking whether autocast is on for a device type without it, "meta" say, is an error; a
-        # compiled graph runs on a device with autocast, and torch 2.11's dynamo cannot trace the
-        # availability check: one graph break per block, and recompiles past dynamo's limit)
-        device = x.device.type
-        available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
-        if available and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
+        if torch.compiler.is_compiling():
+            # (a compiled graph runs on a device with autocast, and torch 2.11's dynamo cannot trace
+            # the availability check below: one graph break per block, and recompiles past dynamo's limit)
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    return self._normalise(x)
+            return self._normalise(x)
+        # (asking whether autocast is on for a device type without it, "meta" say, is an error)
+        device = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # autocast switched off and on again around the one operator: what ``torch.autocast(device,
+            # enabled=False)`` does for it, at a tenth of the CPU time (its enter and exit took 2.4 µs
+            # on a 2-core AMD EPYC, 58 times a pass in rmt_s; scripts/eager_overhead.py)
+            torch.set_autocast_enabled(device, False)
+            try:
                 return self._normalise(x)
+            finally:
+                torch.set_autocast_enabled(device, True)
         return self._normalise(x)
 
     def _normalise(self, x: Tensor) -> Tensor:
