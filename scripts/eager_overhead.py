@@ -127,9 +127,10 @@ def main() -> None:
                     qk = torch.randn(1, side, side, 2, n, d, dtype=torch.bfloat16)
                     v = torch.randn(1, side, side, n, d, dtype=torch.bfloat16)
                     tables = stage.position.tables(side, side, torch.bfloat16, with_masks=True)
+                    lce = torch.randn(1, side, side, n, d, dtype=torch.bfloat16)  # the kernels add into it
 
-                    def call(qk=qk, v=v, tables=tables, decomposed=attn.decomposed) -> object:
-                        return attention.manhattan_attention(qk, v, tables, "triton", decomposed)
+                    def call(qk=qk, v=v, tables=tables, decomposed=attn.decomposed, lce=lce) -> object:
+                        return attention.manhattan_attention(qk, v, tables, "triton", decomposed, add_to=lce)
 
                     before = _NoLaunch.launches
                     call()

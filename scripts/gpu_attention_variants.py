@@ -72,11 +72,18 @@ def groupings(length: int, heads: int) -> list[int]:
     return [p for p in (2, 4, 8, 16) if fused_attention.groups_heads(length, heads, p)]
 
 
-def widest_grouping(qk, v, tables, decomposed, *, fused):
+def widest_grouping(qk, v, tables, decomposed, add_to=None, *, fused):
     """``_fused_manhattan_attention`` with as many heads per program as the kernel takes."""
     h, w, n = qk.shape[1], qk.shape[2], qk.shape[4]
     widest = groupings(max(h, w) if decomposed else h * w, n)
-    return fused(qk, v, tables, decomposed, widest[-1] if widest else 1)
+    return fused(qk, v, tables, decomposed, widest[-1] if widest else 1, add_to=add_to)
+
+
+def lce_added_apart(qk, v, tables, decomposed, add_to=None, *, fused):
+    """``_fused_manhattan_attention`` writing a fresh output, which is then added into the LCE
+    conv's output by an add of its own: as before the kernels added it as they stored it."""
+    out = fused(qk, v, tables, decomposed)
+    return out if add_to is None else add_to.add_(out)
 
 
 # decomposed stages of at most this many tokens take the masked-grid form in the "masked_grid"
@@ -267,10 +274,12 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
 # "reference": the official-style plain path), then "+"-joined changes to it (VARIANT_CHANGES);
 # swin_t has none. Eager models run in this process; compiled ones each in a process of their
 # own (COMPILED_MODELS).
-EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), ("rmt_s", "auto+two_passes"),
-                ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"), ("rmt_s", "reference")]
+EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+lce_add_apart"), ("rmt_s", "auto+grouped"),
+                ("rmt_s", "auto+two_passes"), ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"), ("rmt_s", "reference")]
 # "grouped": each two-pass Triton launch groups as many heads a program as it takes (stage 3, in
-# one program an image and head, is grouped with "+two_passes" only); "two_passes": the
+# one program an image and head, is grouped with "+two_passes" only); "lce_add_apart": the Triton
+# kernels write a fresh output, added into the LCE conv's output by a launch of its own (as before
+# they added it as they stored it); "two_passes": the
 # small decomposed stages in two Triton launches instead of one program an image and head;
 # "masked_grid": stage 3 as masked-grid SDPA calls where the Triton kernels do not run (eager
 # "sdpa"; compiled "auto"). Compiled only: "inductor_launches", the Triton kernels launched by
@@ -278,7 +287,8 @@ EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+grouped"), 
 # computed in the graph on every pass, as before they became its constants (the model's
 # ``attention._fixed_size`` answering no); "dwconv_as_window_sums", the depthwise convs as sums over
 # each token's window, which inductor fuses with their neighbours where a conv is a cuDNN call.
-VARIANT_CHANGES = ("grouped", "two_passes", "masked_grid", "inductor_launches", "traced_tables", "dwconv_as_window_sums")
+VARIANT_CHANGES = ("grouped", "lce_add_apart", "two_passes", "masked_grid", "inductor_launches", "traced_tables",
+                   "dwconv_as_window_sums")
 TRITON_PATH, BY_LINES = attention._fused_manhattan_attention, attention.decomposed_attention
 FIXED_SIZE_CHECK, DEPTHWISE_CONV_FORWARD = attention._fixed_size, DepthwiseConvNHWC.forward
 
@@ -309,8 +319,11 @@ def use_variant(variant: str) -> str:
     DepthwiseConvNHWC.forward = (depthwise_conv_as_window_sums if "dwconv_as_window_sums" in changes
                                  else DEPTHWISE_CONV_FORWARD)
     fused = functools.partial(TRITON_PATH, passes_in_one_program="two_passes" not in changes)
-    attention._fused_manhattan_attention = (functools.partial(widest_grouping, fused=fused) if "grouped" in changes
-                                            else fused)
+    if "grouped" in changes:
+        fused = functools.partial(widest_grouping, fused=fused)
+    if "lce_add_apart" in changes:
+        fused = functools.partial(lce_added_apart, fused=fused)
+    attention._fused_manhattan_attention = fused
     attention.decomposed_attention = (functools.partial(decomposed_as_masked_grid, decomposed_attention=BY_LINES)
                                       if "masked_grid" in changes else BY_LINES)
     _grid_masks_cache.clear()  # keyed by the address of a stage's decay, which a new model may reuse

@@ -5,7 +5,9 @@ with the installed Triton and runs the ptxas that Triton ships with ``-v`` on ea
 registers a thread uses bound how many programs an SM holds at once. Configurations: rmt_s's
 attention passes at 224 px (tokens padded to a power of two, head_dim), bf16 with the rotary
 fused, one head per program with the default and more warps, and grouped heads; and the kernel
-running both passes of stage 3 in one program (``decomposed_decayed_attention``).
+running both passes of stage 3 in one program (``decomposed_decayed_attention``). Each adds its
+output into the LCE conv's (``ADD``), as the model's last launch of each stage does: one tile
+more to load than the row pass of a decomposed stage, which stores a fresh output.
 
     python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
 """
@@ -76,14 +78,14 @@ def main() -> None:
     for name, block, head_dim, heads in PASSES:
         default = _warps(block * heads, head_dim)
         constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True,
-                     "HEADS": heads}
+                     "HEADS": heads, "ADD": True}
         for warps in (default,) if heads > 1 else sorted({default, 4, 8}):
             report({"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
                     "num_warps": warps, "default_warps": warps == default, "both_passes": False,
                     **registers(_decayed_attention_kernel, constants, warps, args.arch)})
     # both passes of a decomposed stage in one program (decomposed_decayed_attention)
     for name, side, head_dim in GRIDS:
-        constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True}
+        constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True, "ADD": True}
         for warps in (4, 8, 16):
             report({"pass": name, "tokens_padded": side * side, "head_dim": head_dim, "heads_per_program": 1,
                     "num_warps": warps, "default_warps": warps == ONE_PROGRAM_WARPS, "both_passes": True,

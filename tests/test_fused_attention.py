@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -241,8 +242,8 @@ def test_one_program_rotates_and_attends_like_the_reference(monkeypatch, size, p
     launches = {"one program": 0, "a pass": 0}
     for name, key in (("_launch_decomposed", "one program"), ("_launch", "a pass")):
         launch = getattr(fused_attention, name)
-        monkeypatch.setattr(fused_attention, name, lambda *args, launch=launch, key=key: launches.update(
-            {key: launches[key] + 1}) or launch(*args))
+        monkeypatch.setattr(fused_attention, name, lambda *args, launch=launch, key=key, **kwargs: launches.update(
+            {key: launches[key] + 1}) or launch(*args, **kwargs))
     torch.manual_seed(0)
     h, w = size
     tables, qk, v = _stage_inputs(h, w, 2, 32, True)
@@ -250,6 +251,54 @@ def test_one_program_rotates_and_attends_like_the_reference(monkeypatch, size, p
     reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
     assert (fused - reference).abs().max().item() < 1e-5
     assert launches == ({"one program": 1, "a pass": 0} if one_program else {"one program": 0, "a pass": 2})
+
+
+class _Adds(TorchDispatchMode):
+    """Counts the add operators run (what the kernels' own add replaces)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in ("add", "add_")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("decomposed, size, passes_in_one_program",
+                         [(True, (14, 12), True), (True, (14, 12), False), (False, (7, 7), True)],
+                         ids=["one-program", "two-passes", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_kernels_add_into_a_given_output_as_torch_adds(decomposed, size, passes_in_one_program, dtype):
+    """RMT adds the attention into its LCE conv's output: the kernels add as they store, with the
+    numbers of ``add_to.add_(attention)`` and no add operator of their own."""
+    torch.manual_seed(0)
+    h, w = size
+    tables, qk, v = _stage_inputs(h, w, 2, 16, decomposed, dtype=dtype)
+    base = torch.randn(2, h, w, 2, 16, device=DEVICE, dtype=dtype)
+    attend = functools.partial(_fused_manhattan_attention, passes_in_one_program=passes_in_one_program)
+    with torch.no_grad():
+        expected = base.clone().add_(attend(qk.clone(), v, tables, decomposed))
+        added = base.clone()
+        with _Adds() as adds:
+            result = attend(qk.clone(), v, tables, decomposed, add_to=added)
+    assert result is added and adds.count == 0
+    assert torch.equal(added, expected)
+
+
+def test_an_output_the_kernels_cannot_write_is_added_into_after():
+    """head_dim not contiguous (or, for full attention, H and W not one axis): a fresh output, then an add."""
+    torch.manual_seed(0)
+    tables, qk, v = _stage_inputs(7, 7, 2, 16, False)
+    expected = _fused_manhattan_attention(qk.clone(), v, tables, False)
+    for base in (torch.zeros(2, 16, 2, 7, 7, device=DEVICE).permute(0, 3, 4, 2, 1),  # head_dim strided
+                 torch.zeros(2, 7, 8, 2, 16, device=DEVICE)[:, :, :7]):  # rows of 8 tokens, 7 used
+        with torch.no_grad():
+            result = manhattan_attention(qk.clone(), v, tables, "triton", False, add_to=base)
+        assert result is base and torch.equal(base, expected)
+    with pytest.raises(ValueError, match=r"adds into a \(2, 1, 49, 2, 16\) tensor of q's dtype and device, got"):
+        fused_attention.decayed_attention(*(t.reshape(2, 1, 49, 2, 16) for t in (qk[:, :, :, 0], qk[:, :, :, 1], v)),
+                                          tables.full.decay, 7, False, add_to=torch.zeros(2, 1, 49, 2, 16).double())
 
 
 def test_one_program_refuses_a_larger_grid():
@@ -280,10 +329,11 @@ def test_a_model_with_both_passes_in_one_program_matches_the_reference_path(offi
 
 @pytest.mark.parametrize("passes_in_one_program, size, launcher, launches",
                          [(False, (14, 12), "_launch", 2), (True, (14, 12), "_launch_decomposed", 1)])
-def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one_program, size, launcher, launches):
+@pytest.mark.parametrize("add", [False, True], ids=["fresh", "added-into"])
+def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one_program, size, launcher, launches, add):
     calls = []
     launch = getattr(fused_attention, launcher)
-    monkeypatch.setattr(fused_attention, launcher, lambda *args: calls.append(1) or launch(*args))
+    monkeypatch.setattr(fused_attention, launcher, lambda *args, **kwargs: calls.append(1) or launch(*args, **kwargs))
     monkeypatch.setattr(attention, "_fused_manhattan_attention", functools.partial(
         attention._fused_manhattan_attention, passes_in_one_program=passes_in_one_program))
     torch.manual_seed(0)
@@ -292,11 +342,14 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, passes_in_one
     with torch.no_grad():
         # fullgraph: a graph break (an untraceable call on the way to the kernel) raises
         compiled = torch.compile(manhattan_attention, backend="aot_eager", fullgraph=True, dynamic=False)
-        out = compiled(qk.clone(), v, tables, "triton", True)
+        # added into: in the graph, the operator's fresh output and an add (an operator that wrote
+        # into its input would be functionalised into a copy of it)
+        base = torch.randn(2, h, w, 2, 16, device=DEVICE)
+        out = compiled(qk.clone(), v, tables, "triton", True, base.clone() if add else None)
         # from the compiled graph, as rmt::decayed_attention (the row and the column pass) or
         # rmt::decomposed_decayed_attention (both)
         assert len(calls) == launches
-        reference = manhattan_attention(qk.clone(), v, tables, "reference", True)
+        reference = manhattan_attention(qk.clone(), v, tables, "reference", True, base.clone() if add else None)
     assert (out - reference).abs().max().item() < 1e-5
 
 

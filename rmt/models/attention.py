@@ -442,18 +442,25 @@ def _runs_fused(kernel: str, q: Tensor, v: Tensor, *lengths: int) -> bool:
     return all(fused_attention.supports(q, length) for length in lengths)
 
 
-def manhattan_attention(qk: Tensor, v: Tensor, tables: PositionTables, kernel: str, decomposed: bool) -> Tensor:
+def manhattan_attention(
+    qk: Tensor, v: Tensor, tables: PositionTables, kernel: str, decomposed: bool, add_to: Optional[Tensor] = None
+) -> Tensor:
     """MaSA from the projections: q and k stacked as (B, H, W, 2, heads, head_dim), not yet
     rotated (a fresh tensor, rotated in place unless the Triton kernel rotates them on loading),
-    and v as (B, H, W, heads, head_dim). Returns (B, H, W, heads, head_dim), maybe a strided view.
+    and v as (B, H, W, heads, head_dim). Returns (B, H, W, heads, head_dim), maybe a strided view;
+    or, given ``add_to`` of that shape, adds the attention into it in place and returns it (the
+    Triton kernels add as they store their output, saving a launch and two passes over memory).
     """
     b, h, w = qk.shape[:3]
     if _runs_fused(kernel, qk, v, *((h, w) if decomposed else (h * w,))):
-        return _fused_manhattan_attention(qk, v, tables, decomposed)
+        return _fused_manhattan_attention(qk, v, tables, decomposed, add_to=add_to)
     if _runs_eager_cpu_path_in_graph(kernel, qk, v):
-        return _cpu_manhattan_attention_in_graph(qk, v, tables, decomposed)
-    q, k = rotate_queries_and_keys(qk, tables, inplace=True).unbind(3)
-    return (decomposed_attention if decomposed else full_attention)(q, k, v, tables, kernel)
+        out = _cpu_manhattan_attention_in_graph(qk, v, tables, decomposed)
+    else:
+        q, k = rotate_queries_and_keys(qk, tables, inplace=True).unbind(3)
+        out = (decomposed_attention if decomposed else full_attention)(q, k, v, tables, kernel)
+    # a strided view, read in place rather than copied into (B, H, W, heads, head_dim) first
+    return out if add_to is None else add_to.add_(out)
 
 
 def _runs_eager_cpu_path_in_graph(kernel: str, qk: Tensor, v: Tensor) -> bool:
@@ -513,7 +520,7 @@ def _(qk, v, cos, sin, decay, mask, columns_mask, grid_width):
 
 def _fused_manhattan_attention(
     qk: Tensor, v: Tensor, tables: PositionTables, decomposed: bool, heads_per_program: int = 1,
-    num_warps: Optional[int] = None, passes_in_one_program: bool = True,
+    num_warps: Optional[int] = None, passes_in_one_program: bool = True, add_to: Optional[Tensor] = None,
 ) -> Tensor:
     """``manhattan_attention`` on the Triton kernels: a decomposed stage small enough
     (:func:`fused_attention.fits_one_program`, stage 3 at 224 px) in one kernel, one program an
@@ -521,13 +528,17 @@ def _fused_manhattan_attention(
     fastest on Hopper (docs/performance.md). The tuning arguments are for
     scripts/gpu_attention_variants.py, which times them: ``heads_per_program`` and ``num_warps``
     (:func:`fused_attention.decayed_attention`'s), and ``passes_in_one_program=False`` for the
-    two passes of the small stages."""
+    two passes of the small stages. ``add_to``: :func:`manhattan_attention`'s, into which the
+    last kernel adds where the kernels can write it."""
+    if add_to is not None and not _kernels_can_write(add_to, decomposed):
+        out = _fused_manhattan_attention(qk, v, tables, decomposed, heads_per_program, num_warps, passes_in_one_program)
+        return add_to.add_(out)
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
     if decomposed and passes_in_one_program and fused_attention.fits_one_program(q, h, w):
         # the row and the column pass share one decay (ManhattanPosition._build)
-        return fused_attention.decomposed_decayed_attention(q, k, v, tables.rows.decay, cos, sin, num_warps)
+        return fused_attention.decomposed_decayed_attention(q, k, v, tables.rows.decay, cos, sin, num_warps, add_to)
     if decomposed:
         rows = fused_attention.decayed_attention(
             q, k, v, tables.rows.decay, 0, False, cos, sin, heads_per_program, num_warps
@@ -535,14 +546,21 @@ def _fused_manhattan_attention(
         # the column pass reads the same tensors transposed and writes back in (B, H, W) order
         return fused_attention.decayed_attention(
             q.transpose(1, 2), k.transpose(1, 2), rows.transpose(1, 2), tables.columns.decay, 0, True,
-            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps,
+            cos.transpose(0, 1), sin.transpose(0, 1), heads_per_program, num_warps, add_to,
         )
     q, k, v = (t.reshape(b, 1, h * w, n, d) for t in (q, k, v))
     cos, sin = cos.reshape(1, h * w, 2, d), sin.reshape(1, h * w, 2, d)
     full = fused_attention.decayed_attention(
-        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps
+        q, k, v, tables.full.decay, w, False, cos, sin, heads_per_program, num_warps,
+        None if add_to is None else add_to.view(b, 1, h * w, n, d),
     )
-    return full.view(b, h, w, n, d)
+    return full.view(b, h, w, n, d) if add_to is None else add_to
+
+
+def _kernels_can_write(out: Tensor, decomposed: bool) -> bool:
+    """Whether the Triton kernels can write a (B, H, W, heads, head_dim) output through its strides:
+    head_dim contiguous, and for full attention H and W as one axis of H * W tokens."""
+    return out.stride(-1) == 1 and (decomposed or out.shape[1] == 1 or out.stride(1) == out.shape[2] * out.stride(2))
 
 
 def decomposed_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables, kernel: str) -> Tensor:
@@ -595,11 +613,10 @@ class ManhattanSelfAttention(nn.Module):
         tables = position.tables(h, w, qk.dtype, with_masks=kernel != "flex")
         # the rotary runs in place on this fresh output, which the projection's backward does not need
         qk = qk.unflatten(-1, (2, self.num_heads, self.head_dim))
-        out = manhattan_attention(qk, v.unflatten(-1, (self.num_heads, self.head_dim)), tables, kernel, self.decomposed)
         lce = self.lce(v)
-        # the attention output may be a strided view: adding it into the fresh LCE output reads it
-        # in place instead of copying it into (B, H, W, C) first
-        lce.unflatten(-1, (self.num_heads, self.head_dim)).add_(out)
+        # the attention added into the fresh LCE output (the conv's backward does not need it)
+        heads = (self.num_heads, self.head_dim)
+        manhattan_attention(qk, v.unflatten(-1, heads), tables, kernel, self.decomposed, add_to=lce.unflatten(-1, heads))
         return self.proj(lce)
 
 

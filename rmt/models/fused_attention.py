@@ -125,6 +125,15 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _store(ptrs, out, mask, ADD: tl.constexpr):
+        """Store the float32 ``out`` in the output's dtype; with ADD, added to what is there first,
+        as torch adds two tensors of that dtype: ``out`` rounded to it, the sum in float32, rounded."""
+        out = out.to(ptrs.dtype.element_ty)
+        if ADD:
+            out = (out.to(tl.float32) + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)).to(ptrs.dtype.element_ty)
+        tl.store(ptrs, out, mask=mask)
+
+    @triton.jit
     def _softmax_times(scores, v, AXIS: tl.constexpr, IEEE: tl.constexpr):
         """softmax(scores) v over the keys' axis AXIS (the last) of float32 scores, masked keys at
         -inf, normalised after the product (one division a row of the output); float32 out."""
@@ -146,7 +155,7 @@ if triton is not None:
         table_strides_g, table_strides_l, table_strides_qk,
         groups, heads, length, grid_width,
         BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, MANHATTAN: tl.constexpr, IEEE: tl.constexpr,
-        ROTATE: tl.constexpr, HEADS: tl.constexpr,
+        ROTATE: tl.constexpr, HEADS: tl.constexpr, ADD: tl.constexpr,
     ):
         # one program: one sequence of HEADS heads, as BLOCK_L * HEADS rows, token-major (row r is
         # token r // HEADS of head r % HEADS), so that a token's heads are adjacent in memory and
@@ -183,8 +192,8 @@ if triton is not None:
         if HEADS > 1:
             keys = keys & (head[:, None] == head[None, :])
         out = _softmax_times(tl.where(keys, scores, float("-inf")), v, 1, IEEE)
-        tl.store(_tile(out_ptr, batch, group, head, i, d, o_strides_b, o_strides_g, o_strides_l, o_strides_h),
-                 out.to(out_ptr.dtype.element_ty), mask=rows)
+        _store(_tile(out_ptr, batch, group, head, i, d, o_strides_b, o_strides_g, o_strides_l, o_strides_h),
+               out, rows, ADD)
 
     @triton.jit
     def _image_tile(ptr, batch, head, y, x, d, stride_b, stride_y, stride_x, stride_h):
@@ -226,7 +235,7 @@ if triton is not None:
         table_strides_y, table_strides_x, table_strides_qk,
         heads, height, width,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-        ROTATE: tl.constexpr,
+        ROTATE: tl.constexpr, ADD: tl.constexpr,
     ):
         # one program: one head of one image, its whole (BLOCK_H, BLOCK_W, head_dim) grid; the row
         # pass's output stays in the program for the column pass
@@ -249,8 +258,8 @@ if triton is not None:
         # along each column: the tiles transposed to (W, H, head_dim)
         out = _attend_along_lines(tl.permute(q, (1, 0, 2)), tl.permute(k, (1, 0, 2)), tl.permute(rows, (1, 0, 2)),
                                   decay, height, BLOCK_H, IEEE)
-        tl.store(_image_tile(out_ptr, batch, head, x, y, d, o_strides_b, o_strides_x, o_strides_y, o_strides_h),
-                 out.to(out_ptr.dtype.element_ty), mask=tl.permute(inside, (1, 0, 2)))
+        _store(_image_tile(out_ptr, batch, head, x, y, d, o_strides_b, o_strides_x, o_strides_y, o_strides_h),
+               out, tl.permute(inside, (1, 0, 2)), ADD)
 
 
 def decayed_attention(
@@ -264,6 +273,7 @@ def decayed_attention(
     sin: Optional[Tensor] = None,
     heads_per_program: int = 1,
     num_warps: Optional[int] = None,
+    add_to: Optional[Tensor] = None,
 ) -> Tensor:
     """Softmax attention with the decay ``decay[head] * distance`` over sequences along dim 2 of
     (B, G, L, heads, head_dim) q, k and v (any strides, head_dim contiguous); k is pre-scaled.
@@ -283,25 +293,33 @@ def decayed_attention(
     (:func:`_rotate_by_pairs`), so it needs tables in which a pair's two cos entries are equal and
     its sin entries equal but for the sign, as RMT's are.
 
+    ``add_to``: a tensor of the output's shape and q's dtype (head_dim contiguous, not overlapping
+    q, k or v) into which the output is added in place, as the kernel stores it, and which is returned: RMT adds the
+    attention into its LCE conv's output, and this saves that add's launch and its passes over
+    memory. The same numbers as ``add_to.add_(output)``.
+
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
     and RMT's eager CUDA inference is bound by CPU time per operator at batch 64), or with
     :data:`INDUCTOR_LAUNCHES` as ``rmt::decayed_attention_traceable``, which inductor traces into.
     """
     if torch.compiler.is_compiling():
+        # (the operators write a fresh output: one that added into its input would be functionalised
+        # into a copy of it)
         op = _graph_operator(_decayed_attention_op, _decayed_attention_traceable_op)
-        return op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
+        out = op(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
+        return out if add_to is None else add_to.add_(out)
     with profiler_label("rmt::decayed_attention"):
-        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps)
+        return _launch(q, k, v, decay, grid_width, transpose_out, cos, sin, heads_per_program, num_warps, add_to=add_to)
 
 
 def _launch(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, grid_width: int, transpose_out: bool,
     cos: Optional[Tensor], sin: Optional[Tensor], heads_per_program: int, num_warps: Optional[int],
-    traced: bool = False,
+    traced: bool = False, add_to: Optional[Tensor] = None,
 ) -> Tensor:
     b, g, length, n, d = q.shape
-    out = torch.empty((b, length, g, n, d) if transpose_out else (b, g, length, n, d), dtype=q.dtype, device=q.device)
+    out = _output("decayed_attention", q, (b, length, g, n, d) if transpose_out else (b, g, length, n, d), add_to)
     out_view = out.transpose(1, 2) if transpose_out else out
     table_strides = _table_strides("decayed_attention", (q, k, v, out_view), cos, sin, "(G, L, 2, head_dim)", (g, length, 2, d))
     block = _padded_length(length)
@@ -315,10 +333,20 @@ def _launch(
             *table_strides,
             g, n, length, grid_width,
             BLOCK_L=block, HEAD_DIM=d, MANHATTAN=grid_width > 0, IEEE=q.dtype == torch.float32,
-            ROTATE=cos is not None, HEADS=heads_per_program,
+            ROTATE=cos is not None, HEADS=heads_per_program, ADD=add_to is not None,
             num_warps=num_warps or _warps(block * heads_per_program, d),
         )
     return out
+
+
+def _output(name: str, q: Tensor, shape: tuple[int, ...], add_to: Optional[Tensor]) -> Tensor:
+    """A kernel's output: a fresh tensor, or ``add_to`` (its shape, q's dtype and device checked)."""
+    if add_to is None:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    if add_to.shape != shape or add_to.dtype != q.dtype or add_to.device != q.device:
+        raise ValueError(f"{name} adds into a {tuple(shape)} tensor of q's dtype and device, got "
+                         f"{tuple(add_to.shape)} {add_to.dtype} on {add_to.device}")
+    return add_to
 
 
 def _table_strides(
@@ -359,6 +387,7 @@ def decomposed_decayed_attention(
     cos: Optional[Tensor] = None,
     sin: Optional[Tensor] = None,
     num_warps: Optional[int] = None,
+    add_to: Optional[Tensor] = None,
 ) -> Tensor:
     """Both passes of decomposed attention in one kernel: attention with the decay
     ``decay[head] * |i - j|`` along each row of (B, H, W, heads, head_dim) q, k and v (k
@@ -372,24 +401,26 @@ def decomposed_decayed_attention(
     pass's output and reads q and k twice. For grids of at most :data:`MAX_GRID_SIDE` tokens a
     side (:func:`fits_one_program`; stage 3 at 224 px is 14 x 14, decomposed in all variants
     but rmt_t). ``cos`` and ``sin``: (H, W, 2, head_dim) views of the rotary tables (q's, then
-    k's). Returns (B, H, W, heads, head_dim).
+    k's). Returns (B, H, W, heads, head_dim), or ``add_to`` with the output added into it
+    (:func:`decayed_attention`).
     """
     if torch.compiler.is_compiling():
         op = _graph_operator(_decomposed_attention_op, _decomposed_attention_traceable_op)
-        return op(q, k, v, decay, cos, sin, num_warps)
+        out = op(q, k, v, decay, cos, sin, num_warps)
+        return out if add_to is None else add_to.add_(out)
     with profiler_label("rmt::decomposed_decayed_attention"):
-        return _launch_decomposed(q, k, v, decay, cos, sin, num_warps)
+        return _launch_decomposed(q, k, v, decay, cos, sin, num_warps, add_to=add_to)
 
 
 def _launch_decomposed(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
-    num_warps: Optional[int], traced: bool = False,
+    num_warps: Optional[int], traced: bool = False, add_to: Optional[Tensor] = None,
 ) -> Tensor:
     b, h, w, n, d = q.shape
     if max(h, w) > MAX_GRID_SIDE:
         raise ValueError(f"decomposed_decayed_attention takes grids of at most {MAX_GRID_SIDE} tokens a side, got {h} x {w}")
-    out = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
-    table_strides = _table_strides("decomposed_decayed_attention", (q, k, v), cos, sin, "(H, W, 2, head_dim)", (h, w, 2, d))
+    out = _output("decomposed_decayed_attention", q, (b, h, w, n, d), add_to)
+    table_strides = _table_strides("decomposed_decayed_attention", (q, k, v, out), cos, sin, "(H, W, 2, head_dim)", (h, w, 2, d))
     kernel = torch.library.wrap_triton(_decomposed_attention_kernel) if traced else _decomposed_attention_kernel
     with _on_the_tensors_gpu(q):
         kernel[(b * n,)](
@@ -398,7 +429,7 @@ def _launch_decomposed(
             *table_strides,
             n, h, w,
             BLOCK_H=_padded_length(h), BLOCK_W=_padded_length(w), HEAD_DIM=d, IEEE=q.dtype == torch.float32,
-            ROTATE=cos is not None, num_warps=num_warps or ONE_PROGRAM_WARPS,
+            ROTATE=cos is not None, ADD=add_to is not None, num_warps=num_warps or ONE_PROGRAM_WARPS,
         )
     return out
 
