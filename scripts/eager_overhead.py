@@ -14,7 +14,9 @@ bf16 autocast without autograd (as ``rmt bench --reparam`` runs it on a GPU):
 - each multiplied by its calls in one forward pass at 224 px.
 
 It runs on the CPU, one thread. The Python is the same on a GPU but for the weight cache's CUDA
-stream lookup; the bare operators' dispatch is not counted.
+stream lookup; the bare operators' dispatch is not counted. (The folded norm's bare operator is
+plain ``F.layer_norm``: CPU autocast leaves layer norm alone, where CUDA's would run it in float32,
+which is what the norm's autocast switch is for.)
 
     python scripts/eager_overhead.py --model rmt_s --json overhead.json
 """
@@ -48,7 +50,8 @@ class _NoLaunch:
         _NoLaunch.launches += 1
 
 
-def _median_us(fn: Callable[[], object], calls: int) -> float:
+def _mean_us(fn: Callable[[], object], calls: int) -> float:
+    """µs a call, the mean of ``calls`` calls in a row."""
     begin = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -56,13 +59,14 @@ def _median_us(fn: Callable[[], object], calls: int) -> float:
 
 
 def compare(module_call: Callable[[], object], bare_call: Callable[[], object], rounds: int, calls: int) -> dict:
-    """Median µs a call of each, interleaved over ``rounds`` after a warmup."""
+    """µs a call of each: the median over ``rounds`` interleaved rounds (after a warmup) of each
+    round's mean."""
     for fn in (module_call, bare_call):
-        _median_us(fn, calls // 10 + 1)
+        _mean_us(fn, calls // 10 + 1)
     module_times, bare_times = [], []
     for _ in range(rounds):
-        module_times.append(_median_us(module_call, calls))
-        bare_times.append(_median_us(bare_call, calls))
+        module_times.append(_mean_us(module_call, calls))
+        bare_times.append(_mean_us(bare_call, calls))
     module_us, bare_us = statistics.median(module_times), statistics.median(bare_times)
     return {"module_us": round(module_us, 2), "bare_us": round(bare_us, 2), "added_us": round(module_us - bare_us, 2)}
 
@@ -112,7 +116,9 @@ def main() -> None:
         row["added_ms_per_pass"] = round(row["added_us"] * row["calls_per_pass"] / 1e3, 3)
 
     skipped: list[str] = []
-    if fused_attention.triton is not None:
+    if fused_attention.triton is None:
+        skipped.append("the attention: this torch has no Triton")
+    else:
         kernels = fused_attention._decayed_attention_kernel, fused_attention._decomposed_attention_kernel
         interpreted = fused_attention.InterpretedFunction
         fused_attention._decayed_attention_kernel = fused_attention._decomposed_attention_kernel = _NoLaunch()

@@ -5,9 +5,11 @@ with the installed Triton and runs the ptxas that Triton ships with ``-v`` on ea
 registers a thread uses bound how many programs an SM holds at once. Configurations: rmt_s's
 attention passes at 224 px (tokens padded to a power of two, head_dim), bf16 with the rotary
 fused, one head per program with the default and more warps, and grouped heads; and the kernel
-running both passes of stage 3 in one program (``decomposed_decayed_attention``). Each adds its
-output into the LCE conv's (``ADD``), as the model's last launch of each stage does: one tile
-more to load than the row pass of a decomposed stage, which stores a fresh output.
+running both passes of stage 3 in one program (``decomposed_decayed_attention``). At the default
+warps each is compiled twice: storing a fresh output (the row passes of eager inference, and
+every launch from a compiled graph) and adding its output into the LCE conv's (``ADD``, the last
+launch of each stage in eager inference), which loads one tile more. Other warp counts, for
+comparison, with the add.
 
     python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
 """
@@ -72,25 +74,30 @@ def main() -> None:
     def report(row: dict) -> None:
         rows.append(row)
         print(f"{row['pass']:25s} heads/program {row['heads_per_program']}  warps {row['num_warps']}"
-              f"{'*' if row['default_warps'] else ' '}  {row['registers']:3d} registers  "
+              f"{'*' if row['default_warps'] else ' '}  {'added' if row['adds'] else 'fresh'}  {row['registers']:3d} registers  "
               f"{row['spill_store_bytes']} B spilled", flush=True)
+
+    def compile_each(kernel, constants: dict, warps_counts: list[int], default: int, row: dict) -> None:
+        for warps in warps_counts:
+            for adds in (False, True) if warps == default else (True,):
+                report({**row, "num_warps": warps, "default_warps": warps == default, "adds": adds,
+                        **registers(kernel, {**constants, "ADD": adds}, warps, args.arch)})
 
     for name, block, head_dim, heads in PASSES:
         default = _warps(block * heads, head_dim)
         constants = {"BLOCK_L": block, "HEAD_DIM": head_dim, "MANHATTAN": False, "IEEE": False, "ROTATE": True,
-                     "HEADS": heads, "ADD": True}
-        for warps in (default,) if heads > 1 else sorted({default, 4, 8}):
-            report({"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
-                    "num_warps": warps, "default_warps": warps == default, "both_passes": False,
-                    **registers(_decayed_attention_kernel, constants, warps, args.arch)})
+                     "HEADS": heads}
+        compile_each(_decayed_attention_kernel, constants, [default] if heads > 1 else sorted({default, 4, 8}), default,
+                     {"pass": name, "tokens_padded": block, "head_dim": head_dim, "heads_per_program": heads,
+                      "both_passes": False})
     # both passes of a decomposed stage in one program (decomposed_decayed_attention)
     for name, side, head_dim in GRIDS:
-        constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True, "ADD": True}
-        for warps in (4, 8, 16):
-            report({"pass": name, "tokens_padded": side * side, "head_dim": head_dim, "heads_per_program": 1,
-                    "num_warps": warps, "default_warps": warps == ONE_PROGRAM_WARPS, "both_passes": True,
-                    **registers(_decomposed_attention_kernel, constants, warps, args.arch)})
-    print("* the default warps for that tile (fused_attention._warps; ONE_PROGRAM_WARPS for both passes)")
+        constants = {"BLOCK_H": side, "BLOCK_W": side, "HEAD_DIM": head_dim, "IEEE": False, "ROTATE": True}
+        compile_each(_decomposed_attention_kernel, constants, [4, 8, 16], ONE_PROGRAM_WARPS,
+                     {"pass": name, "tokens_padded": side * side, "head_dim": head_dim, "heads_per_program": 1,
+                      "both_passes": True})
+    print("* the default warps for that tile (fused_attention._warps; ONE_PROGRAM_WARPS for both passes);"
+          " fresh: a new output, added: added into the LCE conv's")
     if args.json:
         write_json_atomic(args.json, {"triton": triton.__version__, "arch": f"sm_{args.arch}a",
                                       "max_rows": fused_attention.MAX_ROWS, "rows": rows})

@@ -269,13 +269,18 @@ class _Adds(TorchDispatchMode):
                          [(True, (14, 12), True), (True, (14, 12), False), (False, (7, 7), True)],
                          ids=["one-program", "two-passes", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_the_kernels_add_into_a_given_output_as_torch_adds(decomposed, size, passes_in_one_program, dtype):
-    """RMT adds the attention into its LCE conv's output: the kernels add as they store, with the
-    numbers of ``add_to.add_(attention)`` and no add operator of their own."""
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "strided"])
+def test_the_kernels_add_into_a_given_output_as_torch_adds(decomposed, size, passes_in_one_program, dtype, dense):
+    """RMT adds the attention into its LCE conv's output: the kernels add as they store, through
+    the output's strides, with the numbers of ``add_to.add_(attention)`` and no add operator of
+    their own."""
     torch.manual_seed(0)
     h, w = size
     tables, qk, v = _stage_inputs(h, w, 2, 16, decomposed, dtype=dtype)
-    base = torch.randn(2, h, w, 2, 16, device=DEVICE, dtype=dtype)
+    if dense:
+        base = torch.randn(2, h, w, 2, 16, device=DEVICE, dtype=dtype)
+    else:  # every head a token apart, the batch strided too (rows stay one axis for full attention)
+        base = torch.randn(4, h, w, 3, 16, device=DEVICE, dtype=dtype)[::2, :, :, :2]
     attend = functools.partial(_fused_manhattan_attention, passes_in_one_program=passes_in_one_program)
     with torch.no_grad():
         expected = base.clone().add_(attend(qk.clone(), v, tables, decomposed))
@@ -287,12 +292,15 @@ def test_the_kernels_add_into_a_given_output_as_torch_adds(decomposed, size, pas
 
 
 def test_an_output_the_kernels_cannot_write_is_added_into_after():
-    """head_dim not contiguous (or, for full attention, H and W not one axis): a fresh output, then an add."""
+    """head_dim not contiguous, for full attention H and W not one axis, another dtype: a fresh
+    output, then an add."""
     torch.manual_seed(0)
     tables, qk, v = _stage_inputs(7, 7, 2, 16, False)
-    expected = _fused_manhattan_attention(qk.clone(), v, tables, False)
-    for base in (torch.zeros(2, 16, 2, 7, 7, device=DEVICE).permute(0, 3, 4, 2, 1),  # head_dim strided
-                 torch.zeros(2, 7, 8, 2, 16, device=DEVICE)[:, :, :7]):  # rows of 8 tokens, 7 used
+    attention = _fused_manhattan_attention(qk.clone(), v, tables, False)
+    for base in (torch.randn(2, 16, 2, 7, 7, device=DEVICE).permute(0, 3, 4, 2, 1),  # head_dim strided
+                 torch.randn(2, 7, 8, 2, 16, device=DEVICE)[:, :, :7],  # rows of 8 tokens, 7 used
+                 torch.randn(2, 7, 7, 2, 16, device=DEVICE, dtype=torch.float64)):
+        expected = base + attention
         with torch.no_grad():
             result = manhattan_attention(qk.clone(), v, tables, "triton", False, add_to=base)
         assert result is base and torch.equal(base, expected)
@@ -388,7 +396,8 @@ def test_the_kernels_compile_for_a_gpu_with_the_installed_triton(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     defaults = [row for row in rows if row["default_warps"]]
-    assert len(defaults) == 9 and all(row["spill_store_bytes"] == 0 for row in defaults), defaults
+    # each default configuration storing a fresh output and adding into the LCE conv's
+    assert len(defaults) == 2 * 9 and all(row["spill_store_bytes"] == 0 for row in defaults), defaults
 
 
 def test_the_eager_overhead_script_times_the_kernels_path(tmp_path):

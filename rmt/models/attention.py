@@ -448,13 +448,16 @@ def manhattan_attention(
     """MaSA from the projections: q and k stacked as (B, H, W, 2, heads, head_dim), not yet
     rotated (a fresh tensor, rotated in place unless the Triton kernel rotates them on loading),
     and v as (B, H, W, heads, head_dim). Returns (B, H, W, heads, head_dim), maybe a strided view;
-    or, given ``add_to`` of that shape, adds the attention into it in place and returns it (the
-    Triton kernels add as they store their output, saving a launch and two passes over memory).
+    or, given ``add_to`` of that shape (not overlapping itself, qk or v), adds the attention into
+    it in place and returns it (the Triton kernels add as they store their output, saving a
+    launch and two passes over memory).
     """
     b, h, w = qk.shape[:3]
     if _runs_fused(kernel, qk, v, *((h, w) if decomposed else (h * w,))):
-        return _fused_manhattan_attention(qk, v, tables, decomposed, add_to=add_to)
-    if _runs_eager_cpu_path_in_graph(kernel, qk, v):
+        if add_to is None or _kernels_can_write(add_to, qk, decomposed):
+            return _fused_manhattan_attention(qk, v, tables, decomposed, add_to=add_to)
+        out = _fused_manhattan_attention(qk, v, tables, decomposed)
+    elif _runs_eager_cpu_path_in_graph(kernel, qk, v):
         out = _cpu_manhattan_attention_in_graph(qk, v, tables, decomposed)
     else:
         q, k = rotate_queries_and_keys(qk, tables, inplace=True).unbind(3)
@@ -528,11 +531,8 @@ def _fused_manhattan_attention(
     fastest on Hopper (docs/performance.md). The tuning arguments are for
     scripts/gpu_attention_variants.py, which times them: ``heads_per_program`` and ``num_warps``
     (:func:`fused_attention.decayed_attention`'s), and ``passes_in_one_program=False`` for the
-    two passes of the small stages. ``add_to``: :func:`manhattan_attention`'s, into which the
-    last kernel adds where the kernels can write it."""
-    if add_to is not None and not _kernels_can_write(add_to, decomposed):
-        out = _fused_manhattan_attention(qk, v, tables, decomposed, heads_per_program, num_warps, passes_in_one_program)
-        return add_to.add_(out)
+    two passes of the small stages. ``add_to``: :func:`manhattan_attention`'s, one the kernels can
+    write (:func:`_kernels_can_write`), into which the last kernel adds."""
     b, h, w, _, n, d = qk.shape
     q, k = qk.unbind(3)
     cos, sin = tables.cos[:, :, :, 0], tables.sin[:, :, :, 0]  # (H, W, 2, head_dim)
@@ -557,10 +557,12 @@ def _fused_manhattan_attention(
     return full.view(b, h, w, n, d) if add_to is None else add_to
 
 
-def _kernels_can_write(out: Tensor, decomposed: bool) -> bool:
-    """Whether the Triton kernels can write a (B, H, W, heads, head_dim) output through its strides:
+def _kernels_can_write(out: Tensor, qk: Tensor, decomposed: bool) -> bool:
+    """Whether the Triton kernels can add into a (B, H, W, heads, head_dim) output: of qk's dtype,
     head_dim contiguous, and for full attention H and W as one axis of H * W tokens."""
-    return out.stride(-1) == 1 and (decomposed or out.shape[1] == 1 or out.stride(1) == out.shape[2] * out.stride(2))
+    return out.dtype == qk.dtype and out.stride(-1) == 1 and (
+        decomposed or out.shape[1] == 1 or out.stride(1) == out.shape[2] * out.stride(2)
+    )
 
 
 def decomposed_attention(q: Tensor, k: Tensor, v: Tensor, tables: PositionTables, kernel: str) -> Tensor:
