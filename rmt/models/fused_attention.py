@@ -294,9 +294,9 @@ def decayed_attention(
     its sin entries equal but for the sign, as RMT's are.
 
     ``add_to``: a tensor of the output's shape and q's dtype (head_dim contiguous, not overlapping
-    q, k or v) into which the output is added in place, as the kernel stores it, and which is returned: RMT adds the
-    attention into its LCE conv's output, and this saves that add's launch and its passes over
-    memory. The same numbers as ``add_to.add_(output)``.
+    itself, q, k or v) into which the output is added in place as the kernel stores it, and which
+    is returned. RMT adds the attention into its LCE conv's output; this saves that add's launch
+    and its passes over memory, with the numbers of ``add_to.add_(output)``.
 
     Eagerly the kernel is launched directly; a compiled graph calls it as the custom operator
     ``rmt::decayed_attention`` (the operator's dispatch would add CPU time to every eager call,
