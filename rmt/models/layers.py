@@ -178,7 +178,10 @@ class AutocastWeightCache:
     def autocast_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
         """``(weight, bias)`` as this forward pass should use them: cached autocast-dtype copies
         in autocast inference, the parameters themselves otherwise."""
-        weight, bias = registered_weights(self)
+        return self._for_this_pass(*registered_weights(self))
+
+    def _for_this_pass(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """:meth:`autocast_parameters` given the parameters already looked up."""
         if torch.compiler.is_compiling():  # a compiled graph makes its own casts, and never reads the cache
             return weight, bias
         if torch.is_grad_enabled():
@@ -293,7 +296,7 @@ class _CachedConv(AutocastWeightCache):
         # nn.Conv2d.forward passes the parameters themselves; other callers (LoRA's merged weights) their own
         registered_weight, registered_bias = registered_weights(self)
         if weight is registered_weight and bias is registered_bias:
-            weight, bias = self.autocast_parameters()
+            weight, bias = self._for_this_pass(weight, bias)
         return super()._conv_forward(x, weight, bias)
 
 
