@@ -135,27 +135,71 @@ def _linear_ops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
-def test_folded_float32_cpu_inference_runs_onednn_linears_and_everything_else_runs_f_linear():
+def test_float32_cpu_inference_runs_onednn_linears_folded_or_not_and_everything_else_runs_f_linear():
     torch.manual_seed(0)
     plain = _tiny()
     folded = _tiny()
     folded.load_state_dict(plain.state_dict())
     folded.reparameterize()
     linears = sum(isinstance(m, nn.Linear) for m in folded.modules())
+    assert linears == sum(type(m) is nn.Linear for m in plain.modules()) == 5 * 5 + 3  # five blocks of five; the head's two, the aux head
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        assert _linear_ops(plain, x)["mkldnn::_linear_pointwise"] == 0  # unfolded: plain nn.Linear
-        assert _linear_ops(folded, x) == {"mkldnn::_linear_pointwise": linears, "aten::addmm": 0}
-        assert (folded(x) - plain(x)).abs().max().item() <= 1e-5
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0
-        enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # as mkldnn.flags() sets it
-        try:
-            assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0
-        finally:
-            torch.backends.mkldnn.enabled = enabled
-    folded.train()
-    assert _linear_ops(folded, x)["mkldnn::_linear_pointwise"] == 0  # autograd: F.linear, and a backward pass
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert _linear_ops(plain, x) == {"mkldnn::_linear_pointwise": 0, "aten::addmm": linears}
+            expected = plain(x)
+        for model in (plain, folded):
+            assert _linear_ops(model, x) == {"mkldnn::_linear_pointwise": linears, "aten::addmm": 0}
+            assert (model(x) - expected).abs().max().item() <= 1e-5
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert _linear_ops(model, x)["mkldnn::_linear_pointwise"] == 0
+            enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # as mkldnn.flags() sets it
+            try:
+                assert _linear_ops(model, x)["mkldnn::_linear_pointwise"] == 0
+            finally:
+                torch.backends.mkldnn.enabled = enabled
+            with Count():  # a dispatch mode gets the aten operator it knows (FlopCounterMode has no formula for oneDNN's)
+                assert _linear_ops(model, x) == {"mkldnn::_linear_pointwise": 0, "aten::addmm": linears}
+    for model in (plain, folded):
+        model.train()
+        assert _linear_ops(model, x)["mkldnn::_linear_pointwise"] == 0  # autograd: F.linear, and a backward pass
+
+
+@pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization's move to torchao
+def test_unfolded_linears_with_hooks_or_swapped_in_modules_run_as_modules():
+    """An unfolded model calls its nn.Linear layers' oneDNN linear only where ``module(x)`` would
+    run nothing but ``nn.Linear.forward``: hooks, a replaced forward and swapped-in modules run."""
+    model = _tiny()
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    block = model.stages[0].blocks[0]
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    with torch.inference_mode():
+        expected = model(x)
+        handle = block.mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        assert _linear_ops(model, x) == {"mkldnn::_linear_pointwise": linears - 1, "aten::addmm": 1}
+        assert len(seen) == 1
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.append(module))
+        assert _linear_ops(model, x)["mkldnn::_linear_pointwise"] == 0
+        handle.remove()
+        block.attn.proj.forward = lambda t: torch.zeros(*t.shape[:-1], 32)  # replaced on the instance
+        assert torch.equal(block.attn(torch.randn(1, 8, 8, 16), model.stages[0].position), torch.zeros(1, 8, 8, 32))
+        del block.attn.proj.forward
+        assert (model(x) - expected).abs().max().item() == 0
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    with torch.inference_mode():
+        ops = {e.key: e.count for e in _profile(quantized, x).key_averages()}
+        assert ops.get("quantized::linear_dynamic") == linears and "mkldnn::_linear_pointwise" not in ops
+        assert (quantized(x) - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def _profile(model: nn.Module, x: torch.Tensor) -> torch.profiler.profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x)
+    return prof
 
 
 def test_the_linear_of_folded_models_computes_f_linear_for_strided_parameters_too():

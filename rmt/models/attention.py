@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import has_static_value as _fixed_size  # dynamo evaluates it while tracing
 
 from rmt.models import fused_attention
-from rmt.models.layers import DepthwiseConvNHWC, exporting, profiler_label
+from rmt.models.layers import DepthwiseConvNHWC, call_linear, exporting, profiler_label
 
 ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex", "triton")
 
@@ -608,8 +608,8 @@ class ManhattanSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, position: ManhattanPosition) -> Tensor:
         b, h, w, c = x.shape
-        qk = self.qk(x)
-        v = self.v(x)
+        qk = call_linear(self.qk, x)
+        v = call_linear(self.v, x)
         # FlexAttention's kernels need head_dim >= 16 (all published variants have it)
         kernel = "auto" if self.kernel == "flex" and self.head_dim < 16 else self.kernel
         tables = position.tables(h, w, qk.dtype, with_masks=kernel != "flex")
@@ -619,7 +619,7 @@ class ManhattanSelfAttention(nn.Module):
         # the attention added into the fresh LCE output (the conv's backward does not need it)
         heads = (self.num_heads, self.head_dim)
         manhattan_attention(qk, v.unflatten(-1, heads), tables, kernel, self.decomposed, add_to=lce.unflatten(-1, heads))
-        return self.proj(lce)
+        return call_linear(self.proj, lce)
 
 
 __all__ = [

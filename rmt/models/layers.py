@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers._fx import register_notrace_module
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 T = TypeVar("T")
@@ -262,20 +263,65 @@ def eager_float32_cpu_inference(x: Tensor, *parameters: Optional[Tensor]) -> boo
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear``; in float32 CPU inference (no autograd, no autocast, eager, oneDNN not switched
-    off by ``torch.backends.mkldnn.flags``) through oneDNN's linear, which takes the weight as it
-    is. On this project's AMD EPYC machine, at RMT's shapes, it ran about 2.2 times as fast as
-    ``F.linear``, whose float32 GEMM is MKL's there (docs/performance.md); the numbers differ by
-    float32 rounding."""
-    if (
-        _ONEDNN_LINEAR and eager_float32_cpu_inference(x, weight, bias) and weight.dtype == torch.float32
+def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    return (
+        # not compiling first: dynamo cannot trace the two checks after it.
+        # Tensor subclasses, FX proxies and torch-function modes (``torch.device``) get F.linear;
+        # FlopCounterMode or FakeTensorMode, watching the dispatcher, get the aten op they know
+        _ONEDNN_LINEAR and not torch.compiler.is_compiling() and not torch._C._has_torch_function((x, weight, bias))
+        and not torch._C._len_torch_dispatch_stack()
+        and eager_float32_cpu_inference(x, weight, bias) and weight.dtype == torch.float32
         and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
         # it reads a strided bias as if it were dense (torch 2.14): the parameters as folding leaves them
         and weight.is_contiguous() and (bias is None or bias.is_contiguous())
-    ):
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear``; in float32 CPU inference (no autograd, no autocast, eager, oneDNN not switched
+    off by ``torch.backends.mkldnn.flags``, plain tensors, no dispatch mode active) through
+    oneDNN's linear, which takes the weight as it is. On this project's AMD EPYC machine, at RMT's
+    shapes, it ran about 2.2 times as fast as ``F.linear``, whose float32 GEMM is MKL's there
+    (docs/performance.md); the numbers differ by float32 rounding."""
+    if _runs_onednn_linear(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# the registries of nn.Module's global hooks, which its __call__ reads (mutated in place, never rebound)
+_GLOBAL_HOOKS = (
+    _nn_module._global_forward_pre_hooks,
+    _nn_module._global_forward_hooks,
+    _nn_module._global_backward_pre_hooks,
+    _nn_module._global_backward_hooks,
+)
+
+
+def _calls_only_forward(module: nn.Module) -> bool:
+    """Whether ``module(x)`` would run its class's ``forward`` and nothing else: no hooks of its
+    own or global ones, no ``forward`` replaced on the instance, not compiled on its own."""
+    return not (
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+        or any(_GLOBAL_HOOKS) or "forward" in module.__dict__ or module._compiled_call_impl is not None
+    )
+
+
+def call_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a model's linear layer, with an unfolded model's ``nn.Linear`` taking
+    :func:`linear`'s oneDNN path in float32 CPU inference, as a folded model's
+    :class:`CachedLinear` does. The layers stay ``nn.Linear``, which tools match by exact type
+    (dynamic quantization's module swap, for one): any other type, a layer with hooks, a
+    parametrized weight or any case :func:`linear` leaves to ``F.linear`` is called as
+    ``module(x)``, unchanged."""
+    # the first three checks leave a CUDA input to module(x) in a tenth of the time all of them take
+    if (
+        type(module) is nn.Linear and type(x) is Tensor and x.is_cpu
+        and not torch.compiler.is_compiling() and _calls_only_forward(module)
+    ):
+        weight, bias = registered_weights(module)
+        if _runs_onednn_linear(x, weight, bias):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return module(x)
 
 
 @register_notrace_module  # FX feature extraction: a leaf (its dispatch reads the input's device and dtype)

@@ -31,6 +31,7 @@ from rmt.models.config import VARIANTS, RMTConfig
 from rmt.models.layers import (
     AffineFreeLayerNorm,
     ResidualDepthwiseConvNHWC,
+    call_linear,
     exporting,
     fold_batch_norm,
     fold_bias_into_linear,
@@ -124,11 +125,11 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.fc1(x)
+        x = call_linear(self.fc1, x)
         # in place when no backward pass needs GELU's input: on the CPU every fresh allocation
         # of this, the largest activation, can cost page faults
         x = self.act(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x, approximate=self.act.approximate)
-        return self.fc2(self.dwconv(x))
+        return call_linear(self.fc2, self.dwconv(x))
 
 
 class RMTBlock(nn.Module):
@@ -236,10 +237,10 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (B, hidden, H, W), channels-last view
+        x = self.norm(call_linear(self.proj, x).permute(0, 3, 1, 2))  # (B, hidden, H, W), channels-last view
         x = self.act(x).mean((2, 3))
         x = self.drop(x)
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else call_linear(self.fc, x)
 
     def reparameterize(self) -> None:
         """Fold the batch norm into ``proj`` (inference; see :func:`RMT.reparameterize`)."""
@@ -449,7 +450,7 @@ class RMT(nn.Module):
         logits = self.head(x, pre_logits=pre_logits)
         if pre_logits or self.aux_head is None or not self.num_classes:  # no classes: the head's pooled features
             return logits
-        aux = self.aux_head(x.flatten(1, 2))  # (B, H*W, classes)
+        aux = call_linear(self.aux_head, x.flatten(1, 2))  # (B, H*W, classes)
         if self.training:  # token-labelling training needs the dense predictions
             return logits, aux
         return logits + 0.5 * aux.amax(dim=1)
