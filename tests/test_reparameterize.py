@@ -3,6 +3,8 @@ same function with the norms' affines, batch norms, conv biases and layer scales
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 from timm.models import create_feature_extractor
@@ -194,6 +196,63 @@ def test_unfolded_linears_with_hooks_or_swapped_in_modules_run_as_modules():
         ops = {e.key: e.count for e in _profile(quantized, x).key_averages()}
         assert ops.get("quantized::linear_dynamic") == linears and "mkldnn::_linear_pointwise" not in ops
         assert (quantized(x) - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+@pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_unfolded_linears_with_backward_hooks_a_parametrization_or_a_patched_class_run_as_modules(monkeypatch):
+    model = _tiny()
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    mlp = model.stages[0].blocks[0].mlp
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        handle = mlp.fc1.register_full_backward_pre_hook(lambda module, grad: None)
+        assert _linear_ops(model, x) == {"mkldnn::_linear_pointwise": linears - 1, "aten::addmm": 1}
+        handle.remove()
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, t: torch.zeros(*t.shape[:-1], self.out_features))
+        assert torch.equal(layers.call_linear(mlp.fc1, torch.randn(3, 16)), torch.zeros(3, 48))
+        monkeypatch.undo()
+    torch.nn.utils.parametrize.register_parametrization(mlp.fc2, "weight", _Double())
+    with torch.inference_mode():
+        assert _linear_ops(model, x) == {"mkldnn::_linear_pointwise": linears - 1, "aten::addmm": 1}
+        x2 = torch.randn(3, 48)
+        assert torch.allclose(layers.call_linear(mlp.fc2, x2), x2 @ (2 * mlp.fc2.parametrizations.weight.original).T + mlp.fc2.bias)
+
+
+class _Double(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+@pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script, which torch's own jvp decompositions call
+def test_forward_mode_derivatives_and_vmap_get_f_linear_folded_or_not():
+    """oneDNN's linear has no forward-mode derivative (the tangent would be dropped) and no
+    batching rule: jvp and vmap run F.linear, without autograd recording too."""
+    torch.manual_seed(0)
+    plain = _tiny()
+    folded = _tiny().reparameterize()
+    x, t = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    for model in (plain, folded):
+        with torch.no_grad():
+            with torch.backends.mkldnn.flags(enabled=False):
+                expected, expected_tangent = torch.func.jvp(model, (x,), (t,))
+            out, tangent = torch.func.jvp(model, (x,), (t,))
+        assert (out - expected).abs().max().item() <= 1e-5
+        assert (tangent - expected_tangent).abs().max().item() <= 1e-4 * expected_tangent.abs().max().item()
+    layer = nn.Linear(16, 8)
+    xs = torch.randn(3, 5, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # oneDNN's linear would warn of its missing batching rule
+        batched = torch.func.vmap(lambda v: layers.call_linear(layer, v))(xs)
+    assert torch.allclose(batched, layer(xs), atol=1e-6)
+
+
+def test_a_weight_off_the_cpu_gets_f_linear_s_error():
+    layer = nn.Linear(4, 4, device="meta")
+    with torch.inference_mode():
+        for call in (lambda x: layers.call_linear(layer, x), lambda x: layers.linear(x, layer.weight, layer.bias)):
+            with pytest.raises(RuntimeError):
+                call(torch.randn(2, 4))
 
 
 def _profile(model: nn.Module, x: torch.Tensor) -> torch.profiler.profile:

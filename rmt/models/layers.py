@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers._fx import register_notrace_module
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _nn_module
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
@@ -265,12 +266,17 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (
-        # not compiling first: dynamo cannot trace the two checks after it.
+        # not compiling first: dynamo cannot trace the checks after it.
         # Tensor subclasses, FX proxies and torch-function modes (``torch.device``) get F.linear;
         # FlopCounterMode or FakeTensorMode, watching the dispatcher, get the aten op they know
         _ONEDNN_LINEAR and not torch.compiler.is_compiling() and not torch._C._has_torch_function((x, weight, bias))
         and not torch._C._len_torch_dispatch_stack()
+        # it has no forward-mode derivative (a dual input's tangent would be dropped) and no
+        # batching rule (vmap would loop over the samples)
+        and _forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
         and eager_float32_cpu_inference(x, weight, bias) and weight.dtype == torch.float32
+        # a weight elsewhere (meta, say) gives F.linear's error rather than uninitialised memory
+        and weight.is_cpu and (bias is None or bias.is_cpu)
         and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
         # it reads a strided bias as if it were dense (torch 2.14): the parameters as folding leaves them
         and weight.is_contiguous() and (bias is None or bias.is_contiguous())
@@ -278,8 +284,9 @@ def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bo
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear``; in float32 CPU inference (no autograd, no autocast, eager, oneDNN not switched
-    off by ``torch.backends.mkldnn.flags``, plain tensors, no dispatch mode active) through
+    """``F.linear``; in float32 CPU inference (no autograd, forward-mode or backward, no autocast,
+    eager, outside ``torch.func`` transforms, oneDNN not switched off by
+    ``torch.backends.mkldnn.flags``, plain CPU tensors, no dispatch mode active) through
     oneDNN's linear, which takes the weight as it is. On this project's AMD EPYC machine, at RMT's
     shapes, it ran about 2.2 times as fast as ``F.linear``, whose float32 GEMM is MKL's there
     (docs/performance.md); the numbers differ by float32 rounding."""
@@ -297,12 +304,17 @@ _GLOBAL_HOOKS = (
 )
 
 
+_LINEAR_FORWARD = nn.Linear.forward
+
+
 def _calls_only_forward(module: nn.Module) -> bool:
-    """Whether ``module(x)`` would run its class's ``forward`` and nothing else: no hooks of its
-    own or global ones, no ``forward`` replaced on the instance, not compiled on its own."""
+    """Whether ``module(x)`` would run ``nn.Linear.forward`` as torch defines it and nothing else:
+    no hooks of its own or global ones, no ``forward`` replaced on the instance or the class, not
+    compiled on its own."""
     return not (
         module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
         or any(_GLOBAL_HOOKS) or "forward" in module.__dict__ or module._compiled_call_impl is not None
+        or nn.Linear.forward is not _LINEAR_FORWARD
     )
 
 
