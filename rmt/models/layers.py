@@ -266,10 +266,13 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (
-        # not compiling first: dynamo cannot trace the checks after it.
-        # Tensor subclasses, FX proxies and torch-function modes (``torch.device``) get F.linear;
+        # a plain CPU tensor first: the cheapest checks to fail for CUDA, whose eager inference is
+        # bound by CPU time (and an FX proxy or a tensor subclass fails the first); then not
+        # compiling: dynamo cannot trace the checks after it.
+        # Subclassed parameters and torch-function modes (``torch.device``) get F.linear;
         # FlopCounterMode or FakeTensorMode, watching the dispatcher, get the aten op they know
-        _ONEDNN_LINEAR and not torch.compiler.is_compiling() and not torch._C._has_torch_function((x, weight, bias))
+        _ONEDNN_LINEAR and type(x) is Tensor and x.is_cpu
+        and not torch.compiler.is_compiling() and not torch._C._has_torch_function((x, weight, bias))
         and not torch._C._len_torch_dispatch_stack()
         # it has no forward-mode derivative (a dual input's tangent would be dropped) and no
         # batching rule (vmap would loop over the samples)
