@@ -266,18 +266,18 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (
-        # a plain CPU tensor first: the cheapest checks to fail for CUDA, whose eager inference is
-        # bound by CPU time (and an FX proxy or a tensor subclass fails the first); then not
-        # compiling: dynamo cannot trace the checks after it.
+        # a plain float32 CPU tensor first: the cheapest checks to fail for CUDA, whose eager
+        # inference is bound by CPU time, and for autocast's bf16 (an FX proxy or a tensor subclass
+        # fails the first); then not compiling: dynamo cannot trace the checks after it.
         # Subclassed parameters and torch-function modes (``torch.device``) get F.linear;
         # FlopCounterMode or FakeTensorMode, watching the dispatcher, get the aten op they know
-        _ONEDNN_LINEAR and type(x) is Tensor and x.is_cpu
+        _ONEDNN_LINEAR and type(x) is Tensor and x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
         and not torch.compiler.is_compiling() and not torch._C._has_torch_function((x, weight, bias))
         and not torch._C._len_torch_dispatch_stack()
         # it has no forward-mode derivative (a dual input's tangent would be dropped) and no
         # batching rule (vmap would loop over the samples)
         and _forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
-        and eager_float32_cpu_inference(x, weight, bias) and weight.dtype == torch.float32
+        and eager_float32_cpu_inference(x, weight, bias)
         # a weight elsewhere (meta, say) gives F.linear's error rather than uninitialised memory
         and weight.is_cpu and (bias is None or bias.is_cpu)
         and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
