@@ -211,6 +211,9 @@ def test_unfolded_linears_with_backward_hooks_a_parametrization_or_a_patched_cla
         monkeypatch.setattr(nn.Linear, "forward", lambda self, t: torch.zeros(*t.shape[:-1], self.out_features))
         assert torch.equal(layers.call_linear(mlp.fc1, torch.randn(3, 16)), torch.zeros(3, 48))
         monkeypatch.undo()
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda t, w, b=None: torch.ones(*t.shape[:-1], w.shape[0]))
+        assert torch.equal(layers.call_linear(mlp.fc1, torch.randn(3, 16)), torch.ones(3, 48))  # nn.Linear.forward calls it
+        monkeypatch.undo()
     torch.nn.utils.parametrize.register_parametrization(mlp.fc2, "weight", _Double())
     with torch.inference_mode():
         assert _linear_ops(model, x) == {"mkldnn::_linear_pointwise": linears - 1, "aten::addmm": 1}

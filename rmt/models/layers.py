@@ -265,19 +265,20 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 
 def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether :func:`linear` calls oneDNN's linear for these tensors (the cases its docstring lists)."""
     return (
-        # a plain float32 CPU tensor first: the cheapest checks to fail for CUDA, whose eager
-        # inference is bound by CPU time, and for autocast's bf16 (an FX proxy or a tensor subclass
-        # fails the first); then not compiling: dynamo cannot trace the checks after it.
-        # Subclassed parameters and torch-function modes (``torch.device``) get F.linear;
+        # a plain tensor first (an FX proxy or a tensor subclass fails it, before any check that
+        # would need a bool of it); then float32 on the CPU, the cheapest checks to fail for CUDA,
+        # whose eager inference is bound by CPU time, and for autocast's bf16; then not compiling,
+        # as dynamo cannot trace the checks after it
+        _ONEDNN_LINEAR and type(x) is Tensor and eager_float32_cpu_inference(x, weight, bias)
+        and weight.dtype == torch.float32
+        # subclassed parameters and torch-function modes (``torch.device``) get F.linear;
         # FlopCounterMode or FakeTensorMode, watching the dispatcher, get the aten op they know
-        _ONEDNN_LINEAR and type(x) is Tensor and x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and not torch.compiler.is_compiling() and not torch._C._has_torch_function((x, weight, bias))
-        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._has_torch_function((x, weight, bias)) and not torch._C._len_torch_dispatch_stack()
         # it has no forward-mode derivative (a dual input's tangent would be dropped) and no
         # batching rule (vmap would loop over the samples)
         and _forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
-        and eager_float32_cpu_inference(x, weight, bias)
         # a weight elsewhere (meta, say) gives F.linear's error rather than uninitialised memory
         and weight.is_cpu and (bias is None or bias.is_cpu)
         and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
@@ -307,17 +308,17 @@ _GLOBAL_HOOKS = (
 )
 
 
-_LINEAR_FORWARD = nn.Linear.forward
+_LINEAR_FORWARD, _F_LINEAR = nn.Linear.forward, F.linear
 
 
 def _calls_only_forward(module: nn.Module) -> bool:
     """Whether ``module(x)`` would run ``nn.Linear.forward`` as torch defines it and nothing else:
-    no hooks of its own or global ones, no ``forward`` replaced on the instance or the class, not
-    compiled on its own."""
+    no hooks of its own or global ones, no ``forward`` replaced on the instance or the class, no
+    ``F.linear`` patched (which the class's forward calls), not compiled on its own."""
     return not (
         module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
         or any(_GLOBAL_HOOKS) or "forward" in module.__dict__ or module._compiled_call_impl is not None
-        or nn.Linear.forward is not _LINEAR_FORWARD
+        or nn.Linear.forward is not _LINEAR_FORWARD or F.linear is not _F_LINEAR
     )
 
 
@@ -328,9 +329,10 @@ def call_linear(module: nn.Module, x: Tensor) -> Tensor:
     (dynamic quantization's module swap, for one): any other type, a layer with hooks, a
     parametrized weight or any case :func:`linear` leaves to ``F.linear`` is called as
     ``module(x)``, unchanged."""
-    # the first three checks leave a CUDA input to module(x) in a tenth of the time all of them take
+    # the checks before _calls_only_forward leave a CUDA or bf16 input to module(x) in a tenth of
+    # the time all of them take (_runs_onednn_linear repeats them, for linear's other callers)
     if (
-        type(module) is nn.Linear and type(x) is Tensor and x.is_cpu
+        type(module) is nn.Linear and type(x) is Tensor and x.is_cpu and x.dtype == torch.float32
         and not torch.compiler.is_compiling() and _calls_only_forward(module)
     ):
         weight, bias = registered_weights(module)
