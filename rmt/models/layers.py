@@ -329,7 +329,7 @@ def call_linear(module: nn.Module, x: Tensor) -> Tensor:
     (dynamic quantization's module swap, for one): any other type, a layer with hooks, a
     parametrized weight or any case :func:`linear` leaves to ``F.linear`` is called as
     ``module(x)``, unchanged."""
-    # the checks before _calls_only_forward leave a CUDA or bf16 input to module(x) in a tenth of
+    # the checks before _calls_only_forward leave a CUDA or bf16 input to module(x) in a seventh of
     # the time all of them take (_runs_onednn_linear repeats them, for linear's other callers)
     if (
         type(module) is nn.Linear and type(x) is Tensor and x.is_cpu and x.dtype == torch.float32
