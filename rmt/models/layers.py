@@ -329,11 +329,11 @@ def call_linear(module: nn.Module, x: Tensor) -> Tensor:
     (dynamic quantization's module swap, for one): any other type, a layer with hooks, a
     parametrized weight or any case :func:`linear` leaves to ``F.linear`` is called as
     ``module(x)``, unchanged."""
-    # the checks before _calls_only_forward leave a CUDA or bf16 input to module(x) in a seventh of
+    # the checks before _calls_only_forward leave a CUDA or bf16 input to module(x) in a fraction of
     # the time all of them take (_runs_onednn_linear repeats them, for linear's other callers)
     if (
-        type(module) is nn.Linear and type(x) is Tensor and x.is_cpu and x.dtype == torch.float32
-        and not torch.compiler.is_compiling() and _calls_only_forward(module)
+        type(module) is nn.Linear and type(x) is Tensor and eager_float32_cpu_inference(x)
+        and _calls_only_forward(module)
     ):
         weight, bias = registered_weights(module)
         if _runs_onednn_linear(x, weight, bias):
