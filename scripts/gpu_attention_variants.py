@@ -18,6 +18,7 @@ overwrites (as in the model). Every stage's uncompiled variants run before the c
 a short budget reaches every stage's Triton launches. Then, inside the time budget, whole models
 (``--models``; ``--reparam`` folds the RMT models first), each with a variant of its attention
 (``use_variant``: a kernel, then changes such as ``+two_passes``): eager rmt_s as it runs, with
+its depthwise convs in the Triton kernel of ``rmt.models.depthwise_conv``, with
 grouped heads, with stage 3 in two passes, with SDPA with and without the masked grid at stage 3,
 and on the plain path, beside Swin-T; then the compiled models of COMPILED_MODELS. Those compile
 in processes of their own, all at once (one took about 80 s on an H100 alone; 7 at once took
@@ -55,7 +56,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import rmt.models.attention as attention
 from rmt.errors import first_line
-from rmt.models import fused_attention
+from rmt.models import depthwise_conv, fused_attention
 from rmt.models.attention import ManhattanPosition, manhattan_attention
 from rmt.models.layers import DepthwiseConvNHWC
 
@@ -274,7 +275,8 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
 # "reference": the official-style plain path), then "+"-joined changes to it (VARIANT_CHANGES);
 # swin_t has none. Eager models run in this process; compiled ones each in a process of their
 # own (COMPILED_MODELS).
-EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+lce_add_apart"), ("rmt_s", "auto+grouped"),
+EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+triton_dwconv"), ("rmt_s", "auto+lce_add_apart"),
+                ("rmt_s", "auto+grouped"),
                 ("rmt_s", "auto+two_passes"), ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"), ("rmt_s", "reference")]
 # "grouped": each two-pass Triton launch groups as many heads a program as it takes (stage 3, in
 # one program an image and head, is grouped with "+two_passes" only); "lce_add_apart": the Triton
@@ -287,8 +289,10 @@ EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+lce_add_apa
 # computed in the graph on every pass, as before they became its constants (the model's
 # ``attention._fixed_size`` answering no); "dwconv_as_window_sums", the depthwise convs as sums over
 # each token's window, which inductor fuses with their neighbours where a conv is a cuDNN call.
+# Eager and compiled: "triton_dwconv", the depthwise convs in rmt.models.depthwise_conv's Triton
+# kernel (its ENABLED), one launch a conv with its bias, where cuDNN's takes two.
 VARIANT_CHANGES = ("grouped", "lce_add_apart", "two_passes", "masked_grid", "inductor_launches", "traced_tables",
-                   "dwconv_as_window_sums")
+                   "dwconv_as_window_sums", "triton_dwconv")
 TRITON_PATH, BY_LINES = attention._fused_manhattan_attention, attention.decomposed_attention
 FIXED_SIZE_CHECK, DEPTHWISE_CONV_FORWARD = attention._fixed_size, DepthwiseConvNHWC.forward
 
@@ -314,6 +318,9 @@ def use_variant(variant: str) -> str:
     unknown = sorted(set(changes) - set(VARIANT_CHANGES))
     if kernel not in attention.ATTENTION_KERNELS or unknown:
         raise SystemExit(f"unknown variant {variant!r}: a kernel of {attention.ATTENTION_KERNELS}, then + any of {VARIANT_CHANGES}")
+    if {"dwconv_as_window_sums", "triton_dwconv"} <= set(changes):
+        raise SystemExit(f"variant {variant!r}: the depthwise convs as window sums or in Triton, not both")
+    depthwise_conv.ENABLED = "triton_dwconv" in changes
     fused_attention.INDUCTOR_LAUNCHES = "inductor_launches" in changes
     attention._fixed_size = (lambda size: False) if "traced_tables" in changes else FIXED_SIZE_CHECK
     DepthwiseConvNHWC.forward = (depthwise_conv_as_window_sums if "dwconv_as_window_sums" in changes
@@ -333,7 +340,7 @@ def use_variant(variant: str) -> str:
 def restore_attention() -> None:
     attention._fused_manhattan_attention, attention.decomposed_attention = TRITON_PATH, BY_LINES
     fused_attention.INDUCTOR_LAUNCHES, attention._fixed_size = False, FIXED_SIZE_CHECK
-    DepthwiseConvNHWC.forward = DEPTHWISE_CONV_FORWARD
+    DepthwiseConvNHWC.forward, depthwise_conv.ENABLED = DEPTHWISE_CONV_FORWARD, False
 
 
 def build_model(name: str, variant: str | None, reparam: bool, dev: torch.device) -> torch.nn.Module:
@@ -405,6 +412,7 @@ COMPILED_MODELS = {model.label: model for model in [
     Compiled("rmt_s", "triton", batches=(1, 4), profiled=True),
     Compiled("rmt_s", "triton+inductor_launches", batches=(1, 4), profiled=True),
     Compiled("rmt_s", "triton+inductor_launches+dwconv_as_window_sums", batches=(1, 4)),
+    Compiled("rmt_s", "triton+triton_dwconv", batches=(1, 4), profiled=True),
     Compiled("rmt_t", "auto", batches=(1, 4)),
     Compiled("rmt_t", "triton", batches=(1, 4)),
     Compiled("rmt_t", "triton+inductor_launches", batches=(1, 4)),
@@ -413,6 +421,7 @@ COMPILED_MODELS = {model.label: model for model in [
     Compiled("rmt_s", "triton+inductor_launches", cpp_wrapper=True),
     Compiled("swin_t", None, "reduce-overhead"),
     Compiled("rmt_s", "triton", "reduce-overhead"),
+    Compiled("rmt_s", "triton+triton_dwconv", "reduce-overhead"),
     Compiled("rmt_s", "triton+inductor_launches", "reduce-overhead"),
 ]}
 REPLY = "@@ "  # marks the protocol's lines among whatever else a compiled model's process prints

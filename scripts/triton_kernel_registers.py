@@ -1,4 +1,4 @@
-"""Registers and spills of RMT's Triton attention kernel per launch configuration, without a GPU.
+"""Registers and spills of RMT's Triton kernels per launch configuration, without a GPU.
 
 Compiles ``rmt.models.fused_attention``'s kernel for an NVIDIA target (default sm_90a, Hopper)
 with the installed Triton and runs the ptxas that Triton ships with ``-v`` on each PTX: the
@@ -9,7 +9,8 @@ running both passes of stage 3 in one program (``decomposed_decayed_attention``)
 warps each is compiled twice: storing a fresh output (the row passes of eager inference, and
 every launch from a compiled graph) and adding its output into the LCE conv's (``ADD``, the last
 launch of each stage in eager inference), which loads one tile more. Other warp counts, for
-comparison, with the add.
+comparison, with the add. Then the depthwise conv kernel (``rmt.models.depthwise_conv``) in
+each configuration RMT's convs launch: 3 x 3 and 5 x 5, 64 and 128 channels a program, with a bias.
 
     python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
 """
@@ -27,7 +28,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rmt.io import write_json_atomic
-from rmt.models import fused_attention
+from rmt.models import depthwise_conv, fused_attention
+from rmt.models.depthwise_conv import _depthwise_conv_kernel
 from rmt.models.fused_attention import ONE_PROGRAM_WARPS, _decayed_attention_kernel, _decomposed_attention_kernel, _warps
 
 # (pass, tokens padded, head_dim, heads per program): rmt_s at 224 px
@@ -39,6 +41,9 @@ PASSES = [
 ]
 # (stage, grid side padded, head_dim): decomposed stages whose whole grid one program holds
 GRIDS = [("stage3 14x14, both passes", 16, 32)]
+# (kernel size, channels a program): the depthwise convs of rmt_s (widths 64 to 1536: 64 or 128
+# channels a program, depthwise_conv._channel_block)
+CONVS = [(3, 64), (3, 128), (5, 64), (5, 128)]
 
 
 def registers(kernel, constants: dict, warps: int, arch: int) -> dict:
@@ -98,9 +103,19 @@ def main() -> None:
                       "both_passes": True})
     print("* the default warps for that tile (fused_attention._warps; ONE_PROGRAM_WARPS for both passes);"
           " fresh: a new output, added: added into the LCE conv's")
+    conv_rows = []
+    for size, channels in CONVS:
+        tokens, channels = depthwise_conv._tile(size, channels)
+        constants = {"KERNEL": size, "HAS_BIAS": True, "BLOCK_P": tokens, "BLOCK_C": channels}
+        row = {"kernel_size": size, "channels_per_program": channels, "tokens_per_program": tokens,
+               "num_warps": depthwise_conv.WARPS,
+               **registers(_depthwise_conv_kernel, constants, depthwise_conv.WARPS, args.arch)}
+        conv_rows.append(row)
+        print(f"depthwise conv {size}x{size}, {channels:3d} channels a program  warps {row['num_warps']}  "
+              f"{row['registers']:3d} registers  {row['spill_store_bytes']} B spilled", flush=True)
     if args.json:
         write_json_atomic(args.json, {"triton": triton.__version__, "arch": f"sm_{args.arch}a",
-                                      "max_rows": fused_attention.MAX_ROWS, "rows": rows})
+                                      "max_rows": fused_attention.MAX_ROWS, "rows": rows, "depthwise_conv_rows": conv_rows})
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def _run_with_tritons_compiler(args: list[str], timeout: float) -> subprocess.Co
 def test_the_kernels_compile_for_a_gpu_with_the_installed_triton(tmp_path):
     """The other tests run Triton's interpreter, which is not its compiler: compile each kernel for
     sm_90 (no GPU needed) in every configuration rmt_s runs at 224 px, and check that the default
-    warps do not spill. Triton 3.2's compiler refused what the interpreters ran (a tile's shape +
+    warps do not spill (the depthwise conv's kernel too). Triton 3.2's compiler refused what the interpreters ran (a tile's shape +
     (2,), its shapes being lists)."""
     import triton
 
@@ -398,6 +398,9 @@ def test_the_kernels_compile_for_a_gpu_with_the_installed_triton(tmp_path):
     defaults = [row for row in rows if row["default_warps"]]
     # each default configuration storing a fresh output and adding into the LCE conv's
     assert len(defaults) == 2 * 9 and all(row["spill_store_bytes"] == 0 for row in defaults), defaults
+    # the depthwise conv kernel (rmt.models.depthwise_conv) in each tile RMT's convs launch
+    convs = json.loads((tmp_path / "r.json").read_text())["depthwise_conv_rows"]
+    assert len(convs) == 4 and all(row["spill_store_bytes"] == 0 for row in convs), convs
 
 
 def test_the_eager_overhead_script_times_the_kernels_path(tmp_path):

@@ -64,7 +64,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import has_static_value as _fixed_size  # dynamo evaluates it while tracing
 
 from rmt.models import fused_attention
-from rmt.models.layers import DepthwiseConvNHWC, call_linear, exporting, profiler_label
+from rmt.models.kernel_calls import profiler_label
+from rmt.models.layers import DepthwiseConvNHWC, call_linear, exporting
 
 ATTENTION_KERNELS = ("auto", "sdpa", "reference", "flex", "triton")
 

@@ -18,14 +18,13 @@ is recorded, and keep the differentiable kernels for training.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from rmt.models.layers import profiler_label
+from rmt.models.kernel_calls import on_the_tensors_gpu, profiler_label
 
 try:
     import triton
@@ -326,7 +325,7 @@ def _launch(
     if not groups_heads(length, n, heads_per_program):
         raise ValueError(f"decayed_attention cannot give {heads_per_program} of {n} heads of {length} tokens to one program")
     kernel = torch.library.wrap_triton(_decayed_attention_kernel) if traced else _decayed_attention_kernel
-    with _on_the_tensors_gpu(q):
+    with on_the_tensors_gpu(q):
         kernel[(b * g * (n // heads_per_program),)](
             q, k, v, out_view, decay.float().contiguous(), q if cos is None else cos, q if sin is None else sin,
             *(s for t in (q, k, v, out_view) for s in t.stride()[:4]),
@@ -362,12 +361,6 @@ def _table_strides(
     if any(t.stride(-1) != 1 for t in tensors + (() if cos is None else (cos, sin))):
         raise ValueError(f"{name} needs head_dim contiguous")
     return (0, 0, 0) if cos is None else cos.stride()[:3]
-
-
-def _on_the_tensors_gpu(q: Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current device, not the tensors' (a model on cuda:1 while cuda:0 is current)."""
-    on_other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
-    return torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext()
 
 
 def _warps(rows: int, head_dim: int) -> int:
@@ -422,7 +415,7 @@ def _launch_decomposed(
     out = _output("decomposed_decayed_attention", q, (b, h, w, n, d), add_to)
     table_strides = _table_strides("decomposed_decayed_attention", (q, k, v, out), cos, sin, "(H, W, 2, head_dim)", (h, w, 2, d))
     kernel = torch.library.wrap_triton(_decomposed_attention_kernel) if traced else _decomposed_attention_kernel
-    with _on_the_tensors_gpu(q):
+    with on_the_tensors_gpu(q):
         kernel[(b * n,)](
             q, k, v, out, decay.float().contiguous(), q if cos is None else cos, q if sin is None else sin,
             *(s for t in (q, k, v, out) for s in t.stride()[:4]),

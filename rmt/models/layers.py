@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
@@ -13,6 +12,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _nn_module
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from rmt.models import depthwise_conv
 
 T = TypeVar("T")
 
@@ -39,15 +40,6 @@ def exporting() -> bool:
     return torch.compiler._is_exporting_flag
 
 
-def profiler_label(name: str) -> contextlib.AbstractContextManager:
-    """``record_function(name)`` while a profiler records (so profiles, and ``rmt bench``'s
-    attention_ops, name the code it wraps), a no-op otherwise: the label costs CPU time on
-    every call."""
-    if torch.autograd.profiler._is_profiler_enabled:
-        return torch.profiler.record_function(name)
-    return contextlib.nullcontext()
-
-
 def registered_weights(module: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     """``(module.weight, module.bias)``, read from the module's parameters where they are
     registered there: ``nn.Module.__getattr__``, which ``module.weight`` goes through, costs
@@ -70,6 +62,8 @@ class DepthwiseConvNHWC(nn.Conv2d):
         # nn.Conv2d.forward's body with the weights of _forward_weights, which the caching class's
         # _conv_forward would otherwise look up again
         weight, bias = self._forward_weights()
+        if depthwise_conv.ENABLED and depthwise_conv.can_run(self, x, weight):
+            return depthwise_conv.run(x, weight, bias)
         return nn.Conv2d._conv_forward(self, x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
 
     def _forward_weights(self) -> tuple[Tensor, Optional[Tensor]]:

@@ -1,0 +1,201 @@
+"""The Triton depthwise conv on (B, H, W, C) tokens (rmt.models.depthwise_conv).
+
+Without a GPU the kernel runs in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), which truncates float32 to bfloat16 where a GPU rounds to nearest: the
+half-precision checks take values that the half dtype holds exactly, and a tolerance of one
+rounding either way. On a GPU these run the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("triton")
+
+import rmt  # noqa: E402
+from rmt.models import depthwise_conv  # noqa: E402
+from rmt.models.config import RMTConfig  # noqa: E402
+from rmt.models.layers import DepthwiseConvNHWC, ResidualDepthwiseConvNHWC, keep_autocast_weights  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = RMTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
+                 decomposed_stages=(True, True, False, False), head_hidden_size=32, num_classes=10)
+
+
+def _by_definition(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """The conv in float64, on (B, H, W, C) tokens."""
+    k = weight.shape[-1]
+    out = F.conv2d(x.double().permute(0, 3, 1, 2), weight.double(), None if bias is None else bias.double(),
+                   padding=k // 2, groups=x.shape[-1])
+    return out.permute(0, 2, 3, 1)
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[tuple]:
+    """The kernel's launches: (input shape, output dtype) each."""
+    calls, launch = [], depthwise_conv._launch
+    monkeypatch.setattr(depthwise_conv, "_launch",
+                        lambda x, weight, bias, dtype: calls.append((tuple(x.shape), dtype)) or launch(x, weight, bias, dtype))
+    return calls
+
+
+# (batch, height, width, channels, kernel size): RMT's 3 x 3 and 5 x 5, a 7 x 7, and shapes whose
+# tiles are partly masked (channels without a power-of-two factor of 16, grids of one token, more
+# tokens than a tile)
+SHAPES = [(2, 7, 7, 64, 3), (1, 9, 11, 80, 5), (2, 5, 3, 7, 3), (1, 1, 1, 24, 3), (1, 6, 4, 16, 7), (3, 13, 11, 48, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_float32_matches_the_conv_by_definition(shape, with_bias, exact_fp32):
+    torch.manual_seed(0)
+    b, h, w, c, k = shape
+    x = torch.randn(b, h, w, c, device=DEVICE)
+    weight = torch.randn(c, 1, k, k, device=DEVICE)
+    bias = torch.randn(c, device=DEVICE) if with_bias else None
+    out = depthwise_conv.depthwise_conv_nhwc(x, weight, bias)
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.is_contiguous()
+    expected = _by_definition(x, weight, bias)
+    assert (out.double() - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_strided_inputs_and_weights():
+    # channels contiguous, everything else strided: a slice of channels, a transposed grid, and
+    # a channels-last weight (the layout folding keeps)
+    torch.manual_seed(0)
+    wide = torch.randn(2, 6, 9, 40, device=DEVICE)
+    weight = torch.randn(16, 1, 3, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    for x in (wide[..., 8:24], wide[..., :16].transpose(1, 2)):
+        assert not x.is_contiguous()
+        out = depthwise_conv.depthwise_conv_nhwc(x, weight, None)
+        assert (out.double() - _by_definition(x, weight, None)).abs().max().item() < 1e-4
+
+
+def _held_by(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """float32 values that ``dtype`` holds exactly."""
+    return torch.randn(*shape, device=DEVICE).to(dtype).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_sums_in_float32_and_rounds_once(dtype):
+    torch.manual_seed(0)
+    x, weight, bias = _held_by(dtype, 2, 7, 9, 32), _held_by(dtype, 32, 1, 5, 5), _held_by(dtype, 32)
+    out = depthwise_conv.depthwise_conv_nhwc(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    assert out.dtype == dtype
+    expected = _by_definition(x, weight, bias)
+    # one rounding of the float32 sum to the half dtype (bf16 keeps 8 bits, fp16 11)
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+    assert ((out.double() - expected).abs() <= ulp * expected.abs() + 1e-6).all()
+
+
+def test_under_autocast_it_computes_in_autocasts_dtype_with_no_cast_launched():
+    # float32 input and parameters under autocast: the output in autocast's dtype, the numbers of
+    # the kernel on tensors cast beforehand, as F.conv2d under autocast casts them
+    torch.manual_seed(0)
+    x, weight, bias = _held_by(torch.bfloat16, 2, 5, 6, 16), _held_by(torch.bfloat16, 16, 1, 3, 3), _held_by(torch.bfloat16, 16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = depthwise_conv.depthwise_conv_nhwc(x, weight, bias)
+        library = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=16)
+    assert out.dtype == library.dtype == torch.bfloat16
+    cast_first = depthwise_conv.depthwise_conv_nhwc(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    assert torch.equal(out, cast_first)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    x = torch.randn(1, 4, 4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="one dtype, or autocast"):
+        depthwise_conv.depthwise_conv_nhwc(x.bfloat16(), torch.randn(8, 1, 3, 3, device=DEVICE), None)
+    with pytest.raises(ValueError, match="k odd"):
+        depthwise_conv.depthwise_conv_nhwc(x, torch.randn(8, 1, 4, 4, device=DEVICE), None)
+    with pytest.raises(ValueError, match="float64"):
+        depthwise_conv.depthwise_conv_nhwc(x.double(), torch.randn(8, 1, 3, 3, device=DEVICE).double(), None)
+    with pytest.raises(ValueError, match="channels contiguous"):
+        depthwise_conv.depthwise_conv_nhwc(x.permute(0, 3, 1, 2), torch.randn(4, 1, 3, 3, device=DEVICE), None)
+
+
+@pytest.mark.parametrize("cls", [DepthwiseConvNHWC, ResidualDepthwiseConvNHWC])
+def test_rmts_convs_run_the_kernel_only_when_enabled_and_without_autograd(monkeypatch, launches, cls):
+    torch.manual_seed(0)
+    conv = cls(16, 3).to(DEVICE)
+    x = torch.randn(2, 5, 7, 16, device=DEVICE)
+    with torch.no_grad():
+        library = conv(x)
+        assert launches == []  # off by default: not yet measured on a GPU
+        monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+        out = conv(x)
+    assert launches == [((2, 5, 7, 16), torch.float32)]
+    assert (out - library).abs().max().item() < 1e-5
+    # recording autograd: the library conv, which has a backward pass
+    conv(x).sum().backward()
+    assert len(launches) == 1 and conv.weight.grad is not None
+    # other convs: a stride, a padding mode, a padding other than 'same'
+    with torch.no_grad():
+        for changed in ({"stride": (2, 2)}, {"padding_mode": "reflect"}, {"padding": (0, 0)}):
+            other = DepthwiseConvNHWC(16, 3).to(DEVICE)
+            for name, value in changed.items():
+                setattr(other, name, value)
+            other(x)
+    assert len(launches) == 1
+
+
+def test_a_models_logits_are_unchanged_built_folded_and_cached(monkeypatch, launches):
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval().to(DEVICE)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        library = model(x)
+        monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+        out = model(x)
+        assert len(launches) == 3 * sum(TINY.depths)  # the CPE's, the LCE's and the FFN's in each block
+        assert (out - library).abs().max().item() < 1e-5
+        model.reparameterize()  # identities folded into the CPE and FFN kernels, the weight cache
+        assert isinstance(model.stages[0].blocks[0].cpe, ResidualDepthwiseConvNHWC)
+        folded = model(x)
+        assert len(launches) == 6 * sum(TINY.depths)
+        assert (folded - library).abs().max().item() < 1e-4
+
+
+def test_under_autocast_a_folded_model_launches_no_cast_and_keeps_its_dtype(monkeypatch, launches):
+    torch.manual_seed(0)
+    conv = ResidualDepthwiseConvNHWC(16, 3).to(DEVICE)
+    conv.reparameterize()
+    keep_autocast_weights(conv)  # the weight cache: bf16 copies of the weight and bias
+    x = _held_by(torch.bfloat16, 1, 4, 4, 16).bfloat16()
+    monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16 and launches == [((1, 4, 4, 16), torch.bfloat16)]
+
+
+def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, launches):
+    monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+    torch.manual_seed(0)
+    conv = ResidualDepthwiseConvNHWC(16, 5).to(DEVICE)
+    x = torch.randn(2, 6, 5, 16, device=DEVICE)
+    with torch.no_grad():
+        expected = conv(x)
+        # fullgraph: a graph break on the way to the kernel raises
+        compiled = torch.compile(conv, backend="aot_eager", fullgraph=True, dynamic=False)
+        out = compiled(x)
+        assert len(launches) == 2  # eager, then the compiled graph's rmt::depthwise_conv_nhwc
+        assert (out - expected).abs().max().item() < 1e-5
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            assert compiled(x).dtype == torch.bfloat16  # the casts in the graph, before the operator
+    assert launches[-1][1] == torch.bfloat16
+
+
+def test_the_custom_operator_passes_torch_librarys_checks():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 16, device=DEVICE)
+    torch.library.opcheck(depthwise_conv._depthwise_conv_op, (x, torch.randn(16, 1, 3, 3, device=DEVICE), torch.randn(16, device=DEVICE)))
+    torch.library.opcheck(depthwise_conv._depthwise_conv_op, (x[..., 2:10], torch.randn(8, 1, 5, 5, device=DEVICE), None))
+
+
+def test_tiles_leave_no_channel_lane_idle_at_rmts_widths():
+    for width in (64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1536, 1920, 2560):
+        tokens, channels = depthwise_conv._tile(3, width)
+        assert width % channels == 0 and channels >= 16 and tokens * channels == 1024
+    assert depthwise_conv._tile(5, 64) == (8, 64) and depthwise_conv._tile(7, 7) == (32, 8)
