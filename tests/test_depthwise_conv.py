@@ -104,6 +104,15 @@ def test_under_autocast_it_computes_in_autocasts_dtype_with_no_cast_launched():
     assert torch.equal(out, cast_first)
 
 
+def test_inputs_beyond_32_bit_offsets_are_left_to_the_library():
+    # sizes and strides only (meta tensors, no memory): a view whose farthest element lies 2**31
+    # elements from its start, and a tensor of more elements than that
+    assert depthwise_conv._offsets_fit(torch.empty_strided((2, 4, 4, 16), (2**20, 64, 16, 1), device="meta"))
+    assert not depthwise_conv._offsets_fit(torch.empty_strided((2, 4, 4, 16), (2**31, 64, 16, 1), device="meta"))
+    assert not depthwise_conv._offsets_fit(torch.empty((2**17, 128, 128, 1), device="meta"))
+    assert depthwise_conv._offsets_fit(torch.empty((2**17 - 1, 128, 128, 1), device="meta"))
+
+
 def test_bad_inputs_raise_one_clear_error():
     x = torch.randn(1, 4, 4, 8, device=DEVICE)
     with pytest.raises(TypeError, match="one dtype, or autocast"):

@@ -90,7 +90,7 @@ if triton is not None:
 
 def supports(x: Tensor, weight: Tensor) -> bool:
     """Whether the kernel takes these tensors: (B, H, W, C) ``x`` of a dtype it takes, channels
-    contiguous, on a GPU (or in Triton's interpreter), small enough for 32-bit offsets, and a
+    contiguous, on a GPU (or in Triton's interpreter), within reach of 32-bit offsets, and a
     (C, 1, k, k) depthwise ``weight`` of an odd size k."""
     k = weight.shape[-1]
     return (
@@ -101,8 +101,14 @@ def supports(x: Tensor, weight: Tensor) -> bool:
         and k % 2 == 1
         and x.dtype in _DTYPES.values()
         and x.stride(-1) == 1
-        and x.numel() < 2**31
+        and _offsets_fit(x)
     )
+
+
+def _offsets_fit(x: Tensor) -> bool:
+    """Whether the kernel's 32-bit offsets reach the output's last element and the farthest
+    element of ``x`` (a view of a larger tensor can reach farther than its own size)."""
+    return x.numel() < 2**31 and sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) < 2**31
 
 
 def can_run(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
