@@ -16,6 +16,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 import rmt  # noqa: E402
+from rmt.bench.flops import count_flops  # noqa: E402
 from rmt.models import depthwise_conv  # noqa: E402
 from rmt.models.config import RMTConfig  # noqa: E402
 from rmt.models.layers import DepthwiseConvNHWC, ResidualDepthwiseConvNHWC, keep_autocast_weights  # noqa: E402
@@ -62,16 +63,20 @@ def test_float32_matches_the_conv_by_definition(shape, with_bias, exact_fp32):
     assert (out.double() - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
-def test_strided_inputs_and_weights():
-    # channels contiguous, everything else strided: a slice of channels, a transposed grid, and
-    # a channels-last weight (the layout folding keeps)
+def test_strided_inputs_weights_and_biases():
+    # channels contiguous, everything else strided: a slice of channels, a transposed grid; a
+    # transposed kernel and a channels-last one (the layout folding keeps), a bias of every other value
     torch.manual_seed(0)
     wide = torch.randn(2, 6, 9, 40, device=DEVICE)
-    weight = torch.randn(16, 1, 3, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    weights = (torch.randn(16, 1, 3, 3, device=DEVICE).transpose(2, 3),
+               torch.randn(16, 1, 5, 5, device=DEVICE).to(memory_format=torch.channels_last))
+    bias = torch.randn(32, device=DEVICE)[::2]
+    assert not weights[0].is_contiguous()
     for x in (wide[..., 8:24], wide[..., :16].transpose(1, 2)):
         assert not x.is_contiguous()
-        out = depthwise_conv.depthwise_conv_nhwc(x, weight, None)
-        assert (out.double() - _by_definition(x, weight, None)).abs().max().item() < 1e-4
+        for weight in weights:
+            out = depthwise_conv.depthwise_conv_nhwc(x, weight, bias)
+            assert (out.double() - _by_definition(x, weight, bias)).abs().max().item() < 1e-4
 
 
 def _held_by(dtype: torch.dtype, *shape: int) -> torch.Tensor:
@@ -91,17 +96,31 @@ def test_half_precision_sums_in_float32_and_rounds_once(dtype):
     assert ((out.double() - expected).abs() <= ulp * expected.abs() + 1e-6).all()
 
 
-def test_under_autocast_it_computes_in_autocasts_dtype_with_no_cast_launched():
-    # float32 input and parameters under autocast: the output in autocast's dtype, the numbers of
-    # the kernel on tensors cast beforehand, as F.conv2d under autocast casts them
-    torch.manual_seed(0)
-    x, weight, bias = _held_by(torch.bfloat16, 2, 5, 6, 16), _held_by(torch.bfloat16, 16, 1, 3, 3), _held_by(torch.bfloat16, 16)
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = depthwise_conv.depthwise_conv_nhwc(x, weight, bias)
-        library = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=16)
-    assert out.dtype == library.dtype == torch.bfloat16
-    cast_first = depthwise_conv.depthwise_conv_nhwc(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
-    assert torch.equal(out, cast_first)
+def test_under_autocast_inputs_and_weights_are_rounded_to_its_dtype_as_they_load():
+    # x at one token, 1 + 3 * 2**-9 (bf16 holds 1 and 1 + 2**-7: to nearest, 1 + 2**-7; truncated,
+    # 1), and -1 at its right; a kernel adding the two (centre and right taps of 1): rounded as
+    # loaded, the sum is 2**-7 (truncated, 0); summed in float32 and rounded once, 3 * 2**-9
+    x = torch.zeros(1, 1, 2, 16, device=DEVICE)
+    x[..., 0, :], x[..., 1, :] = 1 + 3 * 2**-9, -1.0
+    weight = torch.zeros(16, 1, 3, 3, device=DEVICE)
+    weight[:, 0, 1, 1] = weight[:, 0, 1, 2] = 1.0
+    # the weight's turn: a centre tap of 1 + 3 * 2**-9 on x = 1, and a right tap of -1
+    x2 = torch.zeros(1, 1, 2, 16, device=DEVICE)
+    x2[..., 0, :] = x2[..., 1, :] = 1.0
+    weight2 = torch.zeros(16, 1, 3, 3, device=DEVICE)
+    weight2[:, 0, 1, 1], weight2[:, 0, 1, 2] = 1 + 3 * 2**-9, -1.0
+    interpreted = depthwise_conv._INTERPRETED
+    for inputs in ((x, weight), (x2, weight2)):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = depthwise_conv.depthwise_conv_nhwc(*inputs, None)
+            library = F.conv2d(inputs[0].permute(0, 3, 1, 2), inputs[1], None, padding=1, groups=16).permute(0, 2, 3, 1)
+        assert out.dtype == library.dtype == torch.bfloat16
+        first = out[0, 0, 0].float()
+        assert library[0, 0, 0].float().eq(2**-7).all()
+        # Triton's interpreter truncates float32 to bfloat16 where a GPU rounds to nearest as torch does
+        assert first.eq(0.0 if interpreted else 2**-7).all(), first
+        if not interpreted:
+            assert torch.equal(out, library)
 
 
 def test_inputs_beyond_32_bit_offsets_are_left_to_the_library():
@@ -150,16 +169,97 @@ def test_rmts_convs_run_the_kernel_only_when_enabled_and_without_autograd(monkey
     assert len(launches) == 1
 
 
+def test_a_trainable_bias_alone_gets_the_library_conv_and_its_gradient(monkeypatch, launches):
+    monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+    conv = DepthwiseConvNHWC(16, 3).to(DEVICE)
+    conv.weight.requires_grad_(False)  # bias-only fine-tuning
+    conv(torch.randn(1, 4, 4, 16, device=DEVICE)).sum().backward()
+    assert launches == [] and conv.bias.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation
+def test_whatever_watches_the_conv_gets_the_library_conv(monkeypatch, launches):
+    """Forward-mode derivatives, torch.func transforms, tensor subclasses, torch-function and
+    dispatch modes (FLOP counting, fake tensors), jit and FX tracing see F.conv2d, as without the kernel."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+    torch.manual_seed(0)
+    conv = DepthwiseConvNHWC(16, 3).to(DEVICE).requires_grad_(False)
+    x, tangent = torch.randn(2, 4, 5, 16, device=DEVICE), torch.randn(2, 4, 5, 16, device=DEVICE)
+    with torch.no_grad():
+        expected = conv(x)
+        expected_tangent = conv(tangent) - conv.bias  # the conv is affine: its derivative, the bias-free conv
+    assert len(launches) == 2
+    del launches[:]
+    with torch.no_grad():
+        with torch.autograd.forward_ad.dual_level():
+            out, out_tangent = torch.autograd.forward_ad.unpack_dual(conv(torch.autograd.forward_ad.make_dual(x, tangent)))
+        assert out_tangent is not None and (out_tangent - expected_tangent).abs().max().item() < 1e-5
+        _, jvp_tangent = torch.func.jvp(conv, (x,), (tangent,))
+        assert (jvp_tangent - expected_tangent).abs().max().item() < 1e-5
+        assert (torch.func.vmap(conv)(x[:, None]) [:, 0] - expected).abs().max().item() < 1e-5
+
+        class Watched(torch.Tensor):
+            pass
+
+        assert type(conv(x.as_subclass(Watched))) is Watched
+
+        class Records(TorchFunctionMode):
+            def __init__(self):
+                super().__init__()
+                self.names = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                self.names.append(getattr(func, "__name__", ""))
+                return func(*args, **(kwargs or {}))
+
+        with Records() as mode:
+            conv(x)
+        assert "conv2d" in mode.names
+        with FlopCounterMode(display=False) as flops:
+            conv(x)
+        assert flops.get_total_flops() == 2 * x.numel() * 9
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:  # the parameters stay real
+            assert conv(fake_mode.from_tensor(x)).shape == x.shape
+        traced = torch.jit.trace(conv, x, check_trace=False)  # (the check would call the module eagerly)
+        assert "aten::_convolution" in str(traced.inlined_graph)
+        assert (traced(x) - expected).abs().max().item() < 1e-5
+        fx_traced = torch.fx.symbolic_trace(conv)  # FX proxies, as timm's feature extraction traces
+        assert "conv2d" in fx_traced.code and (fx_traced(x) - expected).abs().max().item() < 1e-5
+    assert launches == []
+
+
+def test_tensors_the_kernel_cannot_take_are_left_to_the_library():
+    x, weight = torch.randn(1, 4, 4, 16, device=DEVICE), torch.randn(16, 1, 3, 3, device=DEVICE)
+    assert depthwise_conv.supports(x, weight, torch.randn(16, device=DEVICE))
+    # a weight or bias on another device, meta tensors, a bias of another size
+    assert not depthwise_conv.supports(x, weight.to("meta"))
+    assert not depthwise_conv.supports(x, weight, torch.randn(16, device="meta"))
+    assert not depthwise_conv.supports(x.to("meta"), weight.to("meta"))
+    assert not depthwise_conv.supports(x, weight, torch.randn(8, device=DEVICE))
+    # under autocast a float64 weight is not cast, and F.conv2d refuses it
+    conv = DepthwiseConvNHWC(16, 3).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert depthwise_conv.can_run(conv, x, weight, None)
+        assert not depthwise_conv.can_run(conv, x, weight.double(), None)
+
+
 def test_a_models_logits_are_unchanged_built_folded_and_cached(monkeypatch, launches):
     torch.manual_seed(0)
     model = rmt.RMT(TINY).eval().to(DEVICE)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    flops_without_kernel = count_flops(model, (32, 32)).macs
     with torch.no_grad():
         library = model(x)
         monkeypatch.setattr(depthwise_conv, "ENABLED", True)
         out = model(x)
         assert len(launches) == 3 * sum(TINY.depths)  # the CPE's, the LCE's and the FFN's in each block
         assert (out - library).abs().max().item() < 1e-5
+        # a FLOP count sees F.conv2d (rmt.bench.flops watches the dispatcher): the same count
+        assert count_flops(model, (32, 32)).macs == flops_without_kernel
         model.reparameterize()  # identities folded into the CPE and FFN kernels, the weight cache
         assert isinstance(model.stages[0].blocks[0].cpe, ResidualDepthwiseConvNHWC)
         folded = model(x)
@@ -193,7 +293,11 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, launches):
         assert (out - expected).abs().max().item() < 1e-5
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             assert compiled(x).dtype == torch.bfloat16  # the casts in the graph, before the operator
-    assert launches[-1][1] == torch.bfloat16
+        assert launches[-1][1] == torch.bfloat16
+        # and through inductor, which calls the operator from its generated code
+        by_inductor = torch.compile(conv, fullgraph=True, dynamic=False)
+        calls = len(launches)
+        assert (by_inductor(x) - expected).abs().max().item() < 1e-5 and len(launches) == calls + 1
 
 
 def test_the_custom_operator_passes_torch_librarys_checks():

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from rmt.models.kernel_calls import on_the_tensors_gpu, profiler_label
+from rmt.models.kernel_calls import nothing_watches, on_the_tensors_gpu, profiler_label
 
 try:
     import triton
@@ -42,6 +42,7 @@ except ImportError:  # CPU-only torch wheels do not ship Triton
 ENABLED = False
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KERNEL_DTYPES = frozenset(_DTYPES.values())
 MAX_CHANNEL_BLOCK = 128
 WARPS = 8
 
@@ -58,7 +59,7 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, out_ptr,
         tokens, height, width, channels,
         stride_xb, stride_xh, stride_xw,
-        stride_wc, stride_wh, stride_ww,
+        stride_wc, stride_wh, stride_ww, stride_bias,
         KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """One (BLOCK_P tokens, BLOCK_C channels) tile of the output. Tokens are counted over the
@@ -83,75 +84,101 @@ if triton is not None:
                 w = tl.load(w_ptr + c * stride_wc + i * stride_wh + j * stride_ww, mask=in_channels, other=0.0)
                 acc += _rounded(x, dtype) * _rounded(w, dtype)[None, :]
         if HAS_BIAS:
-            acc += _rounded(tl.load(b_ptr + c, mask=in_channels, other=0.0), dtype)[None, :]
+            acc += _rounded(tl.load(b_ptr + c * stride_bias, mask=in_channels, other=0.0), dtype)[None, :]
         tl.store(out_ptr + p[:, None] * channels + c[None, :], acc.to(dtype),
                  mask=(p < tokens)[:, None] & in_channels[None, :])
 
 
-def supports(x: Tensor, weight: Tensor) -> bool:
+# TRITON_INTERPRET=1 when the kernel was defined: it runs on CPU tensors in Triton's interpreter
+_INTERPRETED = triton is not None and isinstance(_depthwise_conv_kernel, InterpretedFunction)
+
+
+def supports(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether the kernel takes these tensors: (B, H, W, C) ``x`` of a dtype it takes, channels
-    contiguous, on a GPU (or in Triton's interpreter), within reach of 32-bit offsets, and a
-    (C, 1, k, k) depthwise ``weight`` of an odd size k."""
+    contiguous, on a GPU (or on the CPU in Triton's interpreter), within reach of 32-bit offsets;
+    a (C, 1, k, k) depthwise ``weight`` of an odd size k and a bias of C values, on x's device."""
     k = weight.shape[-1]
     return (
-        triton is not None
-        and (x.is_cuda or isinstance(_depthwise_conv_kernel, InterpretedFunction))
+        triton is not None and (x.is_cuda or (_INTERPRETED and x.is_cpu))
         and x.dim() == 4
+        and x.dtype in _KERNEL_DTYPES
+        and x.stride(-1) == 1
         and weight.shape == (x.shape[-1], 1, k, k)
         and k % 2 == 1
-        and x.dtype in _DTYPES.values()
-        and x.stride(-1) == 1
+        and weight.device == x.device
+        and (bias is None or (bias.shape == (x.shape[-1],) and bias.device == x.device))
         and _offsets_fit(x)
     )
 
 
 def _offsets_fit(x: Tensor) -> bool:
     """Whether the kernel's 32-bit offsets reach the output's last element and the farthest
-    element of ``x`` (a view of a larger tensor can reach farther than its own size)."""
-    return x.numel() < 2**31 and sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) < 2**31
+    element of (B, H, W, C) ``x`` (a view of a larger tensor can reach farther than its own size)."""
+    (b, h, w, c), (sb, sh, sw, sc) = x.shape, x.stride()
+    return b * h * w * c < 2**31 and (b - 1) * sb + (h - 1) * sh + (w - 1) * sw + (c - 1) * sc < 2**31
 
 
-def can_run(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
-    """Whether ``conv``, a depthwise conv on (B, H, W, C) tokens computing with ``weight`` (its own,
-    or its weight cache's copy), can run the kernel on ``x``: stride 1 with 'same' zero padding, no
-    gradient recorded (the kernel has no backward pass), and :func:`supports`. RMT's convs run
-    it when :data:`ENABLED` too."""
+def _compute_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The dtype ``F.conv2d`` would compute and return in: autocast's on x's device under
+    autocast (which casts float32, float16 and bfloat16 tensors to it), else x's, if the weight
+    and bias have it too; None where ``F.conv2d`` would raise a dtype error."""
+    device = x.device.type  # cuda, or cpu in Triton's interpreter: both have autocast
+    if torch.is_autocast_enabled(device):
+        fits = weight.dtype in _KERNEL_DTYPES and (bias is None or bias.dtype in _KERNEL_DTYPES)
+        return torch.get_autocast_dtype(device) if fits else None
+    fits = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    return x.dtype if fits else None
+
+
+def can_run(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``conv``, a depthwise conv on (B, H, W, C) tokens computing with ``weight`` and
+    ``bias`` (its own, or its weight cache's copies), can run the kernel on ``x`` with the
+    numbers ``F.conv2d`` would give: stride 1 with 'same' zero padding; no gradient recorded
+    (the kernel has no backward pass); eagerly, nothing that would need to see ``F.conv2d``
+    (:func:`~rmt.models.kernel_calls.nothing_watches`: tensor subclasses, dispatch modes such as
+    ``FlopCounterMode``, forward-mode derivatives, ``torch.func`` transforms, ``torch.jit.trace``);
+    tensors the kernel takes (:func:`supports`) in dtypes ``F.conv2d`` would take. RMT's convs
+    run it when :data:`ENABLED` too."""
     k = weight.shape[-1]
     return (
-        conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (k // 2, k // 2)
+        # first: an FX proxy or a jit-traced size cannot be tested for truth (a compiled graph
+        # calls the custom operator, which everything tracing it sees)
+        (torch.compiler.is_compiling() or nothing_watches(x, weight, bias))
+        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (k // 2, k // 2)
         and conv.padding_mode == "zeros" and conv.groups == x.shape[-1]
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and supports(x, weight)
+        and not (torch.is_grad_enabled()
+                 and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+        and supports(x, weight, bias)
+        and _compute_dtype(x, weight, bias) is not None
     )
 
 
 def depthwise_conv_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``conv2d`` of (B, H, W, C) ``x`` read as channels last, with (C, 1, k, k) ``weight``
     (depthwise, k odd, stride 1, padding k // 2) and ``bias``, as a fresh (B, H, W, C) tensor.
+    Forward only: no gradient flows through it.
 
-    Under CUDA autocast the output is in autocast's dtype, as ``F.conv2d``'s would be; x, weight
-    and bias are rounded to it as they are loaded. Otherwise weight and bias must have x's dtype,
-    as ``F.conv2d`` requires. A compiled graph calls the kernel as the custom operator
+    Under autocast the output is in autocast's dtype, as ``F.conv2d``'s would be; x, weight and
+    bias are rounded to it as they are loaded. Otherwise weight and bias must have x's dtype, as
+    ``F.conv2d`` requires. A compiled graph calls the kernel as the custom operator
     ``rmt::depthwise_conv_nhwc``, on inputs cast where inductor can fuse the casts.
     """
-    if not supports(x, weight):
+    if not supports(x, weight, bias):
         raise ValueError(f"depthwise_conv_nhwc takes a (B, H, W, C) {', '.join(_DTYPES)} tensor with channels "
-                         f"contiguous on a GPU and a (C, 1, k, k) weight, k odd; got {tuple(x.shape)} "
-                         f"{str(x.dtype).removeprefix('torch.')} on {x.device.type}, weight {tuple(weight.shape)}")
+                         f"contiguous on a GPU, a (C, 1, k, k) weight, k odd, and a bias of C values on its device; "
+                         f"got {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}, weight "
+                         f"{tuple(weight.shape)} on {weight.device}"
+                         f"{'' if bias is None else f', bias {tuple(bias.shape)} on {bias.device}'}")
+    if _compute_dtype(x, weight, bias) is None:
+        raise TypeError(f"depthwise_conv_nhwc: input {x.dtype}, weight {weight.dtype}"
+                        f"{'' if bias is None else f', bias {bias.dtype}'}: one dtype, or autocast")
     return run(x, weight, bias)
 
 
 def run(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """:func:`depthwise_conv_nhwc` without its check of the inputs' shapes, for a caller that has
-    asked :func:`can_run` (RMT's convs: eager inference at batch 64 is bound by CPU time)."""
-    device = x.device.type  # cuda, or cpu in Triton's interpreter: both have autocast
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = x.dtype
-        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-            raise TypeError(f"depthwise_conv_nhwc: input {x.dtype}, weight {weight.dtype}"
-                            f"{'' if bias is None else f', bias {bias.dtype}'}: one dtype, or autocast")
+    """:func:`depthwise_conv_nhwc` without its checks of the inputs, for a caller that has asked
+    :func:`can_run` (RMT's convs: eager inference at batch 64 is bound by CPU time)."""
+    dtype = _compute_dtype(x, weight, bias)
     if torch.compiler.is_compiling():
         return _depthwise_conv_op(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     with profiler_label("rmt::depthwise_conv_nhwc"):
@@ -171,7 +198,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtyp
         _depthwise_conv_kernel[(-(-tokens // block_p), -(-c // block_c))](
             x, weight, x if bias is None else bias, out,
             tokens, h, w, c,
-            stride_b, stride_h, stride_w, stride_wc, stride_wh, stride_ww,
+            stride_b, stride_h, stride_w, stride_wc, stride_wh, stride_ww, 0 if bias is None else bias.stride(0),
             KERNEL=k, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=WARPS,
         )
     return out

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers._fx import register_notrace_module
 from torch import Tensor, nn
-from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _nn_module
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from rmt.models import depthwise_conv
+from rmt.models.kernel_calls import nothing_watches
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ class DepthwiseConvNHWC(nn.Conv2d):
         # nn.Conv2d.forward's body with the weights of _forward_weights, which the caching class's
         # _conv_forward would otherwise look up again
         weight, bias = self._forward_weights()
-        if depthwise_conv.ENABLED and depthwise_conv.can_run(self, x, weight):
+        if depthwise_conv.ENABLED and depthwise_conv.can_run(self, x, weight, bias):
             return depthwise_conv.run(x, weight, bias)
         return nn.Conv2d._conv_forward(self, x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
 
@@ -267,12 +267,10 @@ def _runs_onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bo
         # as dynamo cannot trace the checks after it
         _ONEDNN_LINEAR and type(x) is Tensor and eager_float32_cpu_inference(x, weight, bias)
         and weight.dtype == torch.float32
-        # subclassed parameters and torch-function modes (``torch.device``) get F.linear;
-        # FlopCounterMode or FakeTensorMode, watching the dispatcher, get the aten op they know
-        and not torch._C._has_torch_function((x, weight, bias)) and not torch._C._len_torch_dispatch_stack()
-        # it has no forward-mode derivative (a dual input's tangent would be dropped) and no
-        # batching rule (vmap would loop over the samples)
-        and _forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
+        # subclassed parameters, torch-function and dispatch modes (FlopCounterMode gets the aten
+        # op it knows), forward-mode derivatives (oneDNN's linear has none) and torch.func
+        # transforms (no batching rule: vmap would loop over the samples) get F.linear
+        and nothing_watches(x, weight, bias)
         # a weight elsewhere (meta, say) gives F.linear's error rather than uninitialised memory
         and weight.is_cpu and (bias is None or bias.is_cpu)
         and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
