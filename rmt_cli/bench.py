@@ -66,6 +66,9 @@ def bench(
         None, "--compile", help="torch.compile the models; optional MODE: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.",
     ),
     freeze: bool = typer.Option(False, "--freeze", help="With --compile: inductor's freezing, weights as graph constants (cast and packed once)."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="CUDA only, eager: capture each warm model's pass in a CUDA graph and time its replays (no launch cost, no compiling).",
+    ),
     compile_workers: int = typer.Option(
         1, "--compile-workers", help="With --compile: first compile every model and setting in up to N processes at once; the run then loads them from inductor's caches.",
     ),
@@ -103,6 +106,7 @@ def bench(
         channels_last=channels_last,
         compile_mode=compile,
         freeze=freeze,
+        cuda_graph=cuda_graph,
         warmup=warmup,
         iters=iters,
         attn_kernel=attn_kernel,
@@ -159,6 +163,7 @@ def _print_bench(report: dict[str, Any]) -> None:
         f"{env.get('device_name')} | {settings['dtype']}"
         f"{' | compile=' + settings['compile_mode'] if settings.get('compile_mode') else ''}"
         f"{', frozen' if settings.get('freeze') else ''}"
+        f"{' | eager, replayed from CUDA graphs' if settings.get('cuda_graph') else ''}"
         f"{' | channels_last' if settings.get('channels_last') else ''} | torch {env['torch']} | "
         f"ratios to {settings['baseline']}"
     )

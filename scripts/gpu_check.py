@@ -29,6 +29,9 @@ JOBS = [
     ("eager_bf16", dict(models=RMT + SWIN, batches=[64, 256]), None),
     # folded for inference (RMT.reparameterize): no float32 layer norms and their copies, fewer bias adds
     ("eager_reparam_bf16", dict(models=RMT + ["swin_t"], batches=[64, 256], reparameterize=True), None),
+    # the eager passes replayed from CUDA graphs (rmt bench --cuda-graph): the GPU's time for the
+    # eager kernels, without the launches that bound eager RMT at batch 64, and without compiling
+    ("eager_cuda_graph_reparam_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64, 256], reparameterize=True, cuda_graph=True), None),
     # the folded models casting their weights on every pass, without their weight cache (autocast's cache off)
     ("eager_reparam_no_weight_cache_bf16", dict(models=["rmt_t", "rmt_s", "swin_t"], batches=[64, 256], reparameterize=True, autocast_cache=False), None),
     # the folded models compiled (compiling three models took 233 s on an H100: with the default

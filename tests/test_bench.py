@@ -689,6 +689,29 @@ def test_bench_freeze_compiles_with_freezing_as_a_setting_of_its_own(monkeypatch
     assert recorder.calls == [(True, False)]
 
 
+def test_bench_cuda_graph_is_a_cuda_eager_setting_of_its_own():
+    with pytest.raises(RMTError, match="--cuda-graph needs a CUDA device; this run's is cpu"):
+        BenchSettings(models=["tiny"], device="cpu", cuda_graph=True).validate()
+    with pytest.raises(RMTError, match="--compile reduce-overhead records CUDA graphs"):
+        BenchSettings(models=["tiny"], device="cpu", cuda_graph=True, compile_mode="default").validate()
+    for args in (["--cuda-graph", "--device", "cpu"], ["--cuda-graph", "--compile"]):
+        result = _cli("bench", "rmt_t", *args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "--cuda-graph" in result.stderr and "Traceback" not in result.stderr
+    settings = BenchSettings(models=["tiny"], batches=[1], img_sizes=[(64, 64)], device="cpu", warmup=0, iters=1)
+    plain = run_benchmark(settings, builders={"tiny": lambda size: rmt.RMT(TINY)})
+    assert plain["settings"]["cuda_graph"] is False and plain["results"][0]["cuda_graph"] is False
+    assert next(csv.DictReader(io.StringIO(to_csv(plain))))["cuda_graph"] == "False"
+    # replayed from CUDA graphs is another setting for compare, never a like-for-like regression check
+    graphed = {**plain, "results": [{**r, "cuda_graph": True} for r in plain["results"]]}
+    verdict = compare_reports(plain, graphed)
+    assert {d.status for d in verdict.deltas} == {"missing", "new"}
+    assert any("cuda_graph" in d.setting for d in verdict.deltas)
+    # reports from before the field are runs without graphs
+    older = {**plain, "results": [{k: v for k, v in r.items() if k != "cuda_graph"} for r in plain["results"]]}
+    assert {d.status for d in compare_reports(older, plain).deltas} == {"ok"}
+
+
 def test_profile_freeze_compiles_with_freezing(tmp_path, monkeypatch):
     from rmt.bench.profile import profile_model
 

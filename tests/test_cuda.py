@@ -113,6 +113,57 @@ def test_bench_smoke_on_cuda():
     assert report["env"]["device_type"] == "cuda" and report["env"]["device_name"]
 
 
+def test_bench_cuda_graph_replays_the_eager_pass():
+    """--cuda-graph: each warm model captured once, its replays timed; the replay computes the
+    eager pass's numbers, folded RMT (Triton kernels, weight cache) and timm's Swin-T alike."""
+    from rmt.bench.runner import BenchSettings, CUDAGraphed, capture_stream, precision, run_benchmark
+    from rmt.errors import RMTError
+    from rmt.models.layers import AutocastWeightCache
+
+    torch.manual_seed(0)
+    model = rmt.create_model("rmt_t").eval().cuda()
+    model.reparameterize()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.inference_mode(), precision(torch.device("cuda"), "bf16"):
+        eager = model(x).clone()
+        graphed = CUDAGraphed(model, torch.randn_like(x))  # captured on other values: x is copied in
+        replayed = graphed(x)
+        assert (replayed.float() - eager.float()).abs().max().item() <= 1e-2 * eager.float().abs().max().item()
+        with pytest.raises(RMTError, match="captured for a"):
+            graphed(x[:2])
+    # the graph reads the weight cache's copies made on the capture's stream: no cast in the graph
+    caches = [m for m in model.modules() if isinstance(m, AutocastWeightCache)]
+    assert caches and {m._autocast_copies.stream for m in caches} == {capture_stream(x.device).cuda_stream}
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    builders = {
+        "rmt_t": lambda size: rmt.create_model("rmt_t"),
+        "swin_t": lambda size: timm.create_model("swin_tiny_patch4_window7_224"),
+    }
+    report = run_benchmark(
+        BenchSettings(models=["rmt_t", "swin_t"], batches=[8], device="cuda", dtype="bf16", warmup=2, iters=5,
+                      reparameterize=True, cuda_graph=True),
+        builders=builders,
+    )
+    for row in report["results"]:
+        assert row["status"] == "ok", row["error"]
+        assert row["cuda_graph"] is True and row["peak_memory_mb"] > 0 and row["tflops"] > 0
+
+
+def test_a_failed_capture_is_one_error_and_leaves_the_stream_as_it_was():
+    from rmt.bench.runner import CUDAGraphed
+    from rmt.errors import RMTError
+
+    class Syncs(torch.nn.Module):
+        def forward(self, x):
+            return x * x.sum().item()  # a synchronisation with the CPU, which a capture cannot hold
+
+    x = torch.randn(4, device="cuda")
+    with pytest.raises(RMTError, match="capturing a CUDA graph failed"):
+        CUDAGraphed(Syncs(), x)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert (x * 2).sum().item() == pytest.approx(2 * x.sum().item())  # the device still works
+
+
 def test_bench_peak_memory_counts_only_the_model_itself():
     """The other models of an interleaved run stay resident; one model's peak must not grow with them."""
     from rmt.bench.runner import BenchSettings, run_benchmark

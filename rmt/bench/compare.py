@@ -60,16 +60,19 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 
 def _key(row: dict[str, Any]) -> tuple:
     return (row["model"], row.get("requested_batch", row["batch"]), tuple(row["img_size"]), row.get("dtype"),
-            row.get("compile"), bool(row.get("frozen")), bool(row.get("channels_last")), bool(row.get("reparameterized")))
+            row.get("compile"), bool(row.get("frozen")), bool(row.get("cuda_graph")), bool(row.get("channels_last")),
+            bool(row.get("reparameterized")))
 
 
 def _setting(key: tuple) -> str:
-    _, batch, (h, w), dtype, compiled, frozen, channels_last, reparameterized = key
+    _, batch, (h, w), dtype, compiled, frozen, cuda_graph, channels_last, reparameterized = key
     text = f"b{batch} {h}x{w} {dtype}"
     if compiled:
         text += f" compile={compiled}"
     if frozen:
         text += " frozen"
+    if cuda_graph:
+        text += " cuda_graph"
     if channels_last:
         text += " channels_last"
     if reparameterized:

@@ -18,7 +18,7 @@ CSV_COLUMNS = (
     "attn_kernel", "params", "gmacs", "throughput", "latency_median_ms", "latency_p90_ms", "latency_p99_ms",
     "latency_iqr_ms", "peak_memory_mb", "memory_kind", "tflops", "mfu", "ratio_to_baseline", "iters",
     "status", "error", "reparameterized", "compiled_graphs", "graph_breaks", "latency_mean_ms", "latency_min_ms",
-    "warmup", "attention_ops", "frozen", "first_call_s",
+    "warmup", "attention_ops", "frozen", "first_call_s", "cuda_graph",
 )
 
 

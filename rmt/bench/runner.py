@@ -88,6 +88,76 @@ def check_freeze(compile_mode: Optional[str], freeze: bool) -> None:
         raise RMTError("--freeze needs --compile: freezing applies to compiled graphs only")
 
 
+_CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def capture_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream every CUDA graph capture of this process runs on, one per GPU: each new
+    stream gets a cuBLAS workspace of its own, allocated on its first matmul and never freed."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _CAPTURE_STREAMS[device]
+
+
+def run_on_capture_stream(fn: Callable[[], Any], device: torch.device) -> Any:
+    """``fn()`` on :func:`capture_stream`, ordered after and before the current stream's work."""
+    stream, current = capture_stream(device), torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    # (the stream's context restores the current stream even if fn raises)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        result = fn()
+    current.wait_stream(stream)
+    return result
+
+
+class CUDAGraphed(nn.Module):
+    """An eager model's forward pass on one input, captured once in a CUDA graph and replayed.
+
+    Replaying launches every kernel of the pass in one call, without the Python, dispatch and
+    launch work of eager mode: the GPU's own time for the eager kernels. The capture runs on
+    :func:`capture_stream` after a pass there, under the caller's autocast and grad mode, once
+    the model has warmed up (Triton and cuDNN choose and compile their kernels on first calls,
+    which a capture cannot do). So the graph reads what that pass cached: RMT's position tables,
+    and the weight cache's bf16 copies, which it keeps a set of per stream (made on the capture's
+    stream, they are read by the graph, not cast again in it). Autocast's own cache is emptied
+    before the capture: its casts, made outside the graph's memory, are freed when autocast ends,
+    so the graph makes its own. The graph keeps the memory of the captured pass (its private
+    pool) and writes one output tensor, overwritten by each replay. While it lives the model must
+    not change, nor run eagerly on another stream, which would replace the copies it reads. A call
+    with another tensor copies it into the captured input first; its shape, dtype and device must
+    be the captured one's.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.static_input = x
+        self.graph = torch.cuda.CUDAGraph()
+
+        def capture() -> torch.Tensor:
+            model(x)
+            torch.clear_autocast_cache()
+            try:
+                with torch.cuda.graph(self.graph, stream=capture_stream(x.device)):
+                    return model(x)
+            except Exception as error:
+                # a failed capture ends in capture_end's own error; the cause is the one before it
+                cause = error.__context__ if error.__context__ is not None else error
+                raise RMTError(f"capturing a CUDA graph failed: {type(cause).__name__}: {first_line(cause)}") from error
+
+        self.static_output = run_on_capture_stream(capture, x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.static_input:
+            if x.shape != self.static_input.shape or x.dtype != self.static_input.dtype or x.device != self.static_input.device:
+                raise RMTError(f"this CUDA graph was captured for a {tuple(self.static_input.shape)} "
+                               f"{self.static_input.dtype} input on {self.static_input.device}, got "
+                               f"{tuple(x.shape)} {x.dtype} on {x.device}")
+            self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output
+
+
 @dataclass
 class BenchSettings:
     models: Sequence[str] = DEFAULT_MODELS
@@ -98,6 +168,7 @@ class BenchSettings:
     channels_last: bool = False
     compile_mode: Optional[str] = None  # None: eager; else a torch.compile mode ("default", ...)
     freeze: bool = False  # with compile_mode: compile with inductor's freezing (FrozenCompiled)
+    cuda_graph: bool = False  # eager models replayed from a CUDA graph captured after the warmup (CUDAGraphed)
     warmup: Optional[int] = None  # None: 10 on CUDA, 1 on CPU
     iters: Optional[int] = None  # None: 50 on CUDA; on CPU as many (1-5) as the time budget allows
     attn_kernel: Optional[str] = None  # RMT models only; None: the model's default
@@ -127,6 +198,12 @@ class BenchSettings:
             raise RMTError(f"the time budget must be a positive number of seconds, got {self.time_budget_s:g}")
         check_compile_mode(self.compile_mode)
         check_freeze(self.compile_mode, self.freeze)
+        if self.cuda_graph:
+            if self.compile_mode is not None:
+                raise RMTError("--cuda-graph captures eager models: for compiled ones, --compile reduce-overhead "
+                               "records CUDA graphs")
+            if resolve_device(self.device).type != "cuda":
+                raise RMTError(f"--cuda-graph needs a CUDA device; this run's is {resolve_device(self.device)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise RMTError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         for batch in self.batches:
@@ -494,6 +571,7 @@ def _base_row(name: str, settings: BenchSettings, device: torch.device, size: tu
         "channels_last": settings.channels_last,
         "compile": settings.compile_mode,
         "frozen": settings.freeze,
+        "cuda_graph": settings.cuda_graph,
         "attn_kernel": None,
         "reparameterized": False,
         "attention_ops": [],
@@ -607,6 +685,8 @@ def _warm_up(
                 if graphs or breaks:
                     update.update(compiled_graphs=graphs, graph_breaks=breaks)
             c.x = x
+            if settings.cuda_graph:
+                update["peak_memory_mb"] = _capture(c, settings, device)
             return update
         except Exception as e:
             if not (settings.retry_oom and is_out_of_memory(e) and batch > 1):
@@ -615,12 +695,44 @@ def _warm_up(
                 c.model = None
                 return {**row, "batch": batch}
         # out of the except block: the error's traceback, which holds the failed pass's
-        # activations, is gone; with the old input dropped too, the cache can really be emptied
-        # before the smaller retry
-        x = None
+        # activations, is gone; with the old input dropped too (kept by a failed capture), the
+        # cache can really be emptied before the smaller retry
+        x = c.x = None
         batch //= 2
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _capture(c: _Candidate, settings: BenchSettings, device: torch.device) -> float:
+    """Replace a warm model by its :class:`CUDAGraphed` capture on the candidate's input; returns
+    the capture's peak memory in MB, counted as the eager memory pass counts it
+    (:func:`_cuda_peak_mb`: the caches dropped first, so that the capture's passes make them
+    again). The graph keeps that memory: its pool is reserved while the graph lives, until the
+    setting's models are dropped."""
+    with precision(device, settings.dtype, settings.autocast_cache):
+        # a pass on the capture's stream first, out of the count: a new stream's cuBLAS workspace
+        # is no memory of the model's, and an eager pass on the current stream allocates none
+        run_on_capture_stream(lambda: c.model(c.x), device)
+    peak_mb, c.model = _cuda_peak_mb(c, settings, device, lambda: CUDAGraphed(c.model, c.x))
+    return peak_mb
+
+
+def _cuda_peak_mb(c: _Candidate, settings: BenchSettings, device: torch.device, run: Callable[[], Any]) -> tuple[float, Any]:
+    """The peak memory of ``run()``, a pass of the candidate's model, in MB, and what it returned:
+    the model's own weights, buffers and input, plus what the pass allocates over what the run
+    holds before it. RMT's caches are dropped first, so that the pass makes and counts them."""
+    _drop_model_caches(c.model)
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    # the models measured after this one (and their inputs) stay resident: count only this
+    # model's growth over what is allocated now, plus its own weights and input
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with precision(device, settings.dtype, settings.autocast_cache):
+        result = run()
+    torch.cuda.synchronize(device)
+    growth = torch.cuda.max_memory_allocated(device) - resident
+    return round((growth + _own_bytes(c.model, c.x)) / 2**20, 1), result
 
 
 def compile_counts() -> tuple[int, int]:
@@ -662,22 +774,12 @@ def _finish_row(c: _Candidate, settings: BenchSettings, device: torch.device) ->
     row["throughput"] = _significant(throughput)
     if row["gmacs"] is not None:
         row["tflops"] = _significant(2 * row["gmacs"] * 1e9 * throughput / 1e12, 4)
-    if device.type == "cuda":
+    if device.type == "cuda" and not settings.cuda_graph:  # a captured model's peak is its capture's (_capture)
         try:
-            _drop_model_caches(c.model)
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize(device)
-            # the models measured after this one (and their inputs) stay resident: count only
-            # this model's growth over what is allocated now, plus its own weights and input
-            resident = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            with precision(device, settings.dtype, settings.autocast_cache):
-                c.model(c.x)
-            torch.cuda.synchronize(device)
-            growth = torch.cuda.max_memory_allocated(device) - resident
-            row["peak_memory_mb"] = round((growth + _own_bytes(c.model, c.x)) / 2**20, 1)
+            row["peak_memory_mb"], _ = _cuda_peak_mb(c, settings, device, lambda: c.model(c.x))
         except Exception as e:
             _fail(row, e)
+    if device.type == "cuda":
         peak = peak_tflops(torch.cuda.get_device_name(device), settings.dtype)
         if peak and row["tflops"] is not None:
             row["mfu"] = round(row["tflops"] / peak, 4)
