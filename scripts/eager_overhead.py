@@ -11,7 +11,10 @@ bf16 autocast without autograd (as ``rmt bench --reparam`` runs it on a GPU):
   with the same weights, on the same small input, interleaved over rounds (the median of each);
 - the attention's Python and view ops around its kernels (``triton`` attention, the kernel
   calls replaced by no-ops: launching is Triton's own cost), at each stage's size at 224 px;
-- each multiplied by its calls in one forward pass at 224 px.
+- each multiplied by its calls in one forward pass at 224 px;
+- apart, not in the total: the depthwise convs with ``rmt.models.depthwise_conv.ENABLED`` (the
+  Triton kernel, its launch replaced by a no-op), the Python of a call against nothing, beside
+  the library path's (the rows above, whose F.conv2d is not counted).
 
 It runs on the CPU, one thread. The Python is the same on a GPU but for the weight cache's CUDA
 stream lookup; the bare operators' dispatch is not counted. (The folded norm's bare operator is
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 import rmt  # noqa: F401  (registers the RMT variants with timm)
 from rmt.io import write_json_atomic
-from rmt.models import attention, fused_attention
+from rmt.models import attention, depthwise_conv, fused_attention
 from rmt.zoo import create_model, fold_for_inference
 
 
@@ -151,6 +154,29 @@ def main() -> None:
     for row in rows.values():
         row["added_ms_per_pass"] = round(row["added_us"] * row["calls_per_pass"] / 1e3, 3)
     total = round(sum(row["added_ms_per_pass"] for row in rows.values()), 3)
+
+    # the depthwise convs in the Triton kernel (not yet the default): all their Python is added
+    triton_conv_rows: dict[str, dict] = {}
+    if depthwise_conv.triton is None:
+        skipped.append("the Triton depthwise conv: this torch has no Triton")
+    else:
+        kernel, interpreted = depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED
+        depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED = _NoLaunch(), True  # CPU tensors accepted
+        depthwise_conv.ENABLED = True
+        try:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                for name, conv in (("CachedResidualDepthwiseConvNHWC", block.cpe), ("CachedDepthwiseConvNHWC", block.attn.lce)):
+                    before = _NoLaunch.launches
+                    conv(grid)
+                    assert _NoLaunch.launches == before + 1, f"{name} did not take the Triton path"
+                    row = compare(lambda conv=conv: conv(grid), lambda: None, args.rounds, args.calls)
+                    row["calls_per_pass"] = calls_per_pass[name]
+                    row["added_ms_per_pass"] = round(row["added_us"] * row["calls_per_pass"] / 1e3, 3)
+                    row["library_path_added_ms_per_pass"] = rows[name]["added_ms_per_pass"]
+                    triton_conv_rows[name] = row
+        finally:
+            depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED = kernel, interpreted
+            depthwise_conv.ENABLED = False
     print(f"{args.model}, folded, bf16 autocast, CPU, 1 thread: µs a call (median of {args.rounds} rounds)")
     print(f"{'':44s} {'module':>8s} {'bare op':>8s} {'added':>8s} {'calls':>6s} {'ms/pass':>8s}")
     for name, row in rows.items():
@@ -159,10 +185,16 @@ def main() -> None:
     for line in skipped:
         print(f"not counted: {line}")
     print(f"added by RMT's Python in one forward pass: {total:.3f} ms")
+    if triton_conv_rows:
+        print("with depthwise_conv.ENABLED, the convs' Python before the Triton launch (the launch a no-op), "
+              "against the library path's above:")
+        for name, row in triton_conv_rows.items():
+            print(f"{name:44s} {row['module_us']:8.2f} {'':8s} {row['added_us']:8.2f} {row['calls_per_pass']:6d} "
+                  f"{row['added_ms_per_pass']:8.3f}  (library path {row['library_path_added_ms_per_pass']:.3f})")
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "torch": torch.__version__, "rounds": args.rounds,
                                       "calls": args.calls, "rows": rows, "not_counted": skipped,
-                                      "added_ms_per_pass": total})
+                                      "added_ms_per_pass": total, "triton_depthwise_conv_rows": triton_conv_rows})
 
 
 if __name__ == "__main__":

@@ -419,6 +419,10 @@ def test_the_eager_overhead_script_times_the_kernels_path(tmp_path):
         "manhattan_attention, stage 1 (56x56)", "manhattan_attention, stage 2 (28x28)", "manhattan_attention, stage 4 (7x7)"]
     assert report["not_counted"] == ["stage 3 (14x14): its attention does not run the Triton kernels"]
     assert report["added_ms_per_pass"] == pytest.approx(sum(row["added_ms_per_pass"] for row in rows.values()), abs=1e-2)
+    # apart: the depthwise convs through the Triton kernel (the script asserts each took that path)
+    convs = report["triton_depthwise_conv_rows"]
+    assert {name: row["calls_per_pass"] for name, row in convs.items()} == {
+        "CachedResidualDepthwiseConvNHWC": 2 * 14, "CachedDepthwiseConvNHWC": 14}
 
 
 # Traced for a compiled graph (AOT autograd, as inductor receives it), on fake tensors of an sm_90
