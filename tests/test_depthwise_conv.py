@@ -300,6 +300,21 @@ def test_inside_a_compiled_graph_as_a_custom_operator(monkeypatch, launches):
         assert (by_inductor(x) - expected).abs().max().item() < 1e-5 and len(launches) == calls + 1
 
 
+def test_a_whole_model_compiles_to_one_graph_with_the_kernel(monkeypatch, launches):
+    monkeypatch.setattr(depthwise_conv, "ENABLED", True)
+    torch.manual_seed(0)
+    model = rmt.RMT(TINY).eval().to(DEVICE)
+    model.reparameterize()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        expected = model(x)
+        del launches[:]
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)  # a graph break raises
+        out = compiled(x)
+    assert len(launches) == 3 * sum(TINY.depths)  # every conv as rmt::depthwise_conv_nhwc
+    assert (out - expected).abs().max().item() < 1e-5
+
+
 def test_the_custom_operator_passes_torch_librarys_checks():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, 16, device=DEVICE)
