@@ -160,7 +160,7 @@ def main() -> None:
     if depthwise_conv.triton is None:
         skipped.append("the Triton depthwise conv: this torch has no Triton")
     else:
-        kernel, interpreted = depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED
+        kernel, interpreted, enabled = depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED, depthwise_conv.ENABLED
         depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED = _NoLaunch(), True  # CPU tensors accepted
         depthwise_conv.ENABLED = True
         try:
@@ -176,7 +176,7 @@ def main() -> None:
                     triton_conv_rows[name] = row
         finally:
             depthwise_conv._depthwise_conv_kernel, depthwise_conv._INTERPRETED = kernel, interpreted
-            depthwise_conv.ENABLED = False
+            depthwise_conv.ENABLED = enabled
     print(f"{args.model}, folded, bf16 autocast, CPU, 1 thread: µs a call (median of {args.rounds} rounds)")
     print(f"{'':44s} {'module':>8s} {'bare op':>8s} {'added':>8s} {'calls':>6s} {'ms/pass':>8s}")
     for name, row in rows.items():

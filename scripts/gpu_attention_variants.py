@@ -276,8 +276,8 @@ def _time_stages(stages: dict, compiled: bool, results: dict, budget: float, out
 # swin_t has none. Eager models run in this process; compiled ones each in a process of their
 # own (COMPILED_MODELS).
 EAGER_MODELS = [("swin_t", None), ("rmt_s", "auto"), ("rmt_s", "auto+triton_dwconv"), ("rmt_s", "auto+lce_add_apart"),
-                ("rmt_s", "auto+grouped"),
-                ("rmt_s", "auto+two_passes"), ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"), ("rmt_s", "reference")]
+                ("rmt_s", "auto+grouped"), ("rmt_s", "auto+two_passes"), ("rmt_s", "sdpa"), ("rmt_s", "sdpa+masked_grid"),
+                ("rmt_s", "reference")]
 # "grouped": each two-pass Triton launch groups as many heads a program as it takes (stage 3, in
 # one program an image and head, is grouped with "+two_passes" only); "lce_add_apart": the Triton
 # kernels write a fresh output, added into the LCE conv's output by a launch of its own (as before

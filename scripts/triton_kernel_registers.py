@@ -10,7 +10,8 @@ warps each is compiled twice: storing a fresh output (the row passes of eager in
 every launch from a compiled graph) and adding its output into the LCE conv's (``ADD``, the last
 launch of each stage in eager inference), which loads one tile more. Other warp counts, for
 comparison, with the add. Then the depthwise conv kernel (``rmt.models.depthwise_conv``) in
-each configuration RMT's convs launch: 3 x 3 and 5 x 5, 64 and 128 channels a program, with a bias.
+each configuration RMT's convs launch (3 x 3 and 5 x 5, 64 and 128 channels a program) and a 7 x 7,
+with a bias.
 
     python scripts/triton_kernel_registers.py [--arch 90] [--json OUT.json]
 """
@@ -41,9 +42,9 @@ PASSES = [
 ]
 # (stage, grid side padded, head_dim): decomposed stages whose whole grid one program holds
 GRIDS = [("stage3 14x14, both passes", 16, 32)]
-# (kernel size, channels a program): the depthwise convs of rmt_s (widths 64 to 1536: 64 or 128
-# channels a program, depthwise_conv._channel_block)
-CONVS = [(3, 64), (3, 128), (5, 64), (5, 128)]
+# (kernel size, width): the depthwise convs of rmt_s (widths 64 to 1536: 64 or 128 channels a
+# program, depthwise_conv._channel_block), and a 7 x 7, whose tile takes one output a thread
+CONVS = [(3, 64), (3, 128), (5, 64), (5, 128), (7, 64)]
 
 
 def registers(kernel, constants: dict, warps: int, arch: int) -> dict:
@@ -104,8 +105,8 @@ def main() -> None:
     print("* the default warps for that tile (fused_attention._warps; ONE_PROGRAM_WARPS for both passes);"
           " fresh: a new output, added: added into the LCE conv's")
     conv_rows = []
-    for size, channels in CONVS:
-        tokens, channels = depthwise_conv._tile(size, channels)
+    for size, width in CONVS:
+        tokens, channels = depthwise_conv._tile(size, width)
         constants = {"KERNEL": size, "HAS_BIAS": True, "BLOCK_P": tokens, "BLOCK_C": channels}
         row = {"kernel_size": size, "channels_per_program": channels, "tokens_per_program": tokens,
                "num_warps": depthwise_conv.WARPS,

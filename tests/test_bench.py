@@ -712,6 +712,30 @@ def test_bench_cuda_graph_is_a_cuda_eager_setting_of_its_own():
     assert {d.status for d in compare_reports(older, plain).deltas} == {"ok"}
 
 
+def test_a_failed_capture_says_its_cause_and_an_out_of_memory_one_stays_one():
+    from rmt.bench.runner import capture_failure
+    from rmt.errors import is_out_of_memory
+
+    def ended_by_capture_end(first: Exception) -> Exception:
+        try:
+            try:
+                raise first
+            except Exception:
+                raise RuntimeError("operation failed due to a previous error during capture")
+        except RuntimeError as error:
+            return error
+
+    out_of_memory = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    failure = capture_failure(ended_by_capture_end(out_of_memory))
+    assert failure is out_of_memory and is_out_of_memory(failure)  # so --retry-oom halves the batch
+    synced = RuntimeError("operation not permitted when stream is capturing")
+    failure = capture_failure(ended_by_capture_end(synced))
+    assert isinstance(failure, RMTError) and not is_out_of_memory(failure)
+    assert str(failure) == "capturing a CUDA graph failed: RuntimeError: operation not permitted when stream is capturing"
+    alone = ValueError("bad")
+    assert str(capture_failure(alone)) == "capturing a CUDA graph failed: ValueError: bad"
+
+
 def test_profile_freeze_compiles_with_freezing(tmp_path, monkeypatch):
     from rmt.bench.profile import profile_model
 

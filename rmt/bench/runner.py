@@ -103,11 +103,22 @@ def run_on_capture_stream(fn: Callable[[], Any], device: torch.device) -> Any:
     """``fn()`` on :func:`capture_stream`, ordered after and before the current stream's work."""
     stream, current = capture_stream(device), torch.cuda.current_stream(device)
     stream.wait_stream(current)
-    # (the stream's context restores the current stream even if fn raises)
-    with torch.cuda.device(device), torch.cuda.stream(stream):
-        result = fn()
-    current.wait_stream(stream)
-    return result
+    try:
+        # (the stream's context restores the current stream even if fn raises)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            return fn()
+    finally:  # a failure too: what the current stream frees next may still be in use there
+        current.wait_stream(stream)
+
+
+def capture_failure(error: Exception) -> Exception:
+    """What a failed CUDA graph capture raises: its cause (a capture that an operation broke ends
+    in ``capture_end``'s own error, raised while the first one was handled), as it is if out of
+    memory, so that ``--retry-oom`` retries with half the batch; otherwise one RMTError naming it."""
+    cause = error.__context__ if error.__context__ is not None else error
+    if is_out_of_memory(cause):
+        return cause
+    return RMTError(f"capturing a CUDA graph failed: {type(cause).__name__}: {first_line(cause)}")
 
 
 class CUDAGraphed(nn.Module):
@@ -141,9 +152,11 @@ class CUDAGraphed(nn.Module):
                 with torch.cuda.graph(self.graph, stream=capture_stream(x.device)):
                     return model(x)
             except Exception as error:
-                # a failed capture ends in capture_end's own error; the cause is the one before it
-                cause = error.__context__ if error.__context__ is not None else error
-                raise RMTError(f"capturing a CUDA graph failed: {type(cause).__name__}: {first_line(cause)}") from error
+                failure = capture_failure(error)
+                if failure is error:
+                    raise
+                # (the cause re-raised as it was, or the RMTError with the capture's error behind it)
+                raise failure from (None if failure is error.__context__ else error)
 
         self.static_output = run_on_capture_stream(capture, x.device)
 

@@ -2,12 +2,12 @@
 
 Every RMT block runs three depthwise convs: the CPE's 3 x 3 on the residual stream, the LCE's
 5 x 5 on v and the FFN's 3 x 3 on its hidden activation (87 in rmt_s). On CUDA each is a cuDNN
-call, and a conv's bias is added by a second, broadcast kernel (torch adds it apart from cuDNN):
+call, and a conv's bias was added by a second, broadcast kernel (an H200 profile of eager rmt_s):
 folding moves the LCE and FFN biases into the linears after them, but the CPE's feeds the
 residual stream and stays. On an H200, compiled rmt_s's 87 depthwise convs took 1.80 ms of GPU
-time a batch of 64 (docs/performance.md, session 12), about three times what their bytes take to
-read and write at the card's bandwidth; eager, each cuDNN call also costs CPU time, where eager
-inference at batch 64 is bound by CPU time per operator.
+time a batch of 64 (docs/performance.md, run 2 of the attention study), about three times what
+their bytes take to read and write at the card's bandwidth; eager, each cuDNN call also costs
+CPU time, where eager inference at batch 64 is bound by CPU time per operator.
 
 Here one program computes a (tokens, channels) tile: it reads each token's k x k window through
 the input's strides (channels contiguous), multiplies it by the channel's weights and adds the
@@ -38,7 +38,8 @@ except ImportError:  # CPU-only torch wheels do not ship Triton
     triton = None
 
 # Whether RMT's depthwise convs run the kernel where they can (:func:`can_run`). Off until measured on a
-# GPU; set it before compiling a model, whose graph keeps what it traced.
+# GPU. Set it before compiling a model: a compiled graph guards on it, and a switch afterwards
+# recompiles; an exported graph keeps what it traced.
 ENABLED = False
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -163,19 +164,21 @@ def depthwise_conv_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
     ``F.conv2d`` requires. A compiled graph calls the kernel as the custom operator
     ``rmt::depthwise_conv_nhwc``, on inputs cast where inductor can fuse the casts.
     """
+    if triton is None:
+        raise RuntimeError("depthwise_conv_nhwc needs Triton, which this torch install lacks")
     if not supports(x, weight, bias):
         raise ValueError(f"depthwise_conv_nhwc takes a (B, H, W, C) {', '.join(_DTYPES)} tensor with channels "
-                         f"contiguous on a GPU, a (C, 1, k, k) weight, k odd, and a bias of C values on its device; "
-                         f"got {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}, weight "
-                         f"{tuple(weight.shape)} on {weight.device}"
+                         f"contiguous on a GPU, reaching less than 2**31 elements, a (C, 1, k, k) weight, k odd, and "
+                         f"a bias of C values on its device; got {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} "
+                         f"strides {x.stride()} on {x.device}, weight {tuple(weight.shape)} on {weight.device}"
                          f"{'' if bias is None else f', bias {tuple(bias.shape)} on {bias.device}'}")
     if _compute_dtype(x, weight, bias) is None:
         raise TypeError(f"depthwise_conv_nhwc: input {x.dtype}, weight {weight.dtype}"
                         f"{'' if bias is None else f', bias {bias.dtype}'}: one dtype, or autocast")
-    return run(x, weight, bias)
+    return run_unchecked(x, weight, bias)
 
 
-def run(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def run_unchecked(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """:func:`depthwise_conv_nhwc` without its checks of the inputs, for a caller that has asked
     :func:`can_run` (RMT's convs: eager inference at batch 64 is bound by CPU time)."""
     dtype = _compute_dtype(x, weight, bias)
@@ -235,4 +238,4 @@ def _(x, weight, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-__all__ = ["ENABLED", "can_run", "depthwise_conv_nhwc", "run", "supports"]
+__all__ = ["ENABLED", "can_run", "depthwise_conv_nhwc", "run_unchecked", "supports"]
