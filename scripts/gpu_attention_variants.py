@@ -413,6 +413,7 @@ COMPILED_MODELS = {model.label: model for model in [
     Compiled("rmt_s", "triton+inductor_launches", batches=(1, 4), profiled=True),
     Compiled("rmt_s", "triton+inductor_launches+dwconv_as_window_sums", batches=(1, 4)),
     Compiled("rmt_s", "triton+triton_dwconv", batches=(1, 4), profiled=True),
+    Compiled("rmt_s", "auto+triton_dwconv", batches=(1, 4)),
     Compiled("rmt_t", "auto", batches=(1, 4)),
     Compiled("rmt_t", "triton", batches=(1, 4)),
     Compiled("rmt_t", "triton+inductor_launches", batches=(1, 4)),
