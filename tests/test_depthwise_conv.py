@@ -22,6 +22,8 @@ from rmt.models.config import RMTConfig  # noqa: E402
 from rmt.models.layers import DepthwiseConvNHWC, ResidualDepthwiseConvNHWC, keep_autocast_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 means fp32: cuDNN's convs, the library path these tests compare with, may use TF32 otherwise
+pytestmark = pytest.mark.usefixtures("exact_fp32")
 TINY = RMTConfig(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
                  decomposed_stages=(True, True, False, False), head_hidden_size=32, num_classes=10)
 
@@ -51,7 +53,7 @@ SHAPES = [(2, 7, 7, 64, 3), (1, 9, 11, 80, 5), (2, 5, 3, 7, 3), (1, 1, 1, 24, 3)
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_float32_matches_the_conv_by_definition(shape, with_bias, exact_fp32):
+def test_float32_matches_the_conv_by_definition(shape, with_bias):
     torch.manual_seed(0)
     b, h, w, c, k = shape
     x = torch.randn(b, h, w, c, device=DEVICE)
