@@ -21,8 +21,9 @@ PY=${PYTHON:-python3}
   $PY -c "import torch, timm, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
   echo "== CUDA tests"
   # in this order: the Triton kernel tests, last, compile a kernel for each configuration they
-  # try, so a run that reaches the time limit loses those first
-  timeout 150 $PY -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py tests/test_reparameterize.py::test_reparameterize_removes_the_float32_norm_copies_on_cuda "tests/test_reparameterize.py::test_compiled_reparameterized_model_has_no_graph_break_under_autocast[cuda]" tests/test_autocast_weight_cache.py::test_cuda_cached_pass_is_bitwise_the_same_with_one_cast tests/test_depthwise_conv.py tests/test_fused_attention.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+  # try, so a run that reaches the time limit loses those first (the depthwise conv's, off by
+  # default, before the attention's)
+  timeout 150 $PY -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py tests/test_reparameterize.py::test_reparameterize_removes_the_float32_norm_copies_on_cuda "tests/test_reparameterize.py::test_compiled_reparameterized_model_has_no_graph_break_under_autocast[cuda]" tests/test_autocast_weight_cache.py::test_cuda_cached_pass_is_bitwise_the_same_with_one_cast tests/test_fused_attention.py tests/test_depthwise_conv.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
   echo "== attention kernels alone"
   timeout 60 $PY scripts/gpu_attention_variants.py --budget "${ATTENTION_BUDGET:-30}"
   echo "== benchmark matrix"
