@@ -245,8 +245,8 @@ def test_tensors_the_kernel_cannot_take_are_left_to_the_library():
     # under autocast a float64 weight is not cast, and F.conv2d refuses it
     conv = DepthwiseConvNHWC(16, 3).to(DEVICE)
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
-        assert depthwise_conv.can_run(conv, x, weight, None)
-        assert not depthwise_conv.can_run(conv, x, weight.double(), None)
+        assert depthwise_conv.kernel_dtype(conv, x, weight, None) == torch.bfloat16
+        assert depthwise_conv.kernel_dtype(conv, x, weight.double(), None) is None
 
 
 def test_a_models_logits_are_unchanged_built_folded_and_cached(monkeypatch, launches):

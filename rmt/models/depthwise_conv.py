@@ -37,7 +37,7 @@ try:
 except ImportError:  # CPU-only torch wheels do not ship Triton
     triton = None
 
-# Whether RMT's depthwise convs run the kernel where they can (:func:`can_run`). Off until measured on a
+# Whether RMT's depthwise convs run the kernel where they can (:func:`kernel_dtype`). Off until measured on a
 # GPU. Set it before compiling a model: a compiled graph guards on it, and a switch afterwards
 # recompiles; an exported graph keeps what it traced.
 ENABLED = False
@@ -131,17 +131,18 @@ def _compute_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optiona
     return x.dtype if fits else None
 
 
-def can_run(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether ``conv``, a depthwise conv on (B, H, W, C) tokens computing with ``weight`` and
-    ``bias`` (its own, or its weight cache's copies), can run the kernel on ``x`` with the
-    numbers ``F.conv2d`` would give: stride 1 with 'same' zero padding; no gradient recorded
-    (the kernel has no backward pass); eagerly, nothing that would need to see ``F.conv2d``
-    (:func:`~rmt.models.kernel_calls.nothing_watches`: tensor subclasses, dispatch modes such as
-    ``FlopCounterMode``, forward-mode derivatives, ``torch.func`` transforms, ``torch.jit.trace``);
-    tensors the kernel takes (:func:`supports`) in dtypes ``F.conv2d`` would take. RMT's convs
-    run it when :data:`ENABLED` too."""
+def kernel_dtype(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The dtype in which ``conv``, a depthwise conv on (B, H, W, C) tokens computing with
+    ``weight`` and ``bias`` (its own, or its weight cache's copies), would run the kernel on ``x``
+    (:func:`_compute_dtype`, which :func:`run_unchecked` takes), or None where it must call
+    ``F.conv2d`` to give its numbers: unless stride 1 with 'same' zero padding; with a gradient
+    recorded (the kernel has no backward pass); eagerly, with anything that would need to see
+    ``F.conv2d`` (:func:`~rmt.models.kernel_calls.nothing_watches`: tensor subclasses, dispatch
+    modes such as ``FlopCounterMode``, forward-mode derivatives, ``torch.func`` transforms,
+    ``torch.jit.trace``); with tensors the kernel does not take (:func:`supports`) or dtypes
+    ``F.conv2d`` would refuse. RMT's convs run it when :data:`ENABLED` too."""
     k = weight.shape[-1]
-    return (
+    runs = (
         # first: an FX proxy or a jit-traced size cannot be tested for truth (a compiled graph
         # calls the custom operator, which everything tracing it sees)
         (torch.compiler.is_compiling() or nothing_watches(x, weight, bias))
@@ -150,8 +151,8 @@ def can_run(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
         and not (torch.is_grad_enabled()
                  and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
         and supports(x, weight, bias)
-        and _compute_dtype(x, weight, bias) is not None
     )
+    return _compute_dtype(x, weight, bias) if runs else None
 
 
 def depthwise_conv_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -172,16 +173,17 @@ def depthwise_conv_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
                          f"a bias of C values on its device; got {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} "
                          f"strides {x.stride()} on {x.device}, weight {tuple(weight.shape)} on {weight.device}"
                          f"{'' if bias is None else f', bias {tuple(bias.shape)} on {bias.device}'}")
-    if _compute_dtype(x, weight, bias) is None:
+    dtype = _compute_dtype(x, weight, bias)
+    if dtype is None:
         raise TypeError(f"depthwise_conv_nhwc: input {x.dtype}, weight {weight.dtype}"
                         f"{'' if bias is None else f', bias {bias.dtype}'}: one dtype, or autocast")
-    return run_unchecked(x, weight, bias)
+    return run_unchecked(x, weight, bias, dtype)
 
 
-def run_unchecked(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """:func:`depthwise_conv_nhwc` without its checks of the inputs, for a caller that has asked
-    :func:`can_run` (RMT's convs: eager inference at batch 64 is bound by CPU time)."""
-    dtype = _compute_dtype(x, weight, bias)
+def run_unchecked(x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """:func:`depthwise_conv_nhwc` in ``dtype`` without its checks of the inputs, for a caller
+    that has them from :func:`kernel_dtype` (RMT's convs: eager inference at batch 64 is bound
+    by CPU time)."""
     if torch.compiler.is_compiling():
         return _depthwise_conv_op(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     with profiler_label("rmt::depthwise_conv_nhwc"):
@@ -238,4 +240,4 @@ def _(x, weight, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-__all__ = ["ENABLED", "can_run", "depthwise_conv_nhwc", "run_unchecked", "supports"]
+__all__ = ["ENABLED", "depthwise_conv_nhwc", "kernel_dtype", "run_unchecked", "supports"]

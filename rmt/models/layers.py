@@ -62,8 +62,10 @@ class DepthwiseConvNHWC(nn.Conv2d):
         # nn.Conv2d.forward's body with the weights of _forward_weights, which the caching class's
         # _conv_forward would otherwise look up again
         weight, bias = self._forward_weights()
-        if depthwise_conv.ENABLED and depthwise_conv.can_run(self, x, weight, bias):
-            return depthwise_conv.run_unchecked(x, weight, bias)
+        if depthwise_conv.ENABLED:
+            dtype = depthwise_conv.kernel_dtype(self, x, weight, bias)
+            if dtype is not None:
+                return depthwise_conv.run_unchecked(x, weight, bias, dtype)
         return nn.Conv2d._conv_forward(self, x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
 
     def _forward_weights(self) -> tuple[Tensor, Optional[Tensor]]:
